@@ -1,0 +1,40 @@
+"""The FastAPI application: routers, error shapes, and the upload size guard."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from sqlalchemy.engine import Engine
+
+from .. import __version__
+from ..config import Settings
+from . import batches, files, system
+from .errors import error_response, install_error_handlers
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart envelope around the file itself.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    app = FastAPI(title="vLLM Batch Server", version=__version__)
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def refuse_oversize_uploads(request: Request, call_next):
+        # Refuse before the multipart body is read at all, from the declared length.
+        length = request.headers.get("content-length")
+        if (request.method == "POST" and request.url.path == "/v1/files" and length and length.isdigit()
+                and int(length) > settings.max_file_bytes + _MULTIPART_OVERHEAD):
+            return error_response(413, f"File exceeds the maximum size of {settings.max_file_bytes} bytes.",
+                                  "invalid_request_error", "file", "file_too_large")
+        return await call_next(request)
+
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(system.router)
+    return app

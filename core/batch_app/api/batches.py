@@ -1,0 +1,58 @@
+"""Batches API: create, retrieve, list, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict
+
+from .. import batches, finalize
+from .deps import DB, AppSettings, Project
+from .errors import APIError
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+    # Not in OpenAI's API: orders work between batches (higher first); send it as an extra body field.
+    priority: int = 0
+
+
+@router.post("")
+def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Project) -> dict:
+    batch_id = batches.create_batch(
+        db, settings, project=project, input_file_id=body.input_file_id, endpoint=body.endpoint,
+        completion_window=body.completion_window, metadata=body.metadata, priority=body.priority)
+    with db.connect() as conn:
+        return batches.get_batch(conn, project, batch_id)
+
+
+@router.get("")
+def list_batches(db: DB, project: Project, after: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    with db.connect() as conn:
+        return batches.list_batches(conn, project, after, limit)
+
+
+@router.get("/{batch_id}")
+def retrieve_batch(batch_id: str, db: DB, project: Project) -> dict:
+    with db.connect() as conn:
+        return batches.get_batch(conn, project, batch_id)
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, db: DB, project: Project) -> dict:
+    with db.connect() as conn:
+        status = batches.get_batch(conn, project, batch_id)["status"]
+    if status not in ("cancelling", "cancelled") and not finalize.cancel(db, batch_id):
+        raise APIError(409, f"Batch '{batch_id}' is {status} and can no longer be cancelled.",
+                       param="batch_id", code="batch_not_cancellable")
+    with db.connect() as conn:
+        return batches.get_batch(conn, project, batch_id)

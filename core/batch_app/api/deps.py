@@ -1,0 +1,46 @@
+"""Shared request dependencies: settings, the database engine, and the caller's project."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.engine import Engine
+
+from ..config import Settings
+from ..keys import DEFAULT_PROJECT, project_of
+from .errors import APIError
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def authenticate(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> str:
+    """The caller's project, from `Authorization: Bearer <key>`.
+
+    With no key configured anywhere the server is open (bound to loopback by default) and every
+    caller belongs to the default project.
+    """
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    with engine.connect() as conn:
+        project, any_keys = project_of(conn, key or None)
+    if project is not None:
+        return project
+    if not any_keys:
+        return DEFAULT_PROJECT
+    if not key:
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                       code="missing_api_key")
+    raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+DB = Annotated[Engine, Depends(get_engine)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
+Project = Annotated[str, Depends(authenticate)]

@@ -1,0 +1,73 @@
+"""Every error leaves the API in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status_code: int, message: str, *, param: str | None = None,
+                 code: str | None = None, error_type: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type or _TYPES.get(status_code, "api_error")
+
+
+def not_found(kind: str, object_id: str, param: str) -> APIError:
+    return APIError(404, f"No {kind} found with id '{object_id}'.", param=param, code="not_found")
+
+
+def error_response(status_code: int, message: str, error_type: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status_code,
+        content={"error": {"message": message, "type": error_type, "param": param, "code": code}},
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = ".".join(location) or None
+        message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(400, message, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Unknown request URL: {request.method} {request.url.path}."
+            return error_response(404, message, "invalid_request_error", None, "unknown_url")
+        return error_response(exc.status_code, str(exc.detail),
+                              _TYPES.get(exc.status_code, "api_error"), None, None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s: %s", type(exc).__name__, exc)
+        return error_response(500, f"Internal server error ({type(exc).__name__}).", "server_error")

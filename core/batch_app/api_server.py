@@ -1,0 +1,28 @@
+"""`python -m core.batch_app.api_server`: start the database if needed, migrate, serve."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from .config import get_settings
+from .database import create_db_engine, database_url, migrate
+from .keys import DEFAULT_PROJECT, add_key
+from .logs import configure_logging
+from .api.app import create_app
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging("api_server")
+    url = database_url(settings)
+    migrate(url)
+    engine = create_db_engine(url, pool_size=10)
+    if settings.api_key:
+        with engine.begin() as conn:
+            add_key(conn, settings.api_key, DEFAULT_PROJECT, name="API_KEY")
+    uvicorn.run(create_app(settings, engine), host=settings.api_host, port=settings.api_port,
+                log_level="info", log_config=None, timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

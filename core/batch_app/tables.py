@@ -1,0 +1,164 @@
+"""The database schema, as SQLAlchemy Core tables.
+
+Alembic revisions in `migrations/` create it; `alembic check` compares them against this file.
+Timestamps are `timestamptz` so heartbeat ages are computed by the database clock alone.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+
+metadata = MetaData()
+
+
+def _now_column(name: str) -> Column:
+    return Column(name, TIMESTAMP(timezone=True), nullable=False, server_default=func.now())
+
+
+def _optional_time(name: str) -> Column:
+    return Column(name, TIMESTAMP(timezone=True))
+
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("project", Text, nullable=False),
+    Column("name", Text, nullable=False, server_default=""),
+    _now_column("created_at"),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("project", Text, nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    _now_column("created_at"),
+    Index("files_project_created", "project", "created_at"),
+)
+
+# File contents in ordered chunks, so every host reads the same bytes and no file is held whole.
+file_chunks = Table(
+    "file_chunks",
+    metadata,
+    Column("file_id", Text, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("project", Text, nullable=False),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text),
+    Column("input_file_id", Text, nullable=False),
+    Column("completion_window", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("errors", JSONB),
+    Column("metadata", JSONB),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    _now_column("created_at"),
+    _optional_time("in_progress_at"),
+    _optional_time("expires_at"),
+    _optional_time("finalizing_at"),
+    _optional_time("completed_at"),
+    _optional_time("failed_at"),
+    _optional_time("expired_at"),
+    _optional_time("cancelling_at"),
+    _optional_time("cancelled_at"),
+    Index("batches_project_id", "project", "id"),
+    Index("batches_status", "status"),
+)
+
+# One row per input line: the unit of durable work.
+batch_requests = Table(
+    "batch_requests",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("batch_id", Text, ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+    Column("line", Integer, nullable=False),
+    Column("custom_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("body", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default="queued"),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("worker_id", UUID(as_uuid=False)),
+    # A finished request keeps the HTTP status and body it answered with (the engine's own
+    # rejections included); `error` holds failures that have no response (expired, poison...).
+    Column("status_code", Integer),
+    Column("response", JSONB),
+    Column("error", JSONB),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    _optional_time("claimed_at"),
+    _optional_time("finished_at"),
+    Index("batch_requests_batch_line", "batch_id", "line", unique=True),
+    Index("batch_requests_batch_status", "batch_id", "status"),
+    # The claim scans only queued rows, in priority then age order, per model.
+    Index(
+        "batch_requests_claimable",
+        "model",
+        text("priority DESC"),
+        "id",
+        postgresql_where=text("status = 'queued'"),
+    ),
+    Index("batch_requests_worker_running", "worker_id", postgresql_where=text("status = 'running'")),
+)
+
+# One row per worker process start (a fresh UUID each time, never the hostname).
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("slot", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("gpu_ids", Text, nullable=False, server_default=""),
+    Column("status", Text, nullable=False),
+    Column("requests_done", BigInteger, nullable=False, server_default="0"),
+    Column("tokens_done", BigInteger, nullable=False, server_default="0"),
+    Column("in_flight", Integer, nullable=False, server_default="0"),
+    _now_column("started_at"),
+    _now_column("last_seen"),
+    _now_column("last_progress_at"),
+    _optional_time("stopped_at"),
+    Index("workers_model_last_seen", "model", "last_seen"),
+)
+
+# What the watchdog restarted, when and why: the hourly cap survives a watchdog restart.
+worker_restarts = Table(
+    "worker_restarts",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("slot", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("worker_id", UUID(as_uuid=False)),
+    Column("reason", Text, nullable=False),
+    Column("exit_code", Integer),
+    _now_column("restarted_at"),
+    Index("worker_restarts_slot_time", "host", "slot", "restarted_at"),
+)

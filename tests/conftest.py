@@ -1,0 +1,135 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL), real API processes over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from openai import OpenAI
+
+from core.batch_app import queue
+from core.batch_app.database import create_db_engine, database_url, migrate
+from core.batch_app.config import Settings
+from core.batch_app.keys import create_key
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-test-default-project"
+TEST_MODEL = "api-test-model"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    # Kept short: the embedded server's Unix socket path must stay under ~100 bytes.
+    path = Path(os.environ.get("TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def database(data_dir) -> str:
+    """The URL of a fresh database for this test session, migrated to head."""
+    server_url = os.environ.get("TEST_DATABASE_URL") or database_url(Settings(data_dir=data_dir, database_url=""))
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def db(database):
+    engine = create_db_engine(database, pool_size=5)
+    yield engine
+    engine.dispose()
+
+
+def stack_env(database: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL")}
+    env.update(DATABASE_URL=database, DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs"),
+               PYTHONPATH=str(REPO), API_KEY=API_KEY)
+    env.update(overrides)
+    return env
+
+
+class ApiProcess:
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = dict(env, API_PORT=str(self.port))
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "core.batch_app.api_server"], env=env,
+                                        cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"API server exited with {self.process.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"API server did not answer /health; see {log_path}")
+
+    def client(self, api_key: str = API_KEY) -> OpenAI:
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def start_api(database: str, data_dir: Path, name: str, **overrides: str) -> ApiProcess:
+    (data_dir / "logs").mkdir(exist_ok=True)
+    return ApiProcess(stack_env(database, data_dir, **overrides), data_dir / "logs" / f"{name}.log")
+
+
+@pytest.fixture(scope="session")
+def api(database, data_dir):
+    server = start_api(database, data_dir, "api")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(api) -> OpenAI:
+    return api.client()
+
+
+@pytest.fixture
+def project_client(api, db) -> OpenAI:
+    """A client whose key belongs to a project of its own (nothing else is listed there)."""
+    with db.begin() as conn:
+        key = create_key(conn, f"project-{uuid.uuid4().hex[:8]}")
+    return api.client(key)
+
+
+@pytest.fixture
+def live_model(db) -> str:
+    """Register a worker for TEST_MODEL whose heartbeat is fresh, as a running worker would."""
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM workers WHERE model = :m"), {"m": TEST_MODEL})
+        queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
+                              model=TEST_MODEL, gpu_ids="")
+    return TEST_MODEL

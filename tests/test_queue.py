@@ -1,0 +1,192 @@
+"""The queue protocols on a real PostgreSQL: claim, complete with ownership, rescue, finalize once,
+cancel and expire. Workers are simulated by calling the protocol functions as a worker does."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import sqlalchemy as sa
+
+from core.batch_app import finalize, housekeeping, queue
+from core.batch_app.config import Settings
+from core.batch_app.queue import Completion
+
+from .jsonl import request_line, submit
+
+
+def new_worker(db, model: str) -> str:
+    worker_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        queue.register_worker(conn, worker_id=worker_id, slot="q", host="test", pid=1, model=model, gpu_ids="")
+    return worker_id
+
+
+def claim(db, worker_id: str, model: str, limit: int):
+    with db.begin() as conn:
+        return queue.claim(conn, worker_id, model, limit)
+
+
+def answer(request, text: str = "ok") -> Completion:
+    return Completion(id=request.id, attempt=request.attempt, status_code=200,
+                      response={"object": "chat.completion", "text": text}, prompt_tokens=3, completion_tokens=2)
+
+
+def complete(db, worker_id: str, completions: list[Completion]) -> dict[int, str]:
+    with db.begin() as conn:
+        return queue.complete(conn, worker_id, completions)
+
+
+def statuses(db, batch_id: str) -> dict[str, int]:
+    with db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT status, count(*) FROM batch_requests WHERE batch_id = :b GROUP BY 1"),
+                            {"b": batch_id}).all()
+    return dict(rows)
+
+
+def test_claim_marks_in_progress_and_follows_priority_then_age(client, db, live_model):
+    low = submit(client, [request_line(f"low{i}", live_model) for i in range(3)])
+    high = submit(client, [request_line(f"high{i}", live_model) for i in range(2)], extra_body={"priority": 5})
+    worker = new_worker(db, live_model)
+    claimed = claim(db, worker, live_model, 4)
+    assert [r.custom_id for r in claimed] == ["high0", "high1", "low0", "low1"]
+    assert all(r.attempt == 1 and r.endpoint == "/v1/chat/completions" for r in claimed)
+    assert client.batches.retrieve(high.id).status == "in_progress"
+    assert client.batches.retrieve(high.id).in_progress_at is not None
+    client.batches.cancel(low.id), client.batches.cancel(high.id)
+
+
+def test_concurrent_claims_never_share_a_request(client, db, live_model):
+    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(300)])
+    workers = [new_worker(db, live_model) for _ in range(4)]
+    taken: list[list[int]] = [[] for _ in workers]
+
+    def drain(index: int) -> None:
+        while claimed := claim(db, workers[index], live_model, 7):
+            taken[index].extend(r.id for r in claimed)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [request_id for ids in taken for request_id in ids]
+    assert len(everything) == len(set(everything)) == 300
+    client.batches.cancel(batch.id)
+
+
+def test_completion_needs_ownership_and_finalizes_once(client, db, live_model):
+    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
+    worker = new_worker(db, live_model)
+    requests = claim(db, worker, live_model, 10)
+    stale = Completion(**{**answer(requests[0]).__dict__, "attempt": requests[0].attempt + 1})
+    assert complete(db, worker, [stale]) == {}  # wrong attempt
+    assert complete(db, new_worker(db, live_model), [answer(requests[0])]) == {}  # wrong worker
+    assert set(complete(db, worker, [answer(r) for r in requests])) == {r.id for r in requests}
+    assert complete(db, worker, [answer(requests[0], "again")]) == {}  # already finished
+
+    winners: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: winners.append(finalize.finalize_ready(db, [batch.id])))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(map(len, winners)) == [0, 0, 0, 1]
+
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.completed_at and done.finalizing_at
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 0
+    assert done.usage.input_tokens == 9 and done.usage.output_tokens == 6 and done.usage.total_tokens == 15
+    assert done.error_file_id is None
+    lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["r0", "r1", "r2"]
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
+    assert all(line["response"]["request_id"].startswith("req_") for line in lines)
+    assert lines[0]["response"]["body"] == {"object": "chat.completion", "text": "ok"}
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+
+def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
+    batch = submit(client, [request_line("poison", live_model), request_line("fine", live_model)])
+    settings = Settings(max_attempts=2, heartbeat_timeout=60)
+    for attempt in (1, 2):
+        worker = new_worker(db, live_model)
+        claimed = claim(db, worker, live_model, 1)
+        assert [(r.custom_id, r.attempt) for r in claimed] == [("poison", attempt)]
+        with db.begin() as conn:
+            queue.mark_worker_dead(conn, worker)
+        housekeeping.run_once(db, settings)
+        assert complete(db, worker, [answer(claimed[0])]) == {}  # the dead worker's late result is refused
+    assert statuses(db, batch.id) == {"failed": 1, "queued": 1}
+
+    survivor = new_worker(db, live_model)
+    [fine] = claim(db, survivor, live_model, 5)
+    complete(db, survivor, [answer(fine)])
+    finalize.finalize_ready(db, [batch.id])
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    [error] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+    assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
+
+
+def test_silent_worker_is_declared_dead_and_fenced(client, db, live_model):
+    batch = submit(client, [request_line("a", live_model)])
+    worker = new_worker(db, live_model)
+    claim(db, worker, live_model, 1)
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE workers SET last_seen = now() - interval '2 minutes' WHERE id = :w"),
+                     {"w": worker})
+    housekeeping.run_once(db, Settings(heartbeat_timeout=60))
+    assert statuses(db, batch.id) == {"queued": 1}
+    with db.begin() as conn:  # the silent worker's next beat tells it to stop
+        assert not queue.heartbeat(conn, worker_id=worker, status="busy", in_flight=1,
+                                   requests_done=0, tokens_done=0)
+    client.batches.cancel(batch.id)
+
+
+def test_release_hands_back_without_counting_an_attempt(client, db, live_model):
+    batch = submit(client, [request_line("a", live_model)])
+    worker = new_worker(db, live_model)
+    [request] = claim(db, worker, live_model, 1)
+    with db.begin() as conn:
+        assert queue.release(conn, worker, [request.id]) == 1
+    [again] = claim(db, new_worker(db, live_model), live_model, 1)
+    assert again.id == request.id and again.attempt == 1
+    client.batches.cancel(batch.id)
+
+
+def test_cancel_takes_running_requests_from_their_worker(client, db, live_model):
+    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
+    worker = new_worker(db, live_model)
+    first, second, third = claim(db, worker, live_model, 3)
+    complete(db, worker, [answer(first)])
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled"
+    with db.connect() as conn:
+        assert sorted(queue.no_longer_owned(conn, worker, [first.id, second.id, third.id])) == [first.id, second.id, third.id]
+    assert complete(db, worker, [answer(second)]) == {}
+    counts = cancelled.request_counts
+    assert (counts.completed, counts.failed, counts.total) == (1, 0, 3)
+    output = client.files.content(cancelled.output_file_id).text.splitlines()
+    errors = client.files.content(cancelled.error_file_id).text.splitlines()
+    assert len(output) == 1 and len(errors) == 2
+
+
+def test_expiry_keeps_what_finished(client, db, live_model):
+    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)], completion_window="1s")
+    worker = new_worker(db, live_model)
+    first, _ = claim(db, worker, live_model, 2)
+    complete(db, worker, [answer(first)])
+    time.sleep(1.2)
+    assert batch.id in finalize.expire_due(db)
+    expired = client.batches.retrieve(batch.id)
+    assert expired.status == "expired" and expired.expired_at
+    assert (expired.request_counts.completed, expired.request_counts.failed) == (1, 0)
+    errors = [json.loads(line) for line in client.files.content(expired.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["r1", "r2"]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert len(client.files.content(expired.output_file_id).text.splitlines()) == 1
