@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from openai import OpenAI
 
 from core.batch_app import queue
-from core.batch_app.database import create_db_engine, database_url, migrate
+from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded
 from core.batch_app.config import Settings
 from core.batch_app.keys import create_key
 
@@ -42,7 +42,8 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def database(data_dir) -> str:
     """The URL of a fresh database for this test session, migrated to head."""
-    server_url = os.environ.get("TEST_DATABASE_URL") or database_url(Settings(data_dir=data_dir, database_url=""))
+    embedded = Settings(data_dir=data_dir, database_url="")
+    server_url = os.environ.get("TEST_DATABASE_URL") or database_url(embedded)
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as conn:
@@ -52,6 +53,9 @@ def database(data_dir) -> str:
     yield url
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+    if not os.environ.get("TEST_DATABASE_URL"):
+        stop_embedded(embedded)
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +137,53 @@ def live_model(db) -> str:
         queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
                               model=TEST_MODEL, gpu_ids="")
     return TEST_MODEL
+
+
+class Watchdog:
+    """A real watchdog process (which starts real worker processes) on the test database."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "core.batch_app.watchdog"], env=env, cwd=REPO,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self, timeout: float = 90) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+
+
+def start_watchdog(database: str, data_dir: Path, name: str, workers: list[dict], **overrides: str) -> Watchdog:
+    import json
+
+    (data_dir / "logs").mkdir(exist_ok=True)
+    env = stack_env(database, data_dir, WORKERS=json.dumps(workers), WATCHDOG_CHECK_INTERVAL="0.5", **overrides)
+    return Watchdog(env, data_dir / "logs" / f"{name}.log")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 300):
+    terminal = ("completed", "failed", "expired", "cancelled")
+    return wait_for(lambda: (b := client.batches.retrieve(batch_id)).status in terminal and b, timeout,
+                    interval=0.5, message=f"batch {batch_id} to end")
+
+
+def live_worker(db, slot: str, statuses=("idle", "busy")):
+    """The current process row of a slot once it serves (id, pid, status), else None."""
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT id, pid, status FROM workers WHERE slot = :slot AND status = ANY(:statuses) "
+            "ORDER BY started_at DESC LIMIT 1"), {"slot": slot, "statuses": list(statuses)}).first()

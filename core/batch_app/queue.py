@@ -39,19 +39,29 @@ class Completion:
     completion_tokens: int
 
 
-_CLAIM = text("""
-WITH picked AS (
+# Requests with attempt > 0 were in flight on a worker that died ("suspects"). They run one at a
+# time on an otherwise idle engine, so a request that crashes workers is caught alone and its
+# neighbours are never charged with its crashes.
+_PICK = """
     SELECT id FROM batch_requests
-    WHERE status = 'queued' AND model = :model
+    WHERE status = 'queued' AND model = :model AND attempt {suspect}
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
-)
+"""
+
+_TAKE = """
 UPDATE batch_requests r
 SET status = 'running', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
 FROM picked, batches b
 WHERE r.id = picked.id AND b.id = r.batch_id
 RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority
+"""
+
+_CLAIM_FRESH = text(f"WITH picked AS ({_PICK.format(suspect='= 0')}) {_TAKE}")
+_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK.format(suspect='> 0')}) {_TAKE}")
+_SUSPECTS_WAITING = text("""
+SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = 'queued' AND model = :model AND attempt > 0)
 """)
 
 _MARK_IN_PROGRESS = text("""
@@ -60,11 +70,22 @@ WHERE id = ANY(:batch_ids) AND status = 'validating'
 """)
 
 
-def claim(conn: Connection, worker_id: str, model: str, limit: int) -> list[ClaimedRequest]:
-    """Take up to `limit` queued requests for `model`, in priority then age order."""
+def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle: bool) -> list[ClaimedRequest]:
+    """Take up to `limit` queued requests for `model`, in priority then age order.
+
+    While suspects wait, a busy engine takes nothing new (it drains), and an idle one takes a
+    single suspect; `ClaimedRequest.attempt > 1` tells the worker to run it alone.
+    """
     if limit <= 0:
         return []
-    rows = conn.execute(_CLAIM, {"worker_id": worker_id, "model": model, "limit": limit}).all()
+    params = {"worker_id": worker_id, "model": model}
+    rows = []
+    if conn.execute(_SUSPECTS_WAITING, params).scalar():
+        if not engine_idle:
+            return []
+        rows = conn.execute(_CLAIM_SUSPECT, {**params, "limit": 1}).all()
+    if not rows:  # no suspect, or another worker took the last one
+        rows = conn.execute(_CLAIM_FRESH, {**params, "limit": limit}).all()
     if rows:
         conn.execute(_MARK_IN_PROGRESS, {"batch_ids": sorted({row.batch_id for row in rows})})
     # UPDATE ... RETURNING has no order: hand requests to the engine in claim order.
@@ -296,7 +317,9 @@ VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, 'loading')
 
 _HEARTBEAT = text("""
 UPDATE workers SET last_seen = now(), status = :status, in_flight = :in_flight,
+    -- The stall clock runs only while busy: it restarts on progress and on becoming busy.
     last_progress_at = CASE WHEN requests_done <> :requests_done OR tokens_done <> :tokens_done
+                                 OR status <> 'busy' OR :status <> 'busy'
                             THEN now() ELSE last_progress_at END,
     requests_done = :requests_done, tokens_done = :tokens_done,
     stopped_at = CASE WHEN :status = 'stopped' THEN now() END

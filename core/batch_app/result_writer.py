@@ -32,6 +32,10 @@ class ResultWriter(threading.Thread):
     def put(self, completion: Completion) -> None:
         self._pending.put(completion)
 
+    def flush(self) -> None:
+        """Block until everything handed in so far is written."""
+        self._pending.join()
+
     def close(self) -> None:
         """Write everything handed in so far, then stop."""
         self._pending.put(None)
@@ -54,6 +58,8 @@ class ResultWriter(threading.Thread):
             closing = item is None
             if group:
                 self._write(group)
+            for _ in range(len(group) + closing):
+                self._pending.task_done()
 
     def _write(self, group: list[Completion]) -> None:
         while True:

@@ -74,7 +74,8 @@ class Runner:
         while not self.stopping.is_set():
             now = time.monotonic()
             free = engine.max_in_flight - engine.in_flight()
-            if now >= idle_until and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight):
+            if (now >= idle_until and not self._running_a_suspect()
+                    and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight)):
                 if not self._refill(free):
                     idle_until = now + self.options.idle_poll
             if self.in_flight:
@@ -98,10 +99,14 @@ class Runner:
                 logged_requests, logged_tokens, last_log = done, tokens, now
         self._drain()
 
+    def _running_a_suspect(self) -> bool:
+        """A request retried after a crash runs alone (see queue.claim)."""
+        return len(self.in_flight) == 1 and next(iter(self.in_flight.values())).attempt > 1
+
     def _refill(self, free: int) -> bool:
         """Claim up to `free` requests into the engine; False when the queue had none."""
         with self.db.begin() as conn:
-            claimed = queue.claim(conn, self.worker_id, self.model, free)
+            claimed = queue.claim(conn, self.worker_id, self.model, free, engine_idle=not self.in_flight)
         if not claimed:
             return False
         log.info("claimed %d requests (batches %s)", len(claimed), ", ".join(sorted({c.batch_id for c in claimed})))
@@ -124,6 +129,10 @@ class Runner:
             self.writer.put(Completion(id=request.id, attempt=request.attempt, status_code=result.status_code,
                                        response=result.body, prompt_tokens=result.prompt_tokens,
                                        completion_tokens=result.completion_tokens))
+            if request.attempt > 1:
+                # A crash survivor's result must be stored before the next suspect runs, or a
+                # crash in that one would charge this one too.
+                self.writer.flush()
 
     def _drop_taken_requests(self) -> None:
         """Abort in-flight requests that were cancelled, expired or handed to another worker."""

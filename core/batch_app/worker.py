@@ -12,13 +12,14 @@ import time
 import uuid
 
 from . import queue
+from .alerts import init_sentry
 from .config import get_settings
 from .database import create_db_engine, database_url
 from .engines import load_engine
 from .engines.base import EngineSpec
 from .logs import configure_logging
 from .models import resolve_model
-from .runner import Runner
+from .runner import Runner, RunnerOptions
 
 log = logging.getLogger("core.batch_app.worker")
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = get_settings()
     configure_logging(f"worker:{args.slot}")
+    init_sentry(settings.sentry_dsn, f"worker:{args.slot}", error_logs_as_events=False)
     if args.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     choice = resolve_model(args.model, settings.data_dir, args.served_name)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                               pid=os.getpid(), model=spec.served_name, gpu_ids=args.gpus)
     log.info("worker %s (slot %s, pid %d) loading %s from %s with engine %s",
              worker_id, args.slot, os.getpid(), spec.served_name, spec.model_path, spec.kind)
-    runner = Runner(db, settings, worker_id, spec.served_name)
+    runner = Runner(db, settings, worker_id, spec.served_name, RunnerOptions(shutdown_grace=settings.shutdown_grace))
     runner.install_signal_handlers()
     runner.start()
     started = time.monotonic()

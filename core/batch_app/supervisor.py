@@ -1,0 +1,240 @@
+"""The watchdog's supervision loop: start workers, detect dead, zombie, hung and stalled ones,
+kill them with their whole process tree, hand their requests back, restart with backoff.
+
+Each failure signal runs on its own clock:
+- process state (psutil) every check interval: gone, exited or zombie;
+- heartbeat age > HEARTBEAT_TIMEOUT: hung (also catches a stopped process);
+- progress age > STALL_TIMEOUT while requests are held: engine hung behind a live heartbeat;
+- STARTUP_TIMEOUT while the worker registers and loads its model (a slow load is not a hang).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from sqlalchemy.engine import Engine
+
+from . import alerts, housekeeping, queue, workers
+from .config import Settings, WorkerSlot
+from .processes import describe_exit, kill_tree
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL = 5.0
+
+
+@dataclass
+class SlotState:
+    config: WorkerSlot
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    worker_id: str | None = None
+    consecutive_failures: int = 0
+    next_start: float = 0.0
+    at_cap: bool = False
+    log_path: Path = field(default_factory=Path)
+
+
+class Supervisor:
+    def __init__(self, db: Engine, settings: Settings):
+        self.db = db
+        self.settings = settings
+        self.host = socket.gethostname()
+        self.slots = [SlotState(config=slot, log_path=settings.log_dir / f"worker-{slot.slot}.log")
+                      for slot in settings.worker_slots()]
+        self.stopping = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def _stop(signum, _frame):
+            log.info("received %s: stopping workers gracefully", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    def run(self) -> None:
+        self.clean_up_leftovers()
+        last_housekeeping = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            self.check_once(now)
+            if now - last_housekeeping >= HOUSEKEEPING_INTERVAL:
+                try:
+                    housekeeping.run_once(self.db, self.settings)
+                except Exception as exc:  # retried next round; supervision goes on
+                    log.error("housekeeping failed: %s: %s", type(exc).__name__, exc)
+                last_housekeeping = now
+            self.stopping.wait(self.settings.watchdog_check_interval)
+        self.stop_all()
+
+    # --- start-up ---
+
+    def clean_up_leftovers(self) -> None:
+        """Kill workers a previous watchdog on this host left behind: never two workers per slot."""
+        with self.db.connect() as conn:
+            leftovers = workers.leftover_workers(conn, self.host)
+        for row in leftovers:
+            if _is_worker_process(row.pid):
+                log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)
+                kill_tree(row.pid, self.settings.kill_grace)
+            self._declare_dead(row.id)
+
+    # --- one round of checks ---
+
+    def check_once(self, now: float) -> None:
+        running = [slot for slot in self.slots if slot.process is not None]
+        with self.db.connect() as conn:
+            states = workers.process_states(conn, self.host, [slot.process.pid for slot in running])
+        for slot in running:
+            state = states.get(slot.process.pid)
+            if state is not None:
+                slot.worker_id = str(state.id)
+            reason, exit_code = self._failure(slot, state, now)
+            if reason:
+                self._recover(slot, reason, exit_code)
+            elif now - slot.started_at > self.settings.restart_stable_period:
+                slot.consecutive_failures = 0
+        for slot in self.slots:
+            if slot.process is None and not self.stopping.is_set():
+                self._maybe_start(slot, now)
+
+    def _failure(self, slot: SlotState, state, now: float) -> tuple[str | None, int | None]:
+        process = slot.process
+        if (code := process.poll()) is not None:  # reaps our own child, so it never lingers as a zombie
+            return f"process {describe_exit(code)}", code
+        if _process_status(process.pid) == psutil.STATUS_ZOMBIE:
+            return "zombie process", None
+        age = now - slot.started_at
+        if state is None or state.status == "loading":
+            if age > self.settings.startup_timeout:
+                stage = "register" if state is None else "load its model"
+                return f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s", None
+            if state is None:
+                return None, None
+        if state.heartbeat_age > self.settings.heartbeat_timeout:
+            return (f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
+                    f"(process state: {_process_status(process.pid)})"), None
+        if (state.status == "busy" and state.in_flight > 0
+                and state.progress_age > self.settings.stall_timeout):
+            return (f"engine stalled: no progress for {state.progress_age:.0f} s with "
+                    f"{state.in_flight} requests in flight"), None
+        return None, None
+
+    # --- recovery ---
+
+    def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
+        name = slot.config.slot
+        pid = slot.process.pid
+        log.warning("worker %s (pid %d) failed: %s; killing its process tree", name, pid, reason)
+        survivors = kill_tree(pid, self.settings.kill_grace)
+        if survivors:
+            log.error("processes %s of worker %s survived SIGKILL", survivors, name)
+        slot.process.wait()
+        slot.process = None
+        if slot.worker_id:
+            self._declare_dead(slot.worker_id)
+        slot.consecutive_failures += 1
+        with self.db.begin() as conn:
+            restarts = workers.restarts_in_last_hour(conn, self.host, name)
+            slot.at_cap = restarts >= self.settings.max_restarts_per_hour
+            if not slot.at_cap:
+                workers.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
+                                       reason=reason, exit_code=exit_code)
+        tags = {"worker_id": slot.worker_id or "unregistered", "slot": name, "host": self.host,
+                "model": slot.config.served_name or slot.config.model or "demo"}
+        extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": _tail(slot.log_path)}
+        if slot.at_cap:
+            alerts.alert("error", f"Worker {name} reached {self.settings.max_restarts_per_hour} restarts in an "
+                                  f"hour and is left stopped (last failure: {reason}). Clear it with "
+                                  f"`python -m core.batch_app.watchdog reset {name}`.", tags=tags, extra=extra)
+            return
+        delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
+                    self.settings.restart_backoff_max)
+        slot.next_start = time.monotonic() + delay
+        alerts.alert("warning", f"Worker {name} crashed and is being restarted in {delay:.0f} s: {reason}",
+                     tags=tags, extra=extra)
+
+    def _declare_dead(self, worker_id: str) -> None:
+        """Mark the worker dead and hand its running requests back at once (no time-out wait)."""
+        with self.db.begin() as conn:
+            queue.mark_worker_dead(conn, worker_id)
+        housekeeping.rescue_now(self.db, self.settings)
+
+    # --- starting and stopping ---
+
+    def _maybe_start(self, slot: SlotState, now: float) -> None:
+        if slot.at_cap:
+            with self.db.connect() as conn:  # an operator may have reset it meanwhile
+                slot.at_cap = workers.restarts_in_last_hour(conn, self.host, slot.config.slot) >= \
+                    self.settings.max_restarts_per_hour
+            if slot.at_cap:
+                return
+            log.info("worker %s was reset; starting it again", slot.config.slot)
+            slot.consecutive_failures = 0
+        if now >= slot.next_start:
+            self._start(slot)
+
+    def _start(self, slot: SlotState) -> None:
+        config = slot.config
+        command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot, "--model", config.model,
+                   "--served-name", config.served_name, "--engine", config.engine or self.settings.engine,
+                   "--gpus", config.gpus, "--engine-options", json.dumps(config.engine_options)]
+        if config.max_model_len:
+            command += ["--max-model-len", str(config.max_model_len)]
+        slot.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(slot.log_path, "ab") as log_file:
+            # A session of its own: a terminal's Ctrl-C reaches the watchdog, which drains workers.
+            slot.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        slot.started_at = time.monotonic()
+        slot.worker_id = None
+        log.info("started worker %s (pid %d): %s", config.slot, slot.process.pid, " ".join(command[2:]))
+
+    def stop_all(self) -> None:
+        running = [slot for slot in self.slots if slot.process is not None]
+        for slot in running:
+            slot.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace + 10
+        for slot in running:
+            try:
+                slot.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not drain in time; killing it", slot.config.slot)
+            kill_tree(slot.process.pid, self.settings.kill_grace)  # EngineCore children included
+            slot.process.wait()
+            log.info("worker %s stopped (%s)", slot.config.slot, describe_exit(slot.process.returncode))
+            slot.process = None
+
+
+def _is_worker_process(pid: int) -> bool:
+    try:
+        return "core.batch_app.worker" in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _process_status(pid: int) -> str:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - 16_384))
+            return b"\n".join(file.read().splitlines()[-lines:]).decode(errors="replace")
+    except OSError:
+        return ""

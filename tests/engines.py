@@ -1,0 +1,69 @@
+"""Test-only engines, loaded by real worker processes through ENGINE=tests.engines:Class.
+
+They stand in for vLLM where a test needs a behaviour vLLM cannot be made to show on demand:
+an engine that hangs while the heartbeat thread keeps beating, or an input that kills the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from core.batch_app.engines.base import EngineProgress, EngineRequest, EngineResult, EngineSpec
+
+
+class EchoEngine:
+    """Answers each chat request with its last message after `ECHO_STEP_SECONDS`, a few per step."""
+
+    def __init__(self, spec: EngineSpec):
+        self.model_name = spec.served_name
+        self.max_in_flight = spec.max_in_flight or 8
+        self.progress = EngineProgress()
+        self.step_seconds = float(os.environ.get("ECHO_STEP_SECONDS", "0.05"))
+        self._pending: dict[str, EngineRequest] = {}
+
+    def add(self, request: EngineRequest) -> EngineResult | None:
+        self._pending[request.key] = request
+        return None
+
+    def step(self) -> list[EngineResult]:
+        time.sleep(self.step_seconds)
+        finished = [self._pending.pop(key) for key in list(self._pending)[:4]]
+        self.progress.requests_finished += len(finished)
+        self.progress.tokens_generated += len(finished)
+        return [self._answer(request) for request in finished]
+
+    def _answer(self, request: EngineRequest) -> EngineResult:
+        text = str(request.body.get("messages", [{}])[-1].get("content", ""))
+        body = {"object": "chat.completion", "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return EngineResult(request.key, 200, body, 1, 1)
+
+    def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            self._pending.pop(key, None)
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        pass
+
+
+class HangingEngine(EchoEngine):
+    """Blocks forever in its first step that holds a request: the heartbeat thread keeps beating."""
+
+    def step(self) -> list[EngineResult]:
+        while self._pending:
+            time.sleep(3600)
+        return []
+
+
+class PoisonEngine(EchoEngine):
+    """Kills its own process when a request's message says 'poison', as a crashing kernel would."""
+
+    def add(self, request: EngineRequest) -> EngineResult | None:
+        if "poison" in str(request.body.get("messages")):
+            os._exit(139)
+        return super().add(request)

@@ -1,0 +1,194 @@
+"""The watchdog with real processes: detection of crashes, hangs and stalls, whole-tree kills,
+rescue, capped restarts counted in the database, Sentry alerts, and its own clean shutdown.
+
+Workers here run the test engines of tests/engines.py, which stand in for vLLM where a
+behaviour must be produced on demand (an engine that hangs, an input that kills its worker);
+the same checks against the real vLLM engine are in test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from .conftest import live_worker, start_watchdog, wait_for, wait_for_batch
+from .jsonl import request_line, submit
+from .sentry_receiver import SentryReceiver
+
+FAST_LIVENESS = dict(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TIMEOUT="3", STALL_TIMEOUT="3",
+                     RESTART_BACKOFF_MIN="0.5", SHUTDOWN_GRACE="5", KILL_GRACE="1")
+
+
+@pytest.fixture
+def sentry():
+    receiver = SentryReceiver()
+    yield receiver
+    receiver.close()
+
+
+def echo_slot(name: str, engine: str = "EchoEngine") -> dict:
+    return {"slot": name, "model": f"/models/{name}", "served_name": name, "engine": f"tests.engines:{engine}"}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def restarts(db, slot: str) -> list:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT reason, exit_code FROM worker_restarts WHERE slot = :s AND reason <> 'reset' "
+                                    "ORDER BY id"), {"s": slot}).all()
+
+
+def assert_each_custom_id_once(client, batch, expected: set[str]) -> None:
+    seen = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            seen += [json.loads(line)["custom_id"] for line in client.files.content(file_id).text.splitlines()]
+    assert len(seen) == len(set(seen)) and set(seen) == expected
+
+
+def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db, client, sentry):
+    slot = "kill-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-kill", [echo_slot(slot)], SENTRY_DSN=sentry.dsn,
+                              ECHO_STEP_SECONDS="0.02", **FAST_LIVENESS)
+    try:
+        first = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        batch = submit(client, [request_line(f"r{i}", slot) for i in range(400)])
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 50, 60, message="progress")
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: restarts(db, slot), 10, interval=0.05, message="restart recorded")
+        detection = time.monotonic() - killed_at
+        print(f"\ncrash detection latency: {detection:.2f} s")
+        assert detection < 2.0
+        assert restarts(db, slot)[0].exit_code == -signal.SIGKILL
+        done = wait_for_batch(client, batch.id, 120)
+        assert done.status == "completed" and done.request_counts.completed == 400
+        assert_each_custom_id_once(client, done, {f"r{i}" for i in range(400)})
+        assert live_worker(db, slot).pid != first.pid
+        warning = wait_for(lambda: sentry.messages("warning"), 10, message="warning event")[0]
+        assert warning["tags"]["slot"] == slot and warning["tags"]["worker_id"] == str(first.id)
+        assert "SIGKILL" in warning["message"] or "SIGKILL" in str(warning.get("logentry"))
+        assert warning["extra"]["last_log_lines"]
+    finally:
+        assert watchdog.stop() == 0
+
+
+def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir, db, client):
+    slot = "stop-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-stop", [echo_slot(slot)], **FAST_LIVENESS)
+    try:
+        first = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        batch = submit(client, [request_line(f"r{i}", slot) for i in range(100)])
+        os.kill(first.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        [restart] = wait_for(lambda: restarts(db, slot), 20, interval=0.1, message="hang detected")
+        print(f"\nhang detection latency: {time.monotonic() - stopped_at:.2f} s (heartbeat timeout 3 s)")
+        assert "no heartbeat" in restart.reason and "stopped" in restart.reason
+        assert gone(first.pid)
+        done = wait_for_batch(client, batch.id, 120)
+        assert done.status == "completed"
+        assert_each_custom_id_once(client, done, {f"r{i}" for i in range(100)})
+    finally:
+        assert watchdog.stop() == 0
+
+
+def test_engine_hang_behind_a_live_heartbeat_is_caught_by_the_progress_check(database, data_dir, db, client):
+    slot = "stall-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-stall", [echo_slot(slot, "HangingEngine")],
+                              **FAST_LIVENESS)
+    try:
+        wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        batch = submit(client, [request_line("r0", slot)])
+        hung_at = time.monotonic()
+        [restart] = wait_for(lambda: restarts(db, slot)[:1], 30, interval=0.1, message="stall detected")
+        print(f"\nstall detection latency: {time.monotonic() - hung_at:.2f} s (stall timeout 3 s)")
+        assert "stalled" in restart.reason
+        client.batches.cancel(batch.id)
+    finally:
+        assert watchdog.stop() == 0
+
+
+def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, data_dir, db, sentry):
+    slot = "broken-0"
+    bad = {"slot": slot, "model": "/nonexistent/model", "engine": "tests.engines:NoSuchEngine"}
+    watchdog = start_watchdog(database, data_dir, "watchdog-cap", [bad], SENTRY_DSN=sentry.dsn,
+                              MAX_RESTARTS_PER_HOUR="3", RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5")
+    try:
+        wait_for(lambda: sentry.messages("error"), 60, message="error event")
+        time.sleep(2)  # nothing more happens once the cap is reached
+        assert len(restarts(db, slot)) == 3
+        assert len(sentry.messages("error")) == 1
+        assert len(sentry.messages("warning")) == 3
+        assert "reached 3 restarts" in sentry.messages("error")[0]["message"]
+    finally:
+        assert watchdog.stop() == 0
+
+    # A new watchdog keeps the count: the slot stays stopped until an operator resets it.
+    again = start_watchdog(database, data_dir, "watchdog-cap-2", [bad], MAX_RESTARTS_PER_HOUR="3",
+                           RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5")
+    try:
+        time.sleep(4)
+        assert len(restarts(db, slot)) == 3
+        env = {**os.environ, "DATABASE_URL": database, "PYTHONPATH": os.getcwd()}
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-m", "core.batch_app.watchdog", "reset", slot], env=env, check=True)
+        wait_for(lambda: len(restarts(db, slot)) > 3, 30, message="restarts after reset")
+    finally:
+        assert again.stop() == 0
+
+
+def test_poison_request_fails_alone_and_the_rest_completes(database, data_dir, db, client):
+    slot = "poison-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-poison", [echo_slot(slot, "PoisonEngine")],
+                              MAX_ATTEMPTS="2", **FAST_LIVENESS)
+    try:
+        wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        lines = [request_line(f"r{i}", slot) for i in range(20)]
+        lines[5] = request_line("bad", slot, messages=[{"role": "user", "content": "poison"}])
+        batch = submit(client, lines)
+        done = wait_for_batch(client, batch.id, 120)
+        assert done.status == "completed"
+        assert (done.request_counts.completed, done.request_counts.failed) == (19, 1)
+        [error] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+        assert error["custom_id"] == "bad" and error["error"]["code"] == "poison_request"
+        assert len(restarts(db, slot)) == 2
+    finally:
+        assert watchdog.stop() == 0
+
+
+def test_sigterm_drains_and_leaves_no_process_and_a_new_watchdog_cleans_leftovers(database, data_dir, db):
+    slot = "term-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-term", [echo_slot(slot)], **FAST_LIVENESS)
+    worker = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+    tree = [watchdog.process.pid, worker.pid]
+    assert watchdog.stop() == 0
+    assert all(gone(pid) for pid in tree)
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM workers WHERE id = :id"), {"id": worker.id}).scalar() == "stopped"
+
+    # A watchdog killed outright leaves its worker running; the next one cleans it up.
+    crashed = start_watchdog(database, data_dir, "watchdog-crashed", [echo_slot(slot)], **FAST_LIVENESS)
+    orphan = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+    crashed.process.kill()
+    crashed.process.wait()
+    assert not gone(orphan.pid)
+    successor = start_watchdog(database, data_dir, "watchdog-successor", [echo_slot(slot)], **FAST_LIVENESS)
+    try:
+        wait_for(lambda: gone(orphan.pid), 30, message="orphan killed")
+        replacement = wait_for(lambda: live_worker(db, slot), 60, message="replacement up")
+        assert replacement.pid != orphan.pid
+    finally:
+        assert successor.stop() == 0
