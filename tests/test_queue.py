@@ -109,6 +109,17 @@ def test_completion_needs_ownership_and_finalizes_once(client, db, live_model):
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
+def test_results_keep_characters_jsonb_would_refuse(client, db, live_model):
+    batch = submit(client, [request_line("nul", live_model)])
+    worker = new_worker(db, live_model)
+    [request] = claim(db, worker, live_model, 1)
+    assert complete(db, worker, [answer(request, "a\u0000b")])
+    finalize.finalize_ready(db, [batch.id])
+    done = client.batches.retrieve(batch.id)
+    [line] = client.files.content(done.output_file_id).text.splitlines()
+    assert json.loads(line)["response"]["body"]["text"] == "a\u0000b"
+
+
 def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
     batch = submit(client, [request_line("poison", live_model), request_line("fine", live_model)])
     settings = Settings(max_attempts=2, heartbeat_timeout=60)

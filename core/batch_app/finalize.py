@@ -19,7 +19,7 @@ from .storage import FileWriter
 log = logging.getLogger(__name__)
 
 _RESULTS = text("""
-SELECT line, custom_id, attempt, status, status_code, response::text AS response, error::text AS error
+SELECT line, custom_id, attempt, status, status_code, response, error::text AS error
 FROM batch_requests WHERE batch_id = :batch_id ORDER BY line
 """)
 

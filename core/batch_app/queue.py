@@ -100,7 +100,7 @@ SET status = CASE WHEN u.status_code = 200 THEN 'succeeded' ELSE 'failed' END,
     status_code = u.status_code, response = u.response,
     prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:status_codes AS int[]),
-            CAST(:responses AS jsonb[]), CAST(:prompt_tokens AS int[]),
+            CAST(:responses AS text[]), CAST(:prompt_tokens AS int[]),
             CAST(:completion_tokens AS int[]))
      AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)
 WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = 'running'

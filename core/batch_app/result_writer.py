@@ -6,12 +6,14 @@ bottleneck at thousands of results a second; the engine thread never waits on a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue as stdlib_queue
 import threading
 import time
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import finalize, queue
 from .queue import Completion
@@ -27,7 +29,6 @@ class ResultWriter(threading.Thread):
         self.max_group = max_group
         self.max_delay = max_delay
         self._pending: stdlib_queue.Queue[Completion | None] = stdlib_queue.Queue()
-        self.refused = 0
 
     def put(self, completion: Completion) -> None:
         self._pending.put(completion)
@@ -62,17 +63,36 @@ class ResultWriter(threading.Thread):
                 self._pending.task_done()
 
     def _write(self, group: list[Completion]) -> None:
-        while True:
-            try:
-                with self.db.begin() as conn:
-                    accepted = queue.complete(conn, self.worker_id, group)
-                break
-            except Exception as exc:  # keep the results and retry: losing them would cost a rerun
-                log.error("writing %d results failed, retrying: %s: %s", len(group), type(exc).__name__, exc)
-                time.sleep(1.0)
+        accepted = self._store(group)
         if len(accepted) < len(group):
-            self.refused += len(group) - len(accepted)
             log.warning("%d results refused: those requests are no longer this worker's",
                         len(group) - len(accepted))
         for batch_id in finalize.finalize_ready(self.db, sorted(set(accepted.values()))):
             log.info("batch %s finalized", batch_id)
+
+    def _store(self, group: list[Completion]) -> dict[int, str]:
+        """Store a group; retry while the database is unreachable, isolate results it refuses."""
+        while True:
+            try:
+                with self.db.begin() as conn:
+                    return queue.complete(conn, self.worker_id, group)
+            except OperationalError as exc:  # connection trouble: keep the results and retry
+                log.error("writing %d results failed, retrying: %s", len(group), exc.orig or exc)
+                time.sleep(1.0)
+            except DBAPIError as exc:
+                if len(group) == 1:
+                    return self._store([_unstorable(group[0], exc)])
+                log.error("the database refused a group of %d results (%s); writing them one by one",
+                          len(group), exc.orig or exc)
+                accepted: dict[int, str] = {}
+                for completion in group:
+                    accepted.update(self._store([completion]))
+                return accepted
+
+
+def _unstorable(completion: Completion, exc: DBAPIError) -> Completion:
+    """The request ends as an error line rather than blocking the worker or vanishing."""
+    message = f"The result could not be stored: {exc.orig or exc}"
+    log.error("request %d: %s", completion.id, message)
+    return dataclasses.replace(completion, status_code=500, response={"error": {
+        "message": message, "type": "server_error", "param": None, "code": "result_not_stored"}})

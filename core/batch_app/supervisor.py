@@ -83,7 +83,7 @@ class Supervisor:
     def clean_up_leftovers(self) -> None:
         """Kill workers a previous watchdog on this host left behind: never two workers per slot."""
         with self.db.connect() as conn:
-            leftovers = workers.leftover_workers(conn, self.host)
+            leftovers = workers.leftover_workers(conn, self.host, [slot.config.slot for slot in self.slots])
         for row in leftovers:
             if _is_worker_process(row.pid):
                 log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)

@@ -108,8 +108,9 @@ batch_requests = Table(
     Column("worker_id", UUID(as_uuid=False)),
     # A finished request keeps the HTTP status and body it answered with (the engine's own
     # rejections included); `error` holds failures that have no response (expired, poison...).
+    # The body is JSON text, kept as text: jsonb refuses \u0000, which models can generate.
     Column("status_code", Integer),
-    Column("response", JSONB),
+    Column("response", Text),
     Column("error", JSONB),
     Column("prompt_tokens", Integer, nullable=False, server_default="0"),
     Column("completion_tokens", Integer, nullable=False, server_default="0"),

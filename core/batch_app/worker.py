@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.start()
     started = time.monotonic()
     try:
-        engine = load_engine(spec)
+        engine = load_engine(spec, settings.data_dir / "cache")
     except Exception as exc:
         log.error("model load failed: %s: %s", type(exc).__name__, exc)
         runner.heartbeat.stop()

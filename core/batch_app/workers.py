@@ -48,13 +48,13 @@ def process_states(conn: Connection, host: str, pids: list[int]) -> dict[int, ob
 
 _LEFTOVERS = text("""
 SELECT id, pid, slot FROM workers
-WHERE host = :host AND status NOT IN ('dead', 'stopped')
+WHERE host = :host AND slot = ANY(:slots) AND status NOT IN ('dead', 'stopped')
 """)
 
 
-def leftover_workers(conn: Connection, host: str) -> list:
-    """Workers this host's previous watchdog left running (or that died without a word)."""
-    return conn.execute(_LEFTOVERS, {"host": host}).all()
+def leftover_workers(conn: Connection, host: str, slots: list[str]) -> list:
+    """Workers of these slots that a previous watchdog left running (or that died without a word)."""
+    return conn.execute(_LEFTOVERS, {"host": host, "slots": slots}).all()
 
 
 # A `reset` row marks where an operator cleared the count; it is not a restart itself.

@@ -103,7 +103,7 @@ def upgrade() -> None:
     sa.Column('attempt', sa.Integer(), server_default='0', nullable=False),
     sa.Column('worker_id', sa.UUID(as_uuid=False), nullable=True),
     sa.Column('status_code', sa.Integer(), nullable=True),
-    sa.Column('response', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('response', sa.Text(), nullable=True),
     sa.Column('error', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     sa.Column('prompt_tokens', sa.Integer(), server_default='0', nullable=False),
     sa.Column('completion_tokens', sa.Integer(), server_default='0', nullable=False),

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
+from pathlib import Path
 
 from .base import Engine, EngineSpec
 
 
-def load_engine(spec: EngineSpec) -> Engine:
+def load_engine(spec: EngineSpec, cache_dir: Path) -> Engine:
     if spec.kind == "vllm":
-        from .vllm_engine import VllmEngine
+        from .vllm_engine import VllmEngine, default_options, has_cuda_gpu, vllm_environment
 
-        return VllmEngine(spec)
+        for name, value in vllm_environment(cache_dir).items():
+            os.environ.setdefault(name, value)  # an operator's own settings win
+        options = {**default_options(has_cuda_gpu()), **spec.options}
+        return VllmEngine(dataclasses.replace(spec, options=options))
     module_name, _, class_name = spec.kind.partition(":")
     if not class_name:
         raise ValueError(f"Unknown engine '{spec.kind}': use 'vllm' or 'package.module:Class'.")

@@ -1,0 +1,167 @@
+"""The product end to end with the real vLLM engine: the openai SDK uploads batches to a real API
+server; a real watchdog runs real vLLM workers (two chat workers on the demo model and one
+embedding worker) on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import sqlalchemy as sa
+from openai.types import Completion, CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
+
+from .conftest import live_worker, wait_for, wait_for_batch
+from .jsonl import request_line, submit
+
+pytestmark = pytest.mark.vllm
+
+CHAT_MODEL, EMBED_MODEL = "demo-tiny-llama", "all-MiniLM-L6-v2"
+
+
+def read_lines(client, file_id) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()] if file_id else []
+
+
+def all_lines(client, batch) -> list[dict]:
+    return read_lines(client, batch.output_file_id) + read_lines(client, batch.error_file_id)
+
+
+def assert_each_once(client, batch, custom_ids: set[str]) -> None:
+    seen = [line["custom_id"] for line in all_lines(client, batch)]
+    assert len(seen) == len(set(seen)), "a custom_id appears twice"
+    assert set(seen) == custom_ids
+
+
+@pytest.mark.parametrize(("endpoint", "model", "body_type"), [
+    ("/v1/chat/completions", CHAT_MODEL, ChatCompletion),
+    ("/v1/completions", CHAT_MODEL, Completion),
+    ("/v1/embeddings", EMBED_MODEL, CreateEmbeddingResponse),
+])
+def test_each_endpoint_gives_well_formed_output(vllm_stack, client, endpoint, model, body_type):
+    lines = [request_line(f"r{i}", model, url=endpoint, **({} if "embed" in endpoint else {"max_tokens": 8}))
+             for i in range(30)]
+    done = wait_for_batch(client, submit(client, lines, endpoint=endpoint).id)
+    assert done.status == "completed" and done.request_counts.completed == 30
+    assert done.usage.input_tokens > 0
+    assert_each_once(client, done, {f"r{i}" for i in range(30)})
+    for line in read_lines(client, done.output_file_id):
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        body = body_type.model_validate(line["response"]["body"])
+        assert body.model == model and body.usage.prompt_tokens > 0
+    if "embed" in endpoint:
+        assert len(body.data[0].embedding) == 384
+    else:
+        assert done.usage.output_tokens > 0
+
+
+def test_greedy_output_equals_vllm_directly(vllm_stack, client, demo_engine):
+    prompts = [f"Tell me about item {i}." for i in range(8)]
+    lines = [request_line(f"g{i}", CHAT_MODEL, messages=[{"role": "user", "content": p}], temperature=0,
+                          max_tokens=24) for i, p in enumerate(prompts)]
+    done = wait_for_batch(client, submit(client, lines).id)
+    ours = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
+            for line in read_lines(client, done.output_file_id)}
+    from vllm import SamplingParams
+
+    direct = demo_engine.llm.chat([[{"role": "user", "content": p}] for p in prompts],
+                                  SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert [ours[f"g{i}"] for i in range(8)] == [output.outputs[0].text for output in direct]
+
+
+def test_a_bad_request_becomes_one_error_line(vllm_stack, client):
+    lines = [request_line(f"ok{i}", CHAT_MODEL, max_tokens=4) for i in range(5)]
+    lines.insert(2, request_line("too-long", CHAT_MODEL, messages=[{"role": "user", "content": "word " * 3000}]))
+    lines.insert(4, request_line("bad-param", CHAT_MODEL, temperature="hot"))
+    done = wait_for_batch(client, submit(client, lines).id)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (5, 2)
+    errors = {line["custom_id"]: line for line in read_lines(client, done.error_file_id)}
+    assert set(errors) == {"too-long", "bad-param"}
+    for line in errors.values():
+        assert line["response"]["status_code"] == 400
+        assert line["response"]["body"]["error"]["message"]
+
+
+def test_two_workers_share_a_batch_without_duplicates_or_gaps(vllm_stack, client, db):
+    lines = [request_line(f"r{i}", CHAT_MODEL, max_tokens=16) for i in range(500)]
+    done = wait_for_batch(client, submit(client, lines).id)
+    assert done.status == "completed" and done.request_counts.completed == 500
+    assert_each_once(client, done, {f"r{i}" for i in range(500)})
+    with db.connect() as conn:
+        slots = conn.execute(sa.text("SELECT DISTINCT w.slot FROM batch_requests r JOIN workers w ON w.id = r.worker_id "
+                                     "WHERE r.batch_id = :b"), {"b": done.id}).scalars().all()
+    assert set(slots) == {"chat-0", "chat-1"}
+
+
+def running_batch(client, db, count: int, max_tokens: int = 64):
+    batch = submit(client, [request_line(f"r{i}", CHAT_MODEL, max_tokens=max_tokens) for i in range(count)])
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 20, 300, message="progress")
+    return batch
+
+
+def test_sigkill_mid_batch_loses_and_duplicates_nothing(vllm_stack, client, db):
+    for slot in ("chat-0", "chat-1"):
+        wait_for(lambda: live_worker(db, slot), 600, interval=1, message=f"{slot} serving")
+    batch = running_batch(client, db, 1500)
+    victim = live_worker(db, "chat-0")
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    replacement = wait_for(lambda: (w := live_worker(db, "chat-0")) and w.pid != victim.pid and w, 600,
+                           interval=0.2, message="replacement worker")
+    with db.connect() as conn:
+        first_result = wait_for(lambda: conn.execute(sa.text(
+            "SELECT 1 FROM batch_requests WHERE worker_id = :w AND status = 'succeeded' LIMIT 1"),
+            {"w": replacement.id}).first() or (conn.commit() and None), 600, message="a result from the new worker")
+    print(f"\nkill -> replacement serving: {time.monotonic() - killed_at:.1f} s")
+    done = wait_for_batch(client, batch.id, 600)
+    assert done.status == "completed" and done.request_counts.completed == 1500
+    assert_each_once(client, done, {f"r{i}" for i in range(1500)})
+    assert first_result
+
+
+def test_sigterm_drains_a_worker_and_loses_nothing(vllm_stack, client, db):
+    wait_for(lambda: live_worker(db, "chat-1"), 600, interval=1, message="chat-1 serving")
+    batch = running_batch(client, db, 1000)
+    worker = live_worker(db, "chat-1")
+    os.kill(worker.pid, signal.SIGTERM)
+    done = wait_for_batch(client, batch.id, 600)
+    assert done.status == "completed" and done.request_counts.completed == 1000
+    assert_each_once(client, done, {f"r{i}" for i in range(1000)})
+    with db.connect() as conn:
+        row = conn.execute(sa.text("SELECT status, stopped_at FROM workers WHERE id = :w"), {"w": worker.id}).first()
+        running = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE worker_id = :w AND status = 'running'"),
+                               {"w": worker.id}).scalar()
+    assert row.status == "stopped" and row.stopped_at is not None and running == 0
+
+
+def test_cancel_mid_run_keeps_the_finished_part(vllm_stack, client, db):
+    batch = running_batch(client, db, 2000, max_tokens=128)
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled"
+    counts = cancelled.request_counts
+    lines = all_lines(client, cancelled)
+    cancelled_lines = [line for line in lines if (line["error"] or {}).get("code") == "batch_cancelled"]
+    assert counts.completed > 0 and cancelled_lines
+    assert counts.completed + counts.failed + len(cancelled_lines) == counts.total == 2000
+    assert len(read_lines(client, cancelled.output_file_id)) == counts.completed
+    assert_each_once(client, cancelled, {f"r{i}" for i in range(2000)})
+    time.sleep(2)  # workers abort what they held; nothing of the batch runs afterwards
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND status = 'running'"),
+                            {"b": batch.id}).scalar() == 0
+
+
+def test_expiry_with_a_short_window(vllm_stack, client):
+    lines = [request_line(f"r{i}", CHAT_MODEL, max_tokens=128) for i in range(3000)]
+    batch = submit(client, lines, completion_window="4s")
+    done = wait_for_batch(client, batch.id, 120)
+    assert done.status == "expired" and done.expired_at
+    counts = done.request_counts
+    expired = [line for line in all_lines(client, done) if (line["error"] or {}).get("code") == "batch_expired"]
+    assert expired and counts.completed + counts.failed + len(expired) == 3000
+    assert_each_once(client, done, {f"r{i}" for i in range(3000)})
