@@ -189,7 +189,9 @@ def live_worker(db, slot: str, statuses=("idle", "busy")):
             "ORDER BY started_at DESC LIMIT 1"), {"slot": slot, "statuses": list(statuses)}).first()
 
 
-VLLM_SLOTS = [{"slot": "chat-0", "model": "demo"}, {"slot": "chat-1", "model": "demo"},
+# A small window per chat worker, so that both take part in batches of a few hundred requests.
+VLLM_SLOTS = [{"slot": "chat-0", "model": "demo", "max_in_flight": 64},
+              {"slot": "chat-1", "model": "demo", "max_in_flight": 64},
               {"slot": "embed-0", "model": "all-MiniLM-L6-v2"}]
 
 
@@ -205,3 +207,28 @@ def vllm_stack(database, data_dir, db, api):
         yield watchdog
     finally:
         watchdog.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_env(data_dir):
+    """vLLM's environment, in place before vllm is first imported in this process."""
+    from core.batch_app.engines.vllm_engine import vllm_environment
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in vllm_environment(data_dir / "cache").items():
+            patch.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_engine(vllm_env, data_dir):
+    """The demo model in an in-process vLLM engine, loaded once per test session."""
+    from core.batch_app.demo_model import DEMO_MODEL_NAME, build_demo_model
+    from core.batch_app.engines.base import EngineSpec
+    from core.batch_app.engines.vllm_engine import VllmEngine, default_options, has_cuda_gpu
+
+    model = build_demo_model(data_dir / "models" / DEMO_MODEL_NAME)
+    engine = VllmEngine(EngineSpec(kind="vllm", model_path=str(model), served_name=DEMO_MODEL_NAME,
+                                   runner="generate", max_model_len=512, options=default_options(has_cuda_gpu())))
+    yield engine
+    engine.close()

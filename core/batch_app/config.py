@@ -19,6 +19,7 @@ class WorkerSlot(BaseModel):
     engine: str = ""  # "" means the ENGINE setting
     gpus: str = ""  # CUDA_VISIBLE_DEVICES for this worker, e.g. "0,1"
     max_model_len: int | None = None
+    max_in_flight: int | None = None  # requests kept in the engine; default twice its batch size
     engine_options: dict = Field(default_factory=dict)  # passed to vLLM, e.g. tensor_parallel_size
 
 

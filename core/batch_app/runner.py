@@ -7,7 +7,6 @@ beside it, so neither a slow database write nor a long step ever silences the ot
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from . import housekeeping, queue
 from .config import Settings
 from .engines.base import Engine, EngineProgress, EngineRequest, EngineResult
 from .heartbeat import Heartbeat
+from .processes import stop_on_signals
 from .queue import ClaimedRequest, Completion
 from .result_writer import ResultWriter
 
@@ -53,12 +53,7 @@ class Runner:
         return self.status, len(self.in_flight), progress
 
     def install_signal_handlers(self) -> None:
-        def _drain(signum, _frame):
-            log.info("received %s: no new claims; finishing in-flight requests", signal.Signals(signum).name)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, _drain)
-        signal.signal(signal.SIGINT, _drain)
+        stop_on_signals(self.stopping, log, "no new claims; finishing in-flight requests")
 
     def start(self) -> None:
         self.heartbeat.start()

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from . import alerts, housekeeping, queue, workers
 from .config import Settings, WorkerSlot
-from .processes import describe_exit, kill_tree
+from .processes import describe_exit, kill_tree, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ class Supervisor:
         self.stopping = threading.Event()
 
     def install_signal_handlers(self) -> None:
-        def _stop(signum, _frame):
-            log.info("received %s: stopping workers gracefully", signal.Signals(signum).name)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop_on_signals(self.stopping, log, "stopping workers gracefully")
 
     def run(self) -> None:
         self.clean_up_leftovers()
@@ -190,8 +185,9 @@ class Supervisor:
         command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot, "--model", config.model,
                    "--served-name", config.served_name, "--engine", config.engine or self.settings.engine,
                    "--gpus", config.gpus, "--engine-options", json.dumps(config.engine_options)]
-        if config.max_model_len:
-            command += ["--max-model-len", str(config.max_model_len)]
+        for option, value in (("--max-model-len", config.max_model_len), ("--max-in-flight", config.max_in_flight)):
+            if value:
+                command += [option, str(value)]
         slot.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(slot.log_path, "ab") as log_file:
             # A session of its own: a terminal's Ctrl-C reaches the watchdog, which drains workers.

