@@ -160,9 +160,10 @@ WHERE status NOT IN ('dead', 'stopped') AND last_seen < now() - make_interval(se
 RETURNING id
 """)
 
+# A worker that stopped cleanly keeps its `stopped`: it handed everything back itself.
 _MARK_WORKER_DEAD = text("""
 UPDATE workers SET status = 'dead', stopped_at = coalesce(stopped_at, now())
-WHERE id = :worker_id AND status <> 'dead'
+WHERE id = :worker_id AND status NOT IN ('dead', 'stopped')
 """)
 
 _RESCUE = text("""

@@ -131,7 +131,7 @@ class Supervisor:
     def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
         name = slot.config.slot
         pid = slot.process.pid
-        log.warning("worker %s (pid %d) failed: %s; killing its process tree", name, pid, reason)
+        log.warning("worker %s (pid %d): %s; killing its process tree", name, pid, reason)
         survivors = kill_tree(pid, self.settings.kill_grace)
         if survivors:
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
@@ -157,6 +157,9 @@ class Supervisor:
         delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
                     self.settings.restart_backoff_max)
         slot.next_start = time.monotonic() + delay
+        if exit_code == 0:  # it drained and stopped on request (SIGTERM from an operator): no crash
+            log.info("worker %s stopped cleanly; restarting it in %.0f s", name, delay)
+            return
         alerts.alert("warning", f"Worker {name} crashed and is being restarted in {delay:.0f} s: {reason}",
                      tags=tags, extra=extra)
 

@@ -7,7 +7,7 @@ from sqlalchemy.engine import Connection
 
 _LIVENESS = text("""
 SELECT model,
-       bool_or(status NOT IN ('dead', 'stopped', 'failed')
+       bool_or(status NOT IN ('dead', 'stopped')
                AND last_seen > now() - make_interval(secs => :timeout)) AS live,
        extract(epoch FROM now() - max(last_seen)) AS age,
        min(started_at) AS first_seen

@@ -1,0 +1,65 @@
+"""The operator's view: the scripts a new user runs, and the systemd units."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import REPO, free_port, wait_for
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_rendered_systemd_units_verify(tmp_path):
+    subprocess.run([str(REPO / "scripts/install-systemd.sh"), "--dest", str(tmp_path), "--user", "root"],
+                   check=True, capture_output=True)
+    units = sorted(tmp_path.glob("*.service"))
+    assert [unit.name for unit in units] == ["vllm-batch-api.service", "vllm-batch-watchdog.service"]
+    for unit in units:
+        text = unit.read_text()
+        assert "@" not in text.replace("network-online.target", "")
+        assert "KillMode=control-group" in text and "Restart=always" in text
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def stack_processes(data_dir: Path) -> list[psutil.Process]:
+    """Every process of the stack under data_dir: ours by environment, PostgreSQL by its data path."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if (process.info["environ"] or {}).get("DATA_DIR") == str(data_dir) or \
+                    str(data_dir) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return [p for p in found if p.pid != os.getpid()]
+
+
+def test_start_all_then_stop_all_leaves_nothing_behind_twice(tmp_path):
+    data_dir, port = tmp_path / "data", free_port()
+    env = {**os.environ, "DATA_DIR": str(data_dir), "LOG_DIR": str(tmp_path / "logs"), "API_PORT": str(port),
+           "API_KEY": "", "DATABASE_URL": "", "HEARTBEAT_INTERVAL": "1",
+           "WORKERS": json.dumps([{"slot": "echo-0", "model": "/models/echo", "served_name": "echo",
+                                   "engine": "tests.engines:EchoEngine"}])}
+    for _ in range(2):
+        subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
+                       timeout=900)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["database"] == "connected"
+        wait_for(lambda: "loaded" in (tmp_path / "logs/worker-echo-0.log").read_text(), 60, message="worker up")
+        started = stack_processes(data_dir)
+        assert len(started) >= 3  # API, watchdog, worker (and PostgreSQL's processes)
+
+        subprocess.run([str(REPO / "scripts/stop-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
+                       timeout=300)
+        psutil.wait_procs(started, timeout=10)
+        assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
