@@ -68,7 +68,7 @@ def raw_vllm(root: Path, requests: Path, model: Path, max_tokens: int) -> dict:
     for multiprocessing in (False, True):
         output = subprocess.run([sys.executable, "-c", RAW_VLLM, str(requests), str(model), str(max_tokens)],
                                 env=vllm_env(root, multiprocessing), capture_output=True, text=True, check=True)
-        result = json.loads(output.stdout.strip().splitlines()[-1])
+        result = json.loads(next(line for line in output.stdout.splitlines() if line.startswith('{"seconds"')))
         result["setting"] = f"VLLM_ENABLE_V1_MULTIPROCESSING={int(multiprocessing)}"
         print(f"  (a) {result['setting']}: {result['tokens'] / result['seconds']:8.0f} tokens/s")
         if best is None or result["tokens"] / result["seconds"] > best["tokens"] / best["seconds"]:
@@ -110,8 +110,10 @@ def our_server(root: Path, requests: Path) -> dict:
         with open(requests, "rb") as source:
             file = client.files.create(file=("requests.jsonl", source), purpose="batch")
         batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        # Polled as a client would; each poll costs the API and the database CPU that the engine
+        # shares on this 2-core machine. Up to one interval of latency is counted against us.
         batch = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b, 600,
-                         interval=0.05, message="batch completed")
+                         interval=0.5, message="batch completed")
         output = client.files.content(batch.output_file_id).content
         seconds = time.perf_counter() - started
         assert batch.request_counts.completed == batch.request_counts.total, batch.request_counts

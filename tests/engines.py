@@ -29,6 +29,7 @@ class EchoEngine:
     def step(self) -> list[EngineResult]:
         time.sleep(self.step_seconds)
         finished = [self._pending.pop(key) for key in list(self._pending)[:4]]
+        self.progress.steps += 1
         self.progress.requests_finished += len(finished)
         self.progress.tokens_generated += len(finished)
         return [self._answer(request) for request in finished]

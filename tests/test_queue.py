@@ -175,7 +175,7 @@ def test_silent_worker_is_declared_dead_and_fenced(client, db, live_model):
     assert statuses(db, batch.id) == {"queued": 1}
     with db.begin() as conn:  # the silent worker's next beat tells it to stop
         assert not queue.heartbeat(conn, worker_id=worker, status="busy", in_flight=1,
-                                   requests_done=0, tokens_done=0)
+                                   requests_done=0, tokens_done=0, progressed=False)
     client.batches.cancel(batch.id)
 
 

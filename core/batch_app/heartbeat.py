@@ -32,6 +32,7 @@ class Heartbeat(threading.Thread):
         self.sample = sample  # -> (status, requests in flight, progress counters)
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._steps_reported = 0
 
     def run(self) -> None:
         while not self._stopped.is_set():
@@ -45,10 +46,12 @@ class Heartbeat(threading.Thread):
             with self.db.begin() as conn:
                 alive = queue.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
                                         requests_done=progress.requests_finished,
-                                        tokens_done=progress.tokens_generated)
+                                        tokens_done=progress.tokens_generated,
+                                        progressed=progress.steps != self._steps_reported)
         except Exception as exc:  # a database blip must not kill the thread; the next beat retries
             log.error("heartbeat failed: %s: %s", type(exc).__name__, exc)
             return
+        self._steps_reported = progress.steps
         if not alive:
             log.critical("this worker was declared dead and its requests were handed back; exiting")
             os._exit(FENCED_EXIT_CODE)

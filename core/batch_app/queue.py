@@ -319,8 +319,7 @@ VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, 'loading')
 _HEARTBEAT = text("""
 UPDATE workers SET last_seen = now(), status = :status, in_flight = :in_flight,
     -- The stall clock runs only while busy: it restarts on progress and on becoming busy.
-    last_progress_at = CASE WHEN requests_done <> :requests_done OR tokens_done <> :tokens_done
-                                 OR status <> 'busy' OR :status <> 'busy'
+    last_progress_at = CASE WHEN :progressed OR status <> 'busy' OR :status <> 'busy'
                             THEN now() ELSE last_progress_at END,
     requests_done = :requests_done, tokens_done = :tokens_done,
     stopped_at = CASE WHEN :status = 'stopped' THEN now() END
@@ -336,8 +335,9 @@ def register_worker(conn: Connection, *, worker_id: str, slot: str, host: str, p
 
 
 def heartbeat(conn: Connection, *, worker_id: str, status: str, in_flight: int,
-                requests_done: int, tokens_done: int) -> bool:
+              requests_done: int, tokens_done: int, progressed: bool) -> bool:
     """Record liveness; False means this worker was declared dead and must stop (fencing)."""
     row = conn.execute(_HEARTBEAT, {"id": worker_id, "status": status, "in_flight": in_flight,
-                                    "requests_done": requests_done, "tokens_done": tokens_done})
+                                    "requests_done": requests_done, "tokens_done": tokens_done,
+                                    "progressed": progressed})
     return row.first() is not None

@@ -32,6 +32,9 @@ class EngineProgress:
 
     requests_finished: int = 0
     tokens_generated: int = 0
+    # Engine iterations that returned: it advances on every step however long the requests
+    # are, and freezes when the engine hangs, which is what the stall check watches.
+    steps: int = 0
 
 
 class Engine(Protocol):
