@@ -129,14 +129,25 @@ def project_client(api, db) -> OpenAI:
     return api.client(key)
 
 
+def register_live_worker(db, model: str) -> str:
+    """A worker row with a fresh heartbeat, as a running worker would register."""
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM workers WHERE model = :m"), {"m": model})
+        queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
+                              model=model, gpu_ids="")
+    return model
+
+
 @pytest.fixture
 def live_model(db) -> str:
-    """Register a worker for TEST_MODEL whose heartbeat is fresh, as a running worker would."""
-    with db.begin() as conn:
-        conn.execute(sa.text("DELETE FROM workers WHERE model = :m"), {"m": TEST_MODEL})
-        queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
-                              model=TEST_MODEL, gpu_ids="")
-    return TEST_MODEL
+    """TEST_MODEL, served by a live worker (for API tests: no one claims its requests)."""
+    return register_live_worker(db, TEST_MODEL)
+
+
+@pytest.fixture
+def own_model(db) -> str:
+    """A model of this test's own, served by a live worker: its queue holds only this test's requests."""
+    return register_live_worker(db, f"model-{uuid.uuid4().hex[:8]}")
 
 
 class Watchdog:

@@ -46,11 +46,11 @@ def statuses(db, batch_id: str) -> dict[str, int]:
     return dict(rows)
 
 
-def test_claim_marks_in_progress_and_follows_priority_then_age(client, db, live_model):
-    low = submit(client, [request_line(f"low{i}", live_model) for i in range(3)])
-    high = submit(client, [request_line(f"high{i}", live_model) for i in range(2)], extra_body={"priority": 5})
-    worker = new_worker(db, live_model)
-    claimed = claim(db, worker, live_model, 4)
+def test_claim_marks_in_progress_and_follows_priority_then_age(client, db, own_model):
+    low = submit(client, [request_line(f"low{i}", own_model) for i in range(3)])
+    high = submit(client, [request_line(f"high{i}", own_model) for i in range(2)], extra_body={"priority": 5})
+    worker = new_worker(db, own_model)
+    claimed = claim(db, worker, own_model, 4)
     assert [r.custom_id for r in claimed] == ["high0", "high1", "low0", "low1"]
     assert all(r.attempt == 1 and r.endpoint == "/v1/chat/completions" for r in claimed)
     assert client.batches.retrieve(high.id).status == "in_progress"
@@ -58,13 +58,13 @@ def test_claim_marks_in_progress_and_follows_priority_then_age(client, db, live_
     client.batches.cancel(low.id), client.batches.cancel(high.id)
 
 
-def test_concurrent_claims_never_share_a_request(client, db, live_model):
-    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(300)])
-    workers = [new_worker(db, live_model) for _ in range(4)]
+def test_concurrent_claims_never_share_a_request(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(300)])
+    workers = [new_worker(db, own_model) for _ in range(4)]
     taken: list[list[int]] = [[] for _ in workers]
 
     def drain(index: int) -> None:
-        while claimed := claim(db, workers[index], live_model, 7):
+        while claimed := claim(db, workers[index], own_model, 7):
             taken[index].extend(r.id for r in claimed)
 
     threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(workers))]
@@ -77,13 +77,13 @@ def test_concurrent_claims_never_share_a_request(client, db, live_model):
     client.batches.cancel(batch.id)
 
 
-def test_completion_needs_ownership_and_finalizes_once(client, db, live_model):
-    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
-    worker = new_worker(db, live_model)
-    requests = claim(db, worker, live_model, 10)
+def test_completion_needs_ownership_and_finalizes_once(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
+    worker = new_worker(db, own_model)
+    requests = claim(db, worker, own_model, 10)
     stale = Completion(**{**answer(requests[0]).__dict__, "attempt": requests[0].attempt + 1})
     assert complete(db, worker, [stale]) == {}  # wrong attempt
-    assert complete(db, new_worker(db, live_model), [answer(requests[0])]) == {}  # wrong worker
+    assert complete(db, new_worker(db, own_model), [answer(requests[0])]) == {}  # wrong worker
     assert set(complete(db, worker, [answer(r) for r in requests])) == {r.id for r in requests}
     assert complete(db, worker, [answer(requests[0], "again")]) == {}  # already finished
 
@@ -109,10 +109,10 @@ def test_completion_needs_ownership_and_finalizes_once(client, db, live_model):
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
-def test_results_keep_characters_jsonb_would_refuse(client, db, live_model):
-    batch = submit(client, [request_line("nul", live_model)])
-    worker = new_worker(db, live_model)
-    [request] = claim(db, worker, live_model, 1)
+def test_results_keep_characters_jsonb_would_refuse(client, db, own_model):
+    batch = submit(client, [request_line("nul", own_model)])
+    worker = new_worker(db, own_model)
+    [request] = claim(db, worker, own_model, 1)
     assert complete(db, worker, [answer(request, "a\u0000b")])
     finalize.finalize_ready(db, [batch.id])
     done = client.batches.retrieve(batch.id)
@@ -120,12 +120,12 @@ def test_results_keep_characters_jsonb_would_refuse(client, db, live_model):
     assert json.loads(line)["response"]["body"]["text"] == "a\u0000b"
 
 
-def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
-    batch = submit(client, [request_line("poison", live_model), request_line("fine", live_model)])
+def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
+    batch = submit(client, [request_line("poison", own_model), request_line("fine", own_model)])
     settings = Settings(max_attempts=2, heartbeat_timeout=60)
     for attempt in (1, 2):
-        worker = new_worker(db, live_model)
-        claimed = claim(db, worker, live_model, 1)
+        worker = new_worker(db, own_model)
+        claimed = claim(db, worker, own_model, 1)
         assert [(r.custom_id, r.attempt) for r in claimed] == [("poison", attempt)]
         with db.begin() as conn:
             queue.mark_worker_dead(conn, worker)
@@ -133,8 +133,8 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
         assert complete(db, worker, [answer(claimed[0])]) == {}  # the dead worker's late result is refused
     assert statuses(db, batch.id) == {"failed": 1, "queued": 1}
 
-    survivor = new_worker(db, live_model)
-    [fine] = claim(db, survivor, live_model, 5)
+    survivor = new_worker(db, own_model)
+    [fine] = claim(db, survivor, own_model, 5)
     complete(db, survivor, [answer(fine)])
     finalize.finalize_ready(db, [batch.id])
     done = client.batches.retrieve(batch.id)
@@ -144,30 +144,30 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, live_model):
     assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
 
 
-def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client, db, live_model):
-    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
-    crashed = new_worker(db, live_model)
-    assert len(claim(db, crashed, live_model, 10)) == 3
+def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
+    crashed = new_worker(db, own_model)
+    assert len(claim(db, crashed, own_model, 10)) == 3
     with db.begin() as conn:
         queue.mark_worker_dead(conn, crashed)
     housekeeping.run_once(db, Settings(max_attempts=2))
-    fresh = submit(client, [request_line("new", live_model)])
+    fresh = submit(client, [request_line("new", own_model)])
 
-    worker = new_worker(db, live_model)
-    assert claim(db, worker, live_model, 10, idle=False) == []  # a busy engine drains first
+    worker = new_worker(db, own_model)
+    assert claim(db, worker, own_model, 10, idle=False) == []  # a busy engine drains first
     for expected in ("r0", "r1", "r2"):  # then each survivor runs alone, ahead of fresh work
-        [suspect] = claim(db, worker, live_model, 10)
+        [suspect] = claim(db, worker, own_model, 10)
         assert (suspect.custom_id, suspect.attempt) == (expected, 2)
         complete(db, worker, [answer(suspect)])
-    assert [r.custom_id for r in claim(db, worker, live_model, 10)] == ["new"]
+    assert [r.custom_id for r in claim(db, worker, own_model, 10)] == ["new"]
     assert client.batches.retrieve(batch.id).request_counts.completed == 3
     client.batches.cancel(fresh.id)
 
 
-def test_silent_worker_is_declared_dead_and_fenced(client, db, live_model):
-    batch = submit(client, [request_line("a", live_model)])
-    worker = new_worker(db, live_model)
-    claim(db, worker, live_model, 1)
+def test_silent_worker_is_declared_dead_and_fenced(client, db, own_model):
+    batch = submit(client, [request_line("a", own_model)])
+    worker = new_worker(db, own_model)
+    claim(db, worker, own_model, 1)
     with db.begin() as conn:
         conn.execute(sa.text("UPDATE workers SET last_seen = now() - interval '2 minutes' WHERE id = :w"),
                      {"w": worker})
@@ -179,21 +179,21 @@ def test_silent_worker_is_declared_dead_and_fenced(client, db, live_model):
     client.batches.cancel(batch.id)
 
 
-def test_release_hands_back_without_counting_an_attempt(client, db, live_model):
-    batch = submit(client, [request_line("a", live_model)])
-    worker = new_worker(db, live_model)
-    [request] = claim(db, worker, live_model, 1)
+def test_release_hands_back_without_counting_an_attempt(client, db, own_model):
+    batch = submit(client, [request_line("a", own_model)])
+    worker = new_worker(db, own_model)
+    [request] = claim(db, worker, own_model, 1)
     with db.begin() as conn:
         assert queue.release(conn, worker, [request.id]) == 1
-    [again] = claim(db, new_worker(db, live_model), live_model, 1)
+    [again] = claim(db, new_worker(db, own_model), own_model, 1)
     assert again.id == request.id and again.attempt == 1
     client.batches.cancel(batch.id)
 
 
-def test_cancel_takes_running_requests_from_their_worker(client, db, live_model):
-    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)])
-    worker = new_worker(db, live_model)
-    first, second, third = claim(db, worker, live_model, 3)
+def test_cancel_takes_running_requests_from_their_worker(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
+    worker = new_worker(db, own_model)
+    first, second, third = claim(db, worker, own_model, 3)
     complete(db, worker, [answer(first)])
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status == "cancelled"
@@ -207,10 +207,10 @@ def test_cancel_takes_running_requests_from_their_worker(client, db, live_model)
     assert len(output) == 1 and len(errors) == 2
 
 
-def test_expiry_keeps_what_finished(client, db, live_model):
-    batch = submit(client, [request_line(f"r{i}", live_model) for i in range(3)], completion_window="1s")
-    worker = new_worker(db, live_model)
-    first, _ = claim(db, worker, live_model, 2)
+def test_expiry_keeps_what_finished(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)], completion_window="1s")
+    worker = new_worker(db, own_model)
+    first, _ = claim(db, worker, own_model, 2)
     complete(db, worker, [answer(first)])
     time.sleep(1.2)
     assert batch.id in finalize.expire_due(db)
