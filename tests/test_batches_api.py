@@ -94,6 +94,7 @@ GOOD = request_line("good", TEST_MODEL)
     ([request_line("a", "nobody-serves-this")], [("model_not_found", 1)]),
     ([GOOD, b"\xff\xfe not utf-8"], [("invalid_json_line", 2)]),
     ([GOOD, b"", request_line("b", TEST_MODEL)], [("invalid_json_line", 2)]),
+    ([request_line("nul", TEST_MODEL, messages=[{"role": "user", "content": "a\u0000b"}])], [("invalid_json_line", 1)]),
     ([b'{"x": "' + b"y" * (10 * 1024 * 1024) + b'"}'], [("line_too_long", 1)]),
 ])
 def test_validation_errors_name_the_line(project_client, live_model, lines, expected, db):

@@ -37,7 +37,7 @@ def _output_line(batch_id: str, row) -> bytes:
         response = (f'{{"status_code": {row.status_code}, "request_id": "{request_id}", '
                     f'"body": {row.response}}}')
     return (f'{{"id": "{_line_id("batch_req_", batch_id, row.line)}", '
-            f'"custom_id": {json.dumps(row.custom_id, ensure_ascii=False)}, '
+            f'"custom_id": {json.dumps(row.custom_id)}, '
             f'"response": {response}, "error": {row.error or "null"}}}\n').encode()
 
 

@@ -84,6 +84,9 @@ def _parse_line(number: int, raw: bytes, ended: bool, endpoint: str,
     except UnicodeDecodeError as exc:
         return None, LineError("invalid_json_line",
                                f"Line {number} is not valid UTF-8 (byte {exc.start}).", number)
+    if "\\u0000" in text:
+        return None, LineError("invalid_json_line",
+                               f"Line {number} contains \\u0000 (a NUL character), which cannot be stored.", number)
     if not text.strip():
         return None, LineError("invalid_json_line",
                                f"Line {number} is blank; each line must hold one JSON request.", number)

@@ -117,7 +117,8 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
         "ids": [c.id for c in completions],
         "attempts": [c.attempt for c in completions],
         "status_codes": [c.status_code for c in completions],
-        "responses": [json.dumps(c.response, ensure_ascii=False) for c in completions],
+        # ASCII-escaped: characters such as U+2028 would split a line for many JSONL readers.
+        "responses": [json.dumps(c.response) for c in completions],
         "prompt_tokens": [c.prompt_tokens for c in completions],
         "completion_tokens": [c.completion_tokens for c in completions],
     }).all()

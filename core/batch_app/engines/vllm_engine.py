@@ -36,6 +36,8 @@ EMBEDDINGS = "/v1/embeddings"
 
 # Completions default to 16 tokens as OpenAI's do; chat fills the remaining context.
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Tokens between the partial outputs a running request reports (see _sampling_params).
+_PROGRESS_INTERVAL = 16
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # JSON has no -inf; OpenAI reports impossible tokens with this floor instead.
 _LOGPROB_FLOOR = -9999.0
@@ -289,7 +291,7 @@ class VllmEngine:
     def _sampling_params(self, body: dict[str, Any], *, max_tokens: int | None,
                          logprobs: int | None) -> SamplingParams:
         from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         kwargs: dict[str, Any] = {}
         for name, kind, description in (
@@ -326,6 +328,10 @@ class VllmEngine:
                 logprobs=logprobs,
                 logit_bias=_logit_bias(body),
                 structured_outputs=_structured_outputs(body),
+                # Deltas, one every _PROGRESS_INTERVAL tokens, are merged per choice in
+                # _merge_output; n > 1 choices arrive separately either way.
+                output_kind=RequestOutputKind.DELTA,
+                stream_interval=_PROGRESS_INTERVAL,
             )
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
@@ -344,10 +350,13 @@ class VllmEngine:
 
     def _merge_output(self, in_flight: _InFlight,
                       output: RequestOutput | PoolingRequestOutput) -> None:
-        # Outputs arrive once per part, when it finishes (vLLM's default, and its cheapest).
-        in_flight.outputs[output.request_id] = output
         if self.runner == "generate":
             self.progress.tokens_generated += _completion_tokens([output])
+        previous = in_flight.outputs.get(output.request_id)
+        if previous is None:
+            in_flight.outputs[output.request_id] = output
+        else:
+            previous.add(output, aggregate=True)
 
     def _forget(self, in_flight: _InFlight) -> None:
         del self._in_flight[in_flight.key]
