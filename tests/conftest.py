@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,20 +66,23 @@ def db(database):
     engine.dispose()
 
 
-def stack_env(database: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+def stack_env(database: str, data_dir: Path, name: str, **overrides: str) -> dict[str, str]:
+    """The environment of one process of a test stack; its logs go to DATA_DIR/logs/<name>/."""
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL")}
-    env.update(DATABASE_URL=database, DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs"),
+    env.update(DATABASE_URL=database, DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs" / name),
                PYTHONPATH=str(REPO), API_KEY=API_KEY)
     env.update(overrides)
+    Path(env["LOG_DIR"]).mkdir(parents=True, exist_ok=True)
     return env
 
 
 class ApiProcess:
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str]):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        env = dict(env, API_PORT=str(self.port))
-        self.log = open(log_path, "ab")
+        self.env = env = dict(env, API_PORT=str(self.port))
+        self.log_path = log_path = Path(env["LOG_DIR"]) / "api_server.log"
+        self.log = open(log_path, "ab")  # what the server prints before its logging starts
         self.process = subprocess.Popen([sys.executable, "-m", "core.batch_app.api_server"], env=env,
                                         cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -105,8 +109,7 @@ class ApiProcess:
 
 
 def start_api(database: str, data_dir: Path, name: str, **overrides: str) -> ApiProcess:
-    (data_dir / "logs").mkdir(exist_ok=True)
-    return ApiProcess(stack_env(database, data_dir, **overrides), data_dir / "logs" / f"{name}.log")
+    return ApiProcess(stack_env(database, data_dir, name, **overrides))
 
 
 @pytest.fixture(scope="session")
@@ -153,9 +156,10 @@ def own_model(db) -> str:
 class Watchdog:
     """A real watchdog process (which starts real worker processes) on the test database."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.log_dir = Path(env["LOG_DIR"])
+        self.log = open(self.log_dir / "watchdog.log", "ab")  # what it prints before its logging starts
         self.process = subprocess.Popen([sys.executable, "-m", "core.batch_app.watchdog"], env=env, cwd=REPO,
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -172,9 +176,20 @@ class Watchdog:
 def start_watchdog(database: str, data_dir: Path, name: str, workers: list[dict], **overrides: str) -> Watchdog:
     import json
 
-    (data_dir / "logs").mkdir(exist_ok=True)
-    env = stack_env(database, data_dir, WORKERS=json.dumps(workers), WATCHDOG_CHECK_INTERVAL="0.5", **overrides)
-    return Watchdog(env, data_dir / "logs" / f"{name}.log")
+    env = stack_env(database, data_dir, name, WORKERS=json.dumps(workers), WATCHDOG_CHECK_INTERVAL="0.5",
+                    **overrides)
+    return Watchdog(env)
+
+
+def batchctl(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the installed `batchctl` console script, as a user would, with a stack's environment."""
+    command = [str(Path(sys.executable).parent / "batchctl"), *args]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def echo_slot(name: str, engine: str = "EchoEngine") -> dict:
+    """A worker slot running one of the test engines of tests/engines.py, serving a model named `name`."""
+    return {"slot": name, "model": f"/models/{name}", "served_name": name, "engine": f"tests.engines:{engine}"}
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
@@ -243,3 +258,15 @@ def demo_engine(vllm_env, data_dir):
                                    runner="generate", max_model_len=512, options=default_options(has_cuda_gpu())))
     yield engine
     engine.close()
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}\+00:00 (api_server|watchdog|worker:[\w.-]+)\[\d+\] "
+                      r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+
+
+def log_lines(path: Path) -> list[str]:
+    """The lines of a log file, each checked to start with an ISO-8601 timestamp and its process."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    bad = [line for line in lines if not LOG_LINE.match(line)]
+    assert not bad, f"{path}: {len(bad)} lines without timestamp and process, e.g. {bad[:3]}"
+    return lines

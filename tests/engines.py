@@ -21,6 +21,9 @@ class EchoEngine:
         self.progress = EngineProgress()
         self.step_seconds = float(os.environ.get("ECHO_STEP_SECONDS", "0.05"))
         self._pending: dict[str, EngineRequest] = {}
+        # Like vLLM and its C++ kernels, write past `logging`: the worker's log must stamp these too.
+        print(f"echo engine ready for {self.model_name}", flush=True)
+        os.write(2, b"echo engine: a raw write on file descriptor 2\n")
 
     def add(self, request: EngineRequest) -> EngineResult | None:
         self._pending[request.key] = request

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from .conftest import live_worker, wait_for, wait_for_batch
+from .conftest import live_worker, log_lines, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 
 pytestmark = pytest.mark.vllm
@@ -165,3 +165,12 @@ def test_expiry_with_a_short_window(vllm_stack, client):
     expired = [line for line in all_lines(client, done) if (line["error"] or {}).get("code") == "batch_expired"]
     assert expired and counts.completed + counts.failed + len(expired) == 3000
     assert_each_once(client, done, {f"r{i}" for i in range(3000)})
+
+
+def test_after_the_run_every_log_line_is_stamped(vllm_stack, api):
+    """Runs last in this file: the logs then hold model loads, claims, throughput, kills and drains."""
+    for path in sorted(vllm_stack.log_dir.glob("*.log*")) + sorted(api.log_path.parent.glob("*.log*")):
+        log_lines(path)
+    chat = "\n".join(log_lines(vllm_stack.log_dir / "worker-chat-0.log"))
+    for expected in ("loaded in", "claimed ", "throughput: ", " vllm."):  # vLLM's own lines in our format
+        assert expected in chat, expected

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
 import sqlalchemy as sa
 
@@ -16,28 +15,7 @@ from core.batch_app.queue import Completion
 
 from .conftest import wait_for_batch
 from .jsonl import request_line, submit
-
-
-def new_worker(db, model: str) -> str:
-    worker_id = str(uuid.uuid4())
-    with db.begin() as conn:
-        queue.register_worker(conn, worker_id=worker_id, slot="q", host="test", pid=1, model=model, gpu_ids="")
-    return worker_id
-
-
-def claim(db, worker_id: str, model: str, limit: int, idle: bool = True):
-    with db.begin() as conn:
-        return queue.claim(conn, worker_id, model, limit, engine_idle=idle)
-
-
-def answer(request, text: str = "ok") -> Completion:
-    return Completion(id=request.id, attempt=request.attempt, status_code=200,
-                      response={"object": "chat.completion", "text": text}, prompt_tokens=3, completion_tokens=2)
-
-
-def complete(db, worker_id: str, completions: list[Completion]) -> dict[int, str]:
-    with db.begin() as conn:
-        return queue.complete(conn, worker_id, completions)
+from .simulated_worker import answer, claim, complete, new_worker
 
 
 def statuses(db, batch_id: str) -> dict[str, int]:

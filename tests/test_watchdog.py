@@ -17,7 +17,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from .conftest import live_worker, start_watchdog, wait_for, wait_for_batch
+from .conftest import batchctl, echo_slot, live_worker, start_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -30,10 +30,6 @@ def sentry():
     receiver = SentryReceiver()
     yield receiver
     receiver.close()
-
-
-def echo_slot(name: str, engine: str = "EchoEngine") -> dict:
-    return {"slot": name, "model": f"/models/{name}", "served_name": name, "engine": f"tests.engines:{engine}"}
 
 
 def gone(pid: int) -> bool:
@@ -141,11 +137,8 @@ def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, dat
     try:
         time.sleep(4)
         assert len(restarts(db, slot)) == 3
-        env = {**os.environ, "DATABASE_URL": database, "PYTHONPATH": os.getcwd()}
-        import subprocess
-        import sys
-
-        subprocess.run([sys.executable, "-m", "core.batch_app.watchdog", "reset", slot], env=env, check=True)
+        reset = batchctl(again.env, "worker", "reset", slot)
+        assert reset.returncode == 0 and f"worker {slot}" in reset.stdout, reset.stderr
         wait_for(lambda: len(restarts(db, slot)) > 3, 120, message="restarts after reset")
     finally:
         assert again.stop() == 0

@@ -14,7 +14,7 @@ from .api.app import create_app
 
 def main() -> None:
     settings = get_settings()
-    configure_logging("api_server")
+    configure_logging("api_server", settings, "api_server")
     init_sentry(settings.sentry_dsn, "api_server")
     url = database_url(settings)
     migrate(url)

@@ -159,13 +159,14 @@ def get_batch(conn: Connection, project: str, batch_id: str) -> dict[str, Any]:
     return batch_objects(conn, [row])[0]
 
 
-def list_batches(conn: Connection, project: str, after: str | None, limit: int) -> dict[str, Any]:
-    """Newest first; `after` is the id of the last batch of the previous page."""
+def list_batches(conn: Connection, project: str | None, after: str | None, limit: int) -> dict[str, Any]:
+    """Newest first; `after` is the id of the last batch of the previous page; project None: all projects."""
     rows = conn.execute(text("""
         SELECT * FROM batches
-        WHERE project = :project
+        WHERE (CAST(:project AS text) IS NULL OR project = :project)
           AND (CAST(:after AS text) IS NULL OR (created_at, id) < (
-               SELECT created_at, id FROM batches WHERE id = :after AND project = :project))
+               SELECT created_at, id FROM batches
+               WHERE id = :after AND (CAST(:project AS text) IS NULL OR project = :project)))
         ORDER BY created_at DESC, id DESC LIMIT :limit"""),
         {"project": project, "after": after, "limit": limit + 1}).all()
     page = batch_objects(conn, rows[:limit])

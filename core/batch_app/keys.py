@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import secrets
-import sys
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
@@ -42,24 +40,3 @@ def project_of(conn: Connection, key: str | None) -> tuple[str | None, bool]:
         {"h": hash_key(key) if key else ""},
     ).one()
     return row[0], row[1]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batch-server-keys", description="Create API keys.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    create = sub.add_parser("create", help="create a key and print it once")
-    create.add_argument("--project", default=DEFAULT_PROJECT)
-    create.add_argument("--name", default="")
-    args = parser.parse_args(argv)
-
-    from .database import create_db_engine, database_url, migrate
-
-    url = database_url()
-    migrate(url)
-    with create_db_engine(url, pool_size=1).begin() as conn:
-        print(create_key(conn, args.project, args.name))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from . import alerts, housekeeping, queue, workers
 from .config import Settings, WorkerSlot
+from .logs import tail_lines, worker_log_path
 from .processes import describe_exit, kill_tree, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Supervisor:
         self.db = db
         self.settings = settings
         self.host = socket.gethostname()
-        self.slots = [SlotState(config=slot, log_path=settings.log_dir / f"worker-{slot.slot}.log")
+        self.slots = [SlotState(config=slot, log_path=worker_log_path(settings, slot.slot))
                       for slot in settings.worker_slots()]
         self.stopping = threading.Event()
 
@@ -106,10 +106,14 @@ class Supervisor:
 
     def _failure(self, slot: SlotState, state, now: float) -> tuple[str | None, int | None]:
         process = slot.process
-        if (code := process.poll()) is not None:  # reaps our own child, so it never lingers as a zombie
+        code = process.poll()  # reaps our own child, so it never lingers as a zombie
+        if code is None and _process_status(process.pid) == psutil.STATUS_ZOMBIE:
+            try:  # it died just after the poll: reaping it now gives its exit status
+                code = process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                return "zombie process", None
+        if code is not None:
             return f"process {describe_exit(code)}", code
-        if _process_status(process.pid) == psutil.STATUS_ZOMBIE:
-            return "zombie process", None
         age = now - slot.started_at
         if state is None or state.status == "loading":
             if age > self.settings.startup_timeout:
@@ -148,11 +152,11 @@ class Supervisor:
                                        reason=reason, exit_code=exit_code)
         tags = {"worker_id": slot.worker_id or "unregistered", "slot": name, "host": self.host,
                 "model": slot.config.served_name or slot.config.model or "demo"}
-        extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": _tail(slot.log_path)}
+        extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": tail_lines(slot.log_path)}
         if slot.at_cap:
             alerts.alert("error", f"Worker {name} reached {self.settings.max_restarts_per_hour} restarts in an "
                                   f"hour and is left stopped (last failure: {reason}). Clear it with "
-                                  f"`python -m core.batch_app.watchdog reset {name}`.", tags=tags, extra=extra)
+                                  f"`batchctl worker reset {name}`.", tags=tags, extra=extra)
             return
         delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
                     self.settings.restart_backoff_max)
@@ -228,12 +232,3 @@ def _process_status(pid: int) -> str:
         return psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return "gone"
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, os.path.getsize(path) - 16_384))
-            return b"\n".join(file.read().splitlines()[-lines:]).decode(errors="replace")
-    except OSError:
-        return ""

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from .. import __version__
 from ..config import Settings
-from . import batches, files, system
+from . import batches, files, metrics, status_page, system
 from .errors import error_response, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app = FastAPI(title="vLLM Batch Server", version=__version__)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.metrics_registry = metrics.metrics_registry(engine)
     install_error_handlers(app)
 
     @app.middleware("http")
@@ -37,4 +38,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(system.router)
+    app.include_router(metrics.router)
+    app.include_router(status_page.router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,15 +21,26 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def _presented_key(header: str) -> str:
+    """The key from `Bearer <key>`, or from `Basic` credentials whose password is the key (browsers)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return ""
+    return ""
+
+
 def authenticate(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> str:
     """The caller's project, from `Authorization: Bearer <key>`.
 
     With no key configured anywhere the server is open (bound to loopback by default) and every
     caller belongs to the default project.
     """
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    key = key.strip() if scheme.lower() == "bearer" else ""
+    key = _presented_key(request.headers.get("authorization", ""))
     with engine.connect() as conn:
         project, any_keys = project_of(conn, key or None)
     if project is not None:

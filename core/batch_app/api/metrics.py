@@ -1,0 +1,86 @@
+"""`GET /metrics` in Prometheus text format, read from the database at scrape time.
+
+The database is the one place that knows every worker, batch and request whichever process
+handled them, so any API server answers for the whole stack and nothing is lost on a restart.
+Labels take only bounded values: statuses, served model names and configured worker slots.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy.engine import Engine
+
+from .. import overview
+
+router = APIRouter()
+
+QUEUE_WAIT_BOUNDS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, float("inf")]
+BATCH_DURATION_BOUNDS = [10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")]
+WORKER_STATUSES = ("loading", "idle", "busy", "draining", "stopped", "dead")
+
+
+class DatabaseCollector:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        with self.engine.connect() as conn:
+            yield _labelled(GaugeMetricFamily("batch_requests", "Requests by status and model.",
+                                              labels=["model", "status"]),
+                            [((row.model, row.status), row.n) for row in overview.requests_by_status(conn)])
+            yield _labelled(GaugeMetricFamily("batches", "Batches by status.", labels=["status"]),
+                            [((row.status,), row.n) for row in overview.batches_by_status(conn)])
+            tokens = CounterMetricFamily("batch_tokens", "Tokens of finished requests by model and kind.",
+                                         labels=["model", "kind"])
+            for row in overview.tokens_by_model(conn):
+                tokens.add_metric([row.model, "prompt"], row.prompt)
+                tokens.add_metric([row.model, "generated"], row.completion)
+            yield tokens
+            yield from _worker_metrics(overview.workers(conn))
+            yield _labelled(CounterMetricFamily("batch_worker_restarts", "Worker restarts by the watchdog.",
+                                                labels=["slot"]),
+                            [((row.slot,), row.n) for row in overview.restarts_by_slot(conn)])
+            yield _histogram("batch_queue_wait_seconds", "Time from batch creation to a request's claim.",
+                             QUEUE_WAIT_BOUNDS, *overview.queue_wait_histogram(conn, QUEUE_WAIT_BOUNDS))
+            yield _histogram("batch_duration_seconds", "Time from creation to completion of completed batches.",
+                             BATCH_DURATION_BOUNDS, *overview.batch_duration_histogram(conn, BATCH_DURATION_BOUNDS))
+
+
+def _labelled(family, samples):
+    for labels, value in samples:
+        family.add_metric(list(labels), value)
+    return family
+
+
+def _worker_metrics(rows):
+    age = GaugeMetricFamily("batch_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.",
+                            labels=["slot", "model"])
+    status = GaugeMetricFamily("batch_worker_status", "1 for the worker's current status.",
+                               labels=["slot", "model", "status"])
+    in_flight = GaugeMetricFamily("batch_worker_in_flight", "Requests held by the worker's engine.",
+                                  labels=["slot", "model"])
+    for row in rows:
+        age.add_metric([row.slot, row.model], float(row.heartbeat_age))
+        in_flight.add_metric([row.slot, row.model], row.in_flight)
+        for name in WORKER_STATUSES:
+            status.add_metric([row.slot, row.model, name], 1.0 if row.status == name else 0.0)
+    return age, status, in_flight
+
+
+def _histogram(name: str, documentation: str, bounds: list[float], cumulative: list[int], total: float):
+    buckets = [(floatToGoString(bound), count) for bound, count in zip(bounds, cumulative)]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
+
+
+def metrics_registry(engine: Engine) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(engine))
+    return registry
+
+
+@router.get("/metrics", tags=["system"], include_in_schema=False)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""The operator's commands, read from and written to the database: workers, keys, worker reset."""
+
+from __future__ import annotations
+
+import socket
+
+from rich.console import Console
+from rich.table import Column, Table
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from .. import overview
+from ..config import Settings
+from ..database import create_db_engine, database_url, embedded_pgdata, embedded_running
+from ..keys import create_key
+from ..overview import describe_age
+from ..workers import reset_restarts
+from .errors import CommandError
+
+console = Console()
+STATUS_STYLE = {"busy": "green", "idle": "green", "loading": "yellow", "draining": "yellow", "stopped": "dim",
+                "dead": "bold red"}
+
+
+def connect(settings: Settings) -> Engine:
+    """The stack's database; an embedded one must already run (this never starts a server)."""
+    if not settings.database_url and not embedded_running(settings):
+        raise CommandError(f"the database is not running: DATABASE_URL is empty and no embedded PostgreSQL "
+                           f"runs under {embedded_pgdata(settings)} (start the stack with scripts/start-all.sh)")
+    return create_db_engine(database_url(settings), pool_size=1)
+
+
+def workers_table(db: Engine) -> None:
+    with db.connect() as conn:
+        rows = overview.workers(conn)
+    if not rows:
+        console.print("no worker has registered yet (is the watchdog running? scripts/start-all.sh)")
+        return
+    table = Table(Column("worker", no_wrap=True), "status", "heartbeat", "progress", "restarts (1 h)", "model",
+                  Column("pid", no_wrap=True), "host")
+    for row in rows:
+        style = STATUS_STYLE.get(row.status, "")
+        table.add_row(row.slot, f"[{style}]{row.status}[/{style}]" if style else row.status,
+                      f"{describe_age(row.heartbeat_age)} ago",
+                      f"{row.requests_done} done, {row.tokens_done} tokens, {row.in_flight} in flight",
+                      str(row.restarts_last_hour), row.model, str(row.pid), row.host)
+    console.print(table)
+
+
+def create_api_key(db: Engine, project: str, name: str) -> str:
+    with db.begin() as conn:
+        return create_key(conn, project, name)
+
+
+def reset_worker(db: Engine, slot: str, host: str | None) -> None:
+    host = host or socket.gethostname()
+    with db.begin() as conn:
+        known = conn.execute(text("SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host)"
+                                  " OR EXISTS (SELECT 1 FROM worker_restarts WHERE slot = :slot AND host = :host)"),
+                             {"slot": slot, "host": host}).scalar()
+        if not known:
+            raise CommandError(f"no worker named {slot!r} has run on host {host!r} (see batchctl workers)")
+        reset_restarts(conn, host, slot)
+    console.print(f"worker {slot} on {host} reset: the watchdog starts it again within a few seconds")

@@ -1,0 +1,110 @@
+"""Read-only views of the system for operators: `batchctl`, the status page and `/metrics` share them."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+# The newest process of every slot, with what an operator asks first: alive? how long since its
+# last beat? how far has it got? how often has it been restarted lately?
+_WORKERS = text("""
+SELECT DISTINCT ON (w.host, w.slot)
+       w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done, w.gpu_ids,
+       extract(epoch FROM now() - w.last_seen) AS heartbeat_age,
+       extract(epoch FROM now() - w.started_at) AS uptime,
+       (SELECT count(*) FROM worker_restarts r
+        WHERE r.host = w.host AND r.slot = w.slot AND r.reason <> 'reset'
+          AND r.restarted_at > now() - interval '1 hour') AS restarts_last_hour
+FROM workers w
+ORDER BY w.host, w.slot, w.started_at DESC
+""")
+
+
+def describe_age(seconds: float) -> str:
+    """'42 s', '7 min', '3 h': how long ago, as a person reads it."""
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    return f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
+
+
+def workers(conn: Connection) -> list:
+    return conn.execute(_WORKERS).all()
+
+
+_RESTARTS = text("""
+SELECT slot, host, reason, exit_code, restarted_at,
+       extract(epoch FROM now() - restarted_at) AS age
+FROM worker_restarts ORDER BY restarted_at DESC LIMIT :limit
+""")
+
+
+def restart_history(conn: Connection, limit: int = 20) -> list:
+    """The latest restarts (and resets) across all slots, newest first."""
+    return conn.execute(_RESTARTS, {"limit": limit}).all()
+
+
+# --- Counts for /metrics. Label values come from bounded sets: statuses, served models, slots. ---
+
+_REQUESTS_BY_STATUS = text("SELECT model, status, count(*) AS n FROM batch_requests GROUP BY model, status")
+_BATCHES_BY_STATUS = text("SELECT status, count(*) AS n FROM batches GROUP BY status")
+_TOKENS = text("""
+SELECT model, coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion
+FROM batch_requests WHERE status IN ('succeeded', 'failed') GROUP BY model
+""")
+_RESTARTS_BY_SLOT = text("SELECT slot, count(*) AS n FROM worker_restarts WHERE reason <> 'reset' GROUP BY slot")
+
+# Histograms in one pass each: width_bucket gives every value the number of bounds at or below it.
+_QUEUE_WAITS = """
+SELECT extract(epoch FROM r.claimed_at - b.created_at) AS seconds
+FROM batch_requests r JOIN batches b ON b.id = r.batch_id WHERE r.claimed_at IS NOT NULL
+"""
+_BATCH_DURATIONS = """
+SELECT extract(epoch FROM completed_at - created_at) AS seconds FROM batches WHERE completed_at IS NOT NULL
+"""
+_BUCKETS = """
+SELECT width_bucket(seconds, CAST(:bounds AS float8[])) AS below, count(*) AS n, sum(seconds) AS total
+FROM ({values}) AS v GROUP BY below
+"""
+
+
+def requests_by_status(conn: Connection) -> list:
+    return conn.execute(_REQUESTS_BY_STATUS).all()
+
+
+def batches_by_status(conn: Connection) -> list:
+    return conn.execute(_BATCHES_BY_STATUS).all()
+
+
+def tokens_by_model(conn: Connection) -> list:
+    return conn.execute(_TOKENS).all()
+
+
+def restarts_by_slot(conn: Connection) -> list:
+    return conn.execute(_RESTARTS_BY_SLOT).all()
+
+
+def queue_wait_histogram(conn: Connection, bounds: list[float]) -> tuple[list[int], float]:
+    """Per-bound cumulative counts and the sum of seconds from batch creation to each request's claim."""
+    return _histogram(conn, _QUEUE_WAITS, bounds)
+
+
+def batch_duration_histogram(conn: Connection, bounds: list[float]) -> tuple[list[int], float]:
+    """Per-bound cumulative counts and the sum of seconds from creation to completion of completed batches."""
+    return _histogram(conn, _BATCH_DURATIONS, bounds)
+
+
+def _histogram(conn: Connection, values_sql: str, bounds: list[float]) -> tuple[list[int], float]:
+    """Counts for each bound in `bounds` (sorted; the last one +inf) and the sum of all values."""
+    rows = conn.execute(text(_BUCKETS.format(values=values_sql)), {"bounds": bounds[:-1]}).all()
+    in_bucket = [0] * len(bounds)
+    total = 0.0
+    for row in rows:
+        # A value in bucket `below` (bounds[below - 1] <= v < bounds[below]) counts from bound `below` on.
+        in_bucket[row.below] += row.n
+        total += float(row.total or 0)
+    cumulative, running = [], 0
+    for count in in_bucket:
+        running += count
+        cumulative.append(running)
+    return cumulative, total
