@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import sqlalchemy as sa
 from openai import OpenAI
@@ -190,6 +191,14 @@ def batchctl(env: dict[str, str], *args: str, timeout: float = 120) -> subproces
 def echo_slot(name: str, engine: str = "EchoEngine") -> dict:
     """A worker slot running one of the test engines of tests/engines.py, serving a model named `name`."""
     return {"slot": name, "model": f"/models/{name}", "served_name": name, "engine": f"tests.engines:{engine}"}
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie has exited too: only its exit status is left)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from .conftest import API_KEY, batchctl, echo_slot, live_worker, start_watchdog, wait_for
+from .conftest import API_KEY, batchctl, echo_slot, gone, live_worker, start_watchdog, wait_for
 from .jsonl import jsonl, request_line, submit
 
 
@@ -23,13 +23,13 @@ def echo_stack(database, data_dir, db, api):
         wait_for(lambda: live_worker(db, slot), 60, message="echo worker up")
         env = dict(watchdog.env, BATCHCTL_API_URL=f"{api.base_url}/v1", BATCHCTL_API_KEY=API_KEY,
                    API_PORT=str(api.port))
-        yield slot, env
+        yield slot, env, watchdog
     finally:
         watchdog.stop()
 
 
 def test_submit_wait_shows_progress_and_downloads_the_results(echo_stack, tmp_path):
-    slot, env = echo_stack
+    slot, env, _ = echo_stack
     source = tmp_path / "requests.jsonl"
     source.write_bytes(jsonl([request_line(f"r{i}", slot) for i in range(30)]))
     result = batchctl(env, "submit", str(source), "--wait", "--poll", "0.3", "--output-dir", str(tmp_path / "out"),
@@ -44,7 +44,7 @@ def test_submit_wait_shows_progress_and_downloads_the_results(echo_stack, tmp_pa
 
 
 def test_status_list_cancel_and_download(echo_stack, client, live_model, tmp_path):
-    _, env = echo_stack
+    _, env, _ = echo_stack
     batch = submit(client, [request_line(f"q{i}", live_model) for i in range(3)])  # nobody serves it: it waits
 
     status = batchctl(env, "status", batch.id)
@@ -70,7 +70,7 @@ def test_status_list_cancel_and_download(echo_stack, client, live_model, tmp_pat
     (["workers"], {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"}, "cannot reach the database"),
 ])
 def test_every_failure_is_one_clear_line(echo_stack, args, overrides, expected):
-    _, env = echo_stack
+    _, env, _ = echo_stack
     result = batchctl({**env, **overrides}, *args)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -78,7 +78,7 @@ def test_every_failure_is_one_clear_line(echo_stack, args, overrides, expected):
 
 
 def test_workers_table_and_a_created_key_that_works(echo_stack, api, db):
-    slot, env = echo_stack
+    slot, env, _ = echo_stack
     table = batchctl(env, "workers")
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if slot in line)
@@ -92,7 +92,7 @@ def test_workers_table_and_a_created_key_that_works(echo_stack, api, db):
 
 
 def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api):
-    slot, env = echo_stack
+    slot, env, _ = echo_stack
     killed = live_worker(db, slot)
     os.kill(killed.pid, signal.SIGKILL)
     wait_for(lambda: (w := live_worker(db, slot)) and w.pid != killed.pid, 60, message="replacement worker")
@@ -111,3 +111,18 @@ def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api):
     problems = text.split("== Problems")[1]
     assert f"worker {slot} was restarted" in problems and "killed by SIGKILL" in problems
     assert f"worker-{slot}.log" in text
+
+
+def test_diagnose_names_a_dead_worker_that_nobody_restarts(echo_stack, db):
+    """Last in this file: it kills the watchdog itself, then its orphaned worker."""
+    slot, env, watchdog = echo_stack
+    orphan = live_worker(db, slot)
+    watchdog.process.send_signal(signal.SIGKILL)
+    watchdog.process.wait(10)
+    os.kill(orphan.pid, signal.SIGKILL)
+    wait_for(lambda: gone(orphan.pid), 10, message="worker gone")
+
+    problems = batchctl(env, "diagnose").stdout.split("== Problems")[1]
+    # An orphan is reaped by PID 1, which in some containers never reaps: a zombie is named as such.
+    assert (f"worker {slot} (pid {orphan.pid}): its process is gone but it is recorded as {orphan.status}: "
+            f"it was killed or crashed" in problems) or f"worker {slot} (pid {orphan.pid}): process is zombie" in problems

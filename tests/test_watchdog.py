@@ -13,11 +13,10 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 import sqlalchemy as sa
 
-from .conftest import batchctl, echo_slot, live_worker, start_watchdog, wait_for, wait_for_batch
+from .conftest import batchctl, echo_slot, gone, live_worker, start_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -30,13 +29,6 @@ def sentry():
     receiver = SentryReceiver()
     yield receiver
     receiver.close()
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def restarts(db, slot: str) -> list:
