@@ -77,13 +77,14 @@ class ResultWriter(threading.Thread):
                 with self.db.begin() as conn:
                     return queue.complete(conn, self.worker_id, group)
             except OperationalError as exc:  # connection trouble: keep the results and retry
-                log.error("writing %d results failed, retrying: %s", len(group), exc.orig or exc)
+                log.error("writing %d results failed, retrying: %s: %s", len(group), type(exc.orig or exc).__name__,
+                          exc.orig or exc)
                 time.sleep(1.0)
             except DBAPIError as exc:
                 if len(group) == 1:
                     return self._store([_unstorable(group[0], exc)])
-                log.error("the database refused a group of %d results (%s); writing them one by one",
-                          len(group), exc.orig or exc)
+                log.error("the database refused a group of %d results (%s: %s); writing them one by one",
+                          len(group), type(exc.orig or exc).__name__, exc.orig or exc)
                 accepted: dict[int, str] = {}
                 for completion in group:
                     accepted.update(self._store([completion]))
@@ -92,7 +93,7 @@ class ResultWriter(threading.Thread):
 
 def _unstorable(completion: Completion, exc: DBAPIError) -> Completion:
     """The request ends as an error line rather than blocking the worker or vanishing."""
-    message = f"The result could not be stored: {exc.orig or exc}"
+    message = f"The result could not be stored: {type(exc.orig or exc).__name__}: {exc.orig or exc}"
     log.error("request %d: %s", completion.id, message)
     return dataclasses.replace(completion, status_code=500, response={"error": {
         "message": message, "type": "server_error", "param": None, "code": "result_not_stored"}})

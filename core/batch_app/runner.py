@@ -119,8 +119,9 @@ class Runner:
             if request is None:  # aborted meanwhile
                 continue
             if result.status_code != 200:
-                log.warning("request %s (custom_id %s) failed: %s", request.id, request.custom_id,
-                            result.body.get("error", {}).get("message"))
+                error = result.body.get("error", {})
+                log.warning("request %s (custom_id %s) failed with %d: %s: %s", request.id, request.custom_id,
+                            result.status_code, error.get("type") or "error", error.get("message") or "(no message)")
             self.writer.put(Completion(id=request.id, attempt=request.attempt, status_code=result.status_code,
                                        response=result.body, prompt_tokens=result.prompt_tokens,
                                        completion_tokens=result.completion_tokens))
