@@ -92,10 +92,7 @@ def run_batch(root: Path, requests: Path, model: Path) -> dict:
     return {"seconds": seconds, "tokens": tokens}
 
 
-def our_server(root: Path, requests: Path) -> dict:
-    settings = Settings(data_dir=root / "data", database_url="")
-    url = database_url(settings)
-    migrate(url)
+def our_server(root: Path, requests: Path, url: str) -> dict:
     from core.batch_app.database import create_db_engine
 
     db = create_db_engine(url, pool_size=1)
@@ -135,7 +132,6 @@ def our_server(root: Path, requests: Path) -> dict:
         watchdog.stop()
         api.stop()
         db.dispose()
-        stop_embedded(settings)
 
 
 def batch_phases(db, batch_id: str, started_at: float) -> dict[str, float]:
@@ -169,10 +165,17 @@ def main() -> int:
         write_requests(requests, args.requests, args.max_tokens)
         print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, demo model; {os.cpu_count()} CPUs")
         rounds = {"a": [], "c": []}
-        for number in range(1, args.rounds + 1):
-            rounds["a"].append(raw_vllm(root, requests, model, args.max_tokens))
-            rounds["c"].append(our_server(root, requests))
-            print(f"  round {number}: (c) {rounds['c'][-1]['tokens'] / rounds['c'][-1]['seconds']:8.0f} tokens/s")
+        # One database for all rounds (idle while (a) runs): it does not restart in-process.
+        settings = Settings(data_dir=root / "data", database_url="")
+        url = database_url(settings)
+        migrate(url)
+        try:
+            for number in range(1, args.rounds + 1):
+                rounds["a"].append(raw_vllm(root, requests, model, args.max_tokens))
+                rounds["c"].append(our_server(root, requests, url))
+                print(f"  round {number}: (c) {rounds['c'][-1]['tokens'] / rounds['c'][-1]['seconds']:8.0f} tokens/s")
+        finally:
+            stop_embedded(settings)
         results = {name: max(runs, key=lambda r: r["tokens"] / r["seconds"]) for name, runs in rounds.items()}
         if not args.skip_run_batch:
             results["b"] = run_batch(root, requests, model)

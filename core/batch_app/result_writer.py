@@ -21,17 +21,25 @@ from .queue import Completion
 log = logging.getLogger(__name__)
 
 
+# Handed in to end the group being gathered and write it without waiting out max_delay.
+_WRITE_NOW = object()
+
+
 class ResultWriter(threading.Thread):
-    def __init__(self, engine: Engine, worker_id: str, max_group: int = 512, max_delay: float = 0.05):
+    def __init__(self, engine: Engine, worker_id: str, max_group: int = 512, max_delay: float = 1.0):
         super().__init__(name="result-writer", daemon=True)
         self.db = engine
         self.worker_id = worker_id
         self.max_group = max_group
         self.max_delay = max_delay
-        self._pending: stdlib_queue.Queue[Completion | None] = stdlib_queue.Queue()
+        self._pending: stdlib_queue.Queue[Completion | object | None] = stdlib_queue.Queue()
 
     def put(self, completion: Completion) -> None:
         self._pending.put(completion)
+
+    def write_now(self) -> None:
+        """Write what was handed in so far without waiting for more (the engine has run dry)."""
+        self._pending.put(_WRITE_NOW)
 
     def flush(self) -> None:
         """Block until everything handed in so far is written."""
@@ -48,7 +56,7 @@ class ResultWriter(threading.Thread):
             group: list[Completion] = []
             item = self._pending.get()
             deadline = time.monotonic() + self.max_delay
-            while item is not None:
+            while isinstance(item, Completion):
                 group.append(item)
                 if len(group) >= self.max_group:
                     break
@@ -59,7 +67,7 @@ class ResultWriter(threading.Thread):
             closing = item is None
             if group:
                 self._write(group)
-            for _ in range(len(group) + closing):
+            for _ in range(len(group) + (item is None or item is _WRITE_NOW)):
                 self._pending.task_done()
 
     def _write(self, group: list[Completion]) -> None:

@@ -129,6 +129,9 @@ class Runner:
                 # A crash survivor's result must be stored before the next suspect runs, or a
                 # crash in that one would charge this one too.
                 self.writer.flush()
+        if results and not self.in_flight:
+            # Nothing more is coming soon: store the end of a batch now, not after max_delay.
+            self.writer.write_now()
 
     def _drop_taken_requests(self) -> None:
         """Abort in-flight requests that were cancelled, expired or handed to another worker."""
