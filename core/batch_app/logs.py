@@ -39,8 +39,12 @@ def log_path(settings: Settings, file_stem: str) -> Path:
     return settings.log_dir / f"{file_stem}.log"
 
 
+def worker_log_stem(slot: str) -> str:
+    return f"worker-{slot}"
+
+
 def worker_log_path(settings: Settings, slot: str) -> Path:
-    return log_path(settings, f"worker-{slot}")
+    return log_path(settings, worker_log_stem(slot))
 
 
 def tail_lines(path: Path, lines: int = 20) -> str:
@@ -78,9 +82,10 @@ def configure_logging(process_name: str, settings: Settings | None = None, file_
 
 def _capture_output() -> None:
     """Route file descriptors 1 and 2 through the log, for writers that bypass `logging`."""
-    for fd, name, level in ((1, "stdout", logging.INFO), (2, "stderr", logging.WARNING)):
+    for fd, stream, name, level in ((1, sys.stdout, "stdout", logging.INFO),
+                                    (2, sys.stderr, "stderr", logging.WARNING)):
         read_end, write_end = os.pipe()
-        sys.stdout.flush() if fd == 1 else sys.stderr.flush()
+        stream.flush()
         os.dup2(write_end, fd)
         os.close(write_end)
         thread = threading.Thread(target=_forward_lines, args=(read_end, logging.getLogger(name), level),

@@ -6,16 +6,19 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 # The newest process of every slot, with what an operator asks first: alive? how long since its
-# last beat? how far has it got? how often has it been restarted lately?
+# last beat? how far has it got? how often, and why last, has it been restarted lately?
 _WORKERS = text("""
 SELECT DISTINCT ON (w.host, w.slot)
-       w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done, w.gpu_ids,
+       w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done,
        extract(epoch FROM now() - w.last_seen) AS heartbeat_age,
-       extract(epoch FROM now() - w.started_at) AS uptime,
        (SELECT count(*) FROM worker_restarts r
         WHERE r.host = w.host AND r.slot = w.slot AND r.reason <> 'reset'
-          AND r.restarted_at > now() - interval '1 hour') AS restarts_last_hour
+          AND r.restarted_at > now() - interval '1 hour') AS restarts_last_hour,
+       last.reason AS last_restart_reason,
+       extract(epoch FROM now() - last.restarted_at) AS last_restart_age
 FROM workers w
+LEFT JOIN LATERAL (SELECT reason, restarted_at FROM worker_restarts r
+                   WHERE r.host = w.host AND r.slot = w.slot ORDER BY restarted_at DESC LIMIT 1) last ON true
 ORDER BY w.host, w.slot, w.started_at DESC
 """)
 

@@ -67,7 +67,7 @@ class ResultWriter(threading.Thread):
             closing = item is None
             if group:
                 self._write(group)
-            for _ in range(len(group) + (item is None or item is _WRITE_NOW)):
+            for _ in range(len(group) + (closing or item is _WRITE_NOW)):
                 self._pending.task_done()
 
     def _write(self, group: list[Completion]) -> None:

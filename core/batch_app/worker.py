@@ -17,7 +17,7 @@ from .config import get_settings
 from .database import create_db_engine, database_url
 from .engines import load_engine
 from .engines.base import EngineSpec
-from .logs import configure_logging, worker_log_path
+from .logs import configure_logging, worker_log_stem
 from .models import resolve_model
 from .runner import Runner, RunnerOptions
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = get_settings()
-    configure_logging(f"worker:{args.slot}", settings, worker_log_path(settings, args.slot).stem)
+    configure_logging(f"worker:{args.slot}", settings, worker_log_stem(args.slot))
     # vLLM's loggers then propagate to ours, keeping their levels and names in our format.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     init_sentry(settings.sentry_dsn, f"worker:{args.slot}", error_logs_as_events=False)

@@ -82,6 +82,16 @@ def record_restart(conn: Connection, *, host: str, slot: str, worker_id: str | N
                                    "exit_code": exit_code})
 
 
+_SLOT_HAS_RUN = text("""
+SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host)
+    OR EXISTS (SELECT 1 FROM worker_restarts WHERE slot = :slot AND host = :host)
+""")
+
+
+def slot_has_run(conn: Connection, host: str, slot: str) -> bool:
+    return conn.execute(_SLOT_HAS_RUN, {"host": host, "slot": slot}).scalar_one()
+
+
 def reset_restarts(conn: Connection, host: str, slot: str) -> None:
     """Clear a slot stopped at the restart cap: its count starts again from zero."""
     record_restart(conn, host=host, slot=slot, worker_id=None, reason="reset", exit_code=None)

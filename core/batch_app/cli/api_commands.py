@@ -14,10 +14,10 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column, Table
 from rich.text import Text
 
+from ..ingest import ENDPOINTS
 from .errors import CommandError
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 console = Console()
 
 

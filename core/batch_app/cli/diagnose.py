@@ -34,21 +34,24 @@ def report(settings: Settings, api_url: str) -> str:
     lines = [f"vLLM Batch Server {__version__} diagnose, {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
              f" on {socket.gethostname()}",
              f"API {api_url}, DATA_DIR {settings.data_dir.resolve()}, LOG_DIR {settings.log_dir.resolve()}"]
-    db: Engine | None = None
+    # One read of workers and restarts serves every section below; None when there is no database.
+    snapshot: tuple[list, list] | None = None
 
     def database_section() -> Iterator[str]:
-        nonlocal db
+        nonlocal snapshot
         db = connect(settings)
         yield from _database(db, problems)
+        with db.connect() as conn:
+            snapshot = overview.workers(conn), overview.restart_history(conn, 20)
 
     sections: list[tuple[str, Callable[[], Iterator[str]]]] = [
         ("Ports", lambda: _ports(settings, problems)),
         ("API", lambda: _api(api_url, problems)),
         ("Database", database_section),
         ("Watchdog", lambda: _watchdog(problems)),
-        ("Workers", lambda: _workers(db, settings, problems)),
-        ("Restarts (latest 20)", lambda: _restarts(db)),
-        ("Worker logs (last 10 lines each)", lambda: _worker_logs(db, settings)),
+        ("Workers", lambda: _workers(snapshot, settings, problems)),
+        ("Restarts (latest 20)", lambda: _restarts(snapshot)),
+        ("Worker logs (last 10 lines each)", lambda: _worker_logs(snapshot, settings)),
         ("GPU", _gpus),
         ("Disk", lambda: _disk(settings, problems)),
     ]
@@ -85,13 +88,14 @@ def _ports(settings: Settings, problems: list[str]) -> Iterator[str]:
         yield f"API_PORT {settings.api_port}: nothing listens"
         problems.append(f"nothing listens on API_PORT {settings.api_port}")
     # vLLM workers hold several internal sockets each: one line per process, not per port.
-    by_owner: dict[str, list[int]] = {}
+    ports_of: dict[int | None, set[int]] = {}
     for conn in listening:
-        owner = _owner(conn.pid)
-        if conn.laddr.port != settings.api_port and any(mark in owner for mark in OUR_PROCESSES):
-            by_owner.setdefault(owner, []).append(conn.laddr.port)
-    for owner, ports in sorted(by_owner.items()):
-        yield f"{owner}: listening on {', '.join(map(str, sorted(set(ports))))}"
+        if conn.laddr.port != settings.api_port:
+            ports_of.setdefault(conn.pid, set()).add(conn.laddr.port)
+    owners = sorted((_owner(pid), ports) for pid, ports in ports_of.items())
+    for owner, ports in owners:
+        if any(mark in owner for mark in OUR_PROCESSES):
+            yield f"{owner}: listening on {', '.join(map(str, sorted(ports)))}"
 
 
 def _api(api_url: str, problems: list[str]) -> Iterator[str]:
@@ -140,13 +144,11 @@ def _process_state(pid: int) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def _workers(db: Engine | None, settings: Settings, problems: list[str]) -> Iterator[str]:
-    if db is None:
+def _workers(snapshot: tuple[list, list] | None, settings: Settings, problems: list[str]) -> Iterator[str]:
+    if snapshot is None:
         yield "not checked: no database"
         return
-    with db.connect() as conn:
-        rows = overview.workers(conn)
-        restarts = {(r.host, r.slot): r for r in reversed(overview.restart_history(conn, 200))}
+    rows, _ = snapshot
     if not rows:
         yield "no worker has registered"
         problems.append("no worker has registered")
@@ -156,8 +158,8 @@ def _workers(db: Engine | None, settings: Settings, problems: list[str]) -> Iter
         yield (f"{row.slot}: {row.status}, pid {row.pid} on {row.host}, process {state}, heartbeat "
                f"{describe_age(row.heartbeat_age)} ago, {row.in_flight} in flight, {row.requests_done} done, "
                f"{row.restarts_last_hour} restarts in the last hour, model {row.model}")
-        last = restarts.get((row.host, row.slot))
-        last_restart = f"; last restart {describe_age(last.age)} ago: {last.reason}" if last else ""
+        last_restart = (f"; last restart {describe_age(row.last_restart_age)} ago: {row.last_restart_reason}"
+                        if row.last_restart_reason else "")
         if row.status in LIVE_STATUSES and state == "gone":
             problems.append(f"worker {row.slot} (pid {row.pid}): its process is gone but it is recorded as "
                             f"{row.status}: it was killed or crashed{last_restart}")
@@ -176,12 +178,11 @@ def _workers(db: Engine | None, settings: Settings, problems: list[str]) -> Iter
                             f"{last_restart}")
 
 
-def _restarts(db: Engine | None) -> Iterator[str]:
-    if db is None:
+def _restarts(snapshot: tuple[list, list] | None) -> Iterator[str]:
+    if snapshot is None:
         yield "not checked: no database"
         return
-    with db.connect() as conn:
-        rows = overview.restart_history(conn, 20)
+    _, rows = snapshot
     if not rows:
         yield "none"
     for row in rows:
@@ -189,11 +190,8 @@ def _restarts(db: Engine | None) -> Iterator[str]:
         yield f"{row.restarted_at.isoformat(timespec='seconds')} {row.slot} on {row.host}: {row.reason}{exit_code}"
 
 
-def _worker_logs(db: Engine | None, settings: Settings) -> Iterator[str]:
-    slots = set()
-    if db is not None:
-        with db.connect() as conn:
-            slots = {row.slot for row in overview.workers(conn)}
+def _worker_logs(snapshot: tuple[list, list] | None, settings: Settings) -> Iterator[str]:
+    slots = {row.slot for row in snapshot[0]} if snapshot else set()
     slots |= {path.stem.removeprefix("worker-") for path in settings.log_dir.glob("worker-*.log")}
     for path in [log_path(settings, "watchdog")] + [worker_log_path(settings, slot) for slot in sorted(slots)]:
         yield f"--- {path.resolve()}"

@@ -6,7 +6,6 @@ import socket
 
 from rich.console import Console
 from rich.table import Column, Table
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from .. import overview
@@ -14,7 +13,7 @@ from ..config import Settings
 from ..database import create_db_engine, database_url, embedded_pgdata, embedded_running
 from ..keys import create_key
 from ..overview import describe_age
-from ..workers import reset_restarts
+from ..workers import reset_restarts, slot_has_run
 from .errors import CommandError
 
 console = Console()
@@ -55,10 +54,7 @@ def create_api_key(db: Engine, project: str, name: str) -> str:
 def reset_worker(db: Engine, slot: str, host: str | None) -> None:
     host = host or socket.gethostname()
     with db.begin() as conn:
-        known = conn.execute(text("SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host)"
-                                  " OR EXISTS (SELECT 1 FROM worker_restarts WHERE slot = :slot AND host = :host)"),
-                             {"slot": slot, "host": host}).scalar()
-        if not known:
+        if not slot_has_run(conn, host, slot):
             raise CommandError(f"no worker named {slot!r} has run on host {host!r} (see batchctl workers)")
         reset_restarts(conn, host, slot)
     console.print(f"worker {slot} on {host} reset: the watchdog starts it again within a few seconds")
