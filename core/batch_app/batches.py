@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+from . import queue
 from .api.errors import APIError, not_found
 from .config import Settings
 from .ids import new_id
@@ -90,6 +91,7 @@ def create_batch(engine: Engine, settings: Settings, *, project: str, input_file
             requests.commit()
             conn.execute(text("UPDATE batches SET model = :model, total = :total WHERE id = :id"),
                          {"id": batch_id, "model": result.model, "total": result.total})
+            queue.announce_work(conn)
     return batch_id
 
 

@@ -1,4 +1,4 @@
-"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire.
+"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire, wake.
 
 Each function takes an open connection and runs inside the caller's transaction, so a caller
 can group several steps atomically. The invariants they keep:
@@ -136,7 +136,10 @@ WHERE id = ANY(:ids) AND worker_id = :worker_id AND status = 'running'
 def release(conn: Connection, worker_id: str, request_ids: list[int]) -> int:
     if not request_ids:
         return 0
-    return conn.execute(_RELEASE, {"worker_id": worker_id, "ids": request_ids}).rowcount
+    released = conn.execute(_RELEASE, {"worker_id": worker_id, "ids": request_ids}).rowcount
+    if released:
+        announce_work(conn)
+    return released
 
 
 _NO_LONGER_OWNED = text("""
@@ -196,7 +199,20 @@ def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tup
     conn.execute(_MARK_SILENT_WORKERS_DEAD, {"timeout": heartbeat_timeout})
     rows = conn.execute(_RESCUE, {"max_attempts": max_attempts}).all()
     requeued = sum(1 for row in rows if row.status == "queued")
+    if requeued:
+        announce_work(conn)
     return requeued, sorted({row.batch_id for row in rows if row.status == "failed"})
+
+
+# --- Wake-up: idle workers LISTEN on this channel rather than poll the queue. ---
+
+WORK_CHANNEL = "batch_work"
+_ANNOUNCE_WORK = text(f"SELECT pg_notify('{WORK_CHANNEL}', '')")
+
+
+def announce_work(conn: Connection) -> None:
+    """Wake idle workers: requests were queued. Sent when the transaction commits, never on rollback."""
+    conn.execute(_ANNOUNCE_WORK)
 
 
 # --- Finalize, cancel, expire: the batch-level transitions. ---

@@ -20,13 +20,14 @@ from .heartbeat import Heartbeat
 from .processes import stop_on_signals
 from .queue import ClaimedRequest, Completion
 from .result_writer import ResultWriter
+from .work_signal import WorkSignal
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    idle_poll: float = 0.2  # seconds between claims while the queue is empty
+    idle_poll: float = 1.0  # seconds between claims while the queue is empty, unless woken (work_signal)
     ownership_check: float = 0.5  # seconds between checks for cancelled/expired in-flight work
     housekeeping_interval: float = 5.0
     throughput_log_interval: float = 10.0
@@ -47,6 +48,7 @@ class Runner:
         self.stopping = threading.Event()
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
         self.writer = ResultWriter(db, worker_id)
+        self.work_signal = WorkSignal(db)
 
     def _sample(self) -> tuple[str, int, EngineProgress]:
         progress = self.engine.progress if self.engine is not None else EngineProgress()
@@ -68,6 +70,8 @@ class Runner:
         idle_until = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
+            if now < idle_until and self.work_signal.pending():
+                idle_until = now  # requests were queued meanwhile
             free = engine.max_in_flight - engine.in_flight()
             if (now >= idle_until and not self._running_a_suspect()
                     and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight)):
@@ -78,7 +82,9 @@ class Runner:
                 self._collect(engine.step())
             else:
                 self._set_status("idle")
-                time.sleep(self.options.idle_poll / 4)
+                # Short slices keep SIGTERM and the periodic checks below prompt.
+                if self.work_signal.wait(min(0.25, max(0.0, idle_until - time.monotonic()))):
+                    idle_until = 0.0
             if now - last_ownership >= self.options.ownership_check:
                 self._drop_taken_requests()
                 last_ownership = now
@@ -165,6 +171,7 @@ class Runner:
             log.warning("grace period over: released %d unfinished requests back to the queue", released)
             self.in_flight.clear()
         self.writer.close()
+        self.work_signal.close()
         self.status = "stopped"
         self.heartbeat.stop()
         self.heartbeat.beat()
