@@ -142,6 +142,75 @@ def test_text_parts_read_as_one_string(engine):
     assert as_parts.body["choices"] == as_string.body["choices"]
 
 
+def _trained_tokenizer(kind: str):
+    """A small tokenizer of one of the two families most models use, trained on mixed scripts
+    so that tokens split multi-byte characters."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = ["the", "sea", "café", "naïve", "日本語", "über", "😀", "library", "moon", "—", "ß"]
+    rng = random.Random(kind)
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    if kind == "sentencepiece":  # Llama 2 / Mistral style: ▁ for spaces, byte fallback
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                               decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        specials = ["<unk>", "<s>", "</s>"]
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                      initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    else:  # GPT-2 / Llama 3 style byte-level BPE
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        specials = ["<s>", "</s>"]
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer, corpus
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_text_decoded_once_equals_vllms_incremental_detokenizer(kind):
+    """Requests without stop strings or logprobs skip vLLM's per-token detokenization; their text
+    must still be exactly what vLLM's detokenizer makes, for cut characters and stop tokens alike."""
+    import random
+    from types import SimpleNamespace
+
+    from transformers import TokenizersBackend
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput
+    from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
+
+    from core.batch_app.engines.vllm_engine import _decoded_text
+
+    tokenizer, corpus = _trained_tokenizer(kind)
+    backend = TokenizersBackend(tokenizer_object=tokenizer)
+    eos = tokenizer.token_to_id("</s>")
+    rng = random.Random(0)
+    checked = 0
+    for case in range(1500):
+        prompt = tokenizer.encode(rng.choice(corpus)).ids[:rng.randint(1, 30)]
+        if case % 2:  # any token sequence, as a random-weight model samples
+            output = [rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randint(1, 40))]
+        else:  # text cut anywhere, as a length limit cuts it
+            output = tokenizer.encode(" " + rng.choice(corpus)).ids[:rng.randint(1, 40)]
+        stopped = case % 3 != 2
+        if stopped:  # EOS, or an ordinary token listed in stop_token_ids; neither is text
+            output.append(eos if case % 3 else rng.randrange(3, tokenizer.get_vocab_size()))
+        request = SimpleNamespace(request_id=str(case), prompt_token_ids=prompt,
+                                  sampling_params=SamplingParams(max_tokens=64))
+        vllm_detokenizer = FastIncrementalDetokenizer(backend, request)
+        vllm_detokenizer.update(output, stop_terminated=stopped)
+        expected = vllm_detokenizer.get_next_output_text(finished=True, delta=False)
+        choice = CompletionOutput(index=0, text="", token_ids=output, cumulative_logprob=None,
+                                  logprobs=None, finish_reason="stop" if stopped else "length")
+        assert _decoded_text(tokenizer, prompt, choice) == expected, (prompt, output)
+        checked += bool(expected)
+    assert checked > 1000
+
+
 def test_max_tokens_is_honoured(engine):
     chat = run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "max_completion_tokens": 5})
     completion = run_one(engine, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 7})

@@ -2,7 +2,8 @@
 
 Request bodies are checked and shaped here rather than by vLLM's OpenAI server classes, whose
 modules move between releases; only vLLM's long-lived offline API is used (LLM, its LLMEngine's
-add_request/step/abort_request, SamplingParams and PoolingParams).
+add_request/step/abort_request, SamplingParams and PoolingParams), plus its detokenizer's test
+for which tokenizers it steps through natively (see _decoded_text).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _PROGRESS_INTERVAL = 16
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # JSON has no -inf; OpenAI reports impossible tokens with this floor instead.
 _LOGPROB_FLOOR = -9999.0
+# Prompt tokens decoded ahead of the output, so its first token decodes as it does in context
+# (a SentencePiece "▁word" keeps its space only after other text).
+_DECODE_CONTEXT = 6
 # Fields that change the result in ways this engine does not implement: rejecting them is
 # better than silently returning something the caller did not ask for.
 _UNSUPPORTED_FIELDS = {
@@ -104,6 +108,7 @@ class _InFlight:
     created: int
     parts_left: int = 0  # engine requests not finished yet
     top_logprobs: int | None = None  # chat: how many alternatives to report per token
+    decode_once: bool = False  # text is decoded when the request finishes (see _decoded_text)
     encoding_format: str = "float"  # embeddings
     # part id -> its output so far, deltas merged
     outputs: dict[str, RequestOutput | PoolingRequestOutput] = field(default_factory=dict)
@@ -128,6 +133,8 @@ class VllmEngine:
         )
         self._engine = self.llm.llm_engine
         self._tokenizer = self.llm.get_tokenizer()
+        # The Rust tokenizer that vLLM's own fast detokenizer steps through, when it has one.
+        self._fast_tokenizer = _fast_tokenizer(self._tokenizer)
         model_config = self._engine.model_config
         # The model's generation_config.json supplies defaults, as `vllm serve` applies them.
         self._sampling_defaults: dict[str, Any] = (
@@ -233,7 +240,7 @@ class VllmEngine:
             params = self._chat_sampling_params(body, in_flight)
         elif request.endpoint == COMPLETIONS:
             prompts = self._text_prompts(body, "prompt")
-            params = self._sampling_params(body, max_tokens=_max_tokens(
+            params = self._sampling_params(body, in_flight, max_tokens=_max_tokens(
                 body, "max_tokens", default=_COMPLETIONS_DEFAULT_MAX_TOKENS),
                 logprobs=_optional(body, "logprobs", int, "an integer"))
         else:
@@ -286,10 +293,11 @@ class VllmEngine:
         max_tokens = _max_tokens(body, "max_completion_tokens", default=None)
         if max_tokens is None:
             max_tokens = _max_tokens(body, "max_tokens", default=None)
-        return self._sampling_params(body, max_tokens=max_tokens, logprobs=in_flight.top_logprobs)
+        return self._sampling_params(body, in_flight, max_tokens=max_tokens,
+                                     logprobs=in_flight.top_logprobs)
 
-    def _sampling_params(self, body: dict[str, Any], *, max_tokens: int | None,
-                         logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, body: dict[str, Any], in_flight: _InFlight, *,
+                         max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -320,6 +328,10 @@ class VllmEngine:
             isinstance(stop, list) and all(isinstance(item, str) for item in stop)
         ):
             raise InvalidRequest("'stop' must be a string or a list of strings", "stop")
+        # vLLM detokenizes every token inside the engine's step, which holds up the next step.
+        # Decoding each request once when it finishes gives the same text for less. vLLM must
+        # still detokenize as it goes to find stop strings and to name logprobs' tokens.
+        in_flight.decode_once = self._fast_tokenizer is not None and not stop and logprobs is None
         try:
             return SamplingParams(
                 **kwargs,
@@ -332,6 +344,7 @@ class VllmEngine:
                 # _merge_output; n > 1 choices arrive separately either way.
                 output_kind=RequestOutputKind.DELTA,
                 stream_interval=_PROGRESS_INTERVAL,
+                detokenize=not in_flight.decode_once,
             )
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
@@ -388,7 +401,8 @@ class VllmEngine:
         choices = [
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "message": {"role": "assistant", "content": self._text(output, choice, in_flight),
+                            "refusal": None},
                 "logprobs": None if in_flight.top_logprobs is None else {
                     "content": self._chat_logprobs(choice, in_flight.top_logprobs),
                     "refusal": None,
@@ -409,7 +423,7 @@ class VllmEngine:
                 choices.append({
                     # OpenAI numbers choices across prompts: prompt i's choices come i*n onwards.
                     "index": prompt_index * len(output.outputs) + choice.index,
-                    "text": choice.text,
+                    "text": self._text(output, choice, in_flight),
                     "logprobs": (None if choice.logprobs is None
                                  else self._completion_logprobs(choice)),
                     "finish_reason": _finish_reason(choice),
@@ -428,6 +442,11 @@ class VllmEngine:
             data.append({"object": "embedding", "index": index, "embedding": vector})
         return {"object": "list", "data": data, "model": self.model_name,
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+    def _text(self, output: RequestOutput, choice: CompletionOutput, in_flight: _InFlight) -> str:
+        if not in_flight.decode_once:
+            return choice.text
+        return _decoded_text(self._fast_tokenizer, output.prompt_token_ids, choice)
 
     def _chat_logprobs(self, choice: CompletionOutput, top_logprobs: int) -> list[dict[str, Any]]:
         content = []
@@ -544,6 +563,34 @@ def _text_message(message: Any, index: int) -> dict[str, Any]:
     elif not isinstance(content, str):
         raise InvalidRequest(f"{param}.content must be a string or a list of text parts", param)
     return {**message, "content": content}
+
+
+def _fast_tokenizer(tokenizer: Any) -> Any | None:
+    """The tokenizers.Tokenizer behind `tokenizer` if vLLM detokenizes with it, else None."""
+    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+    return tokenizer._tokenizer if uses_fast_detokenizer(tokenizer) else None
+
+
+def _decoded_text(tokenizer: Any, prompt_token_ids: list[int], choice: CompletionOutput) -> str:
+    """A finished choice's text, the same as vLLM's incremental detokenizer would have made it."""
+    from tokenizers.decoders import DecodeStream
+
+    token_ids = list(choice.token_ids)
+    if token_ids and choice.finish_reason == "stop" and not isinstance(choice.stop_reason, str):
+        token_ids.pop()  # the EOS or stop token, which vLLM leaves out of the text
+    context = list(prompt_token_ids[-_DECODE_CONTEXT:])
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    text = tokenizer.decode(context + token_ids, skip_special_tokens=True)
+    if text.startswith(head) and not text.endswith("\ufffd"):
+        return text[len(head):]
+    # A character cut by the length limit, or a decoder whose output depends on more context:
+    # replay vLLM's own way, one token at a time after the whole prompt.
+    stream = DecodeStream(ids=list(prompt_token_ids), skip_special_tokens=True)
+    try:
+        return "".join(stream.step(tokenizer, token_id) or "" for token_id in token_ids)
+    except Exception:  # bytes no prefix can decode; vLLM restarts its stream, losing the context
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 def _completion_tokens(outputs: list[RequestOutput]) -> int:
