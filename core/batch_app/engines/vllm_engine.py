@@ -240,12 +240,13 @@ class VllmEngine:
             params = self._chat_sampling_params(body, in_flight)
         elif request.endpoint == COMPLETIONS:
             prompts = self._text_prompts(body, "prompt")
-            params = self._sampling_params(body, in_flight, max_tokens=_max_tokens(
+            params = self._sampling_params(body, max_tokens=_max_tokens(
                 body, "max_tokens", default=_COMPLETIONS_DEFAULT_MAX_TOKENS),
                 logprobs=_optional(body, "logprobs", int, "an integer"))
         else:
             prompts = self._text_prompts(body, "input")
             params = self._pooling_params(body, in_flight)
+        in_flight.decode_once = request.endpoint != EMBEDDINGS and not params.detokenize
         # "#" then a number, parsed from the right, keeps part ids unique across keys.
         in_flight.part_ids = [f"{request.key}#{index}" for index in range(len(prompts))]
         in_flight.parts_left = len(prompts)
@@ -293,11 +294,10 @@ class VllmEngine:
         max_tokens = _max_tokens(body, "max_completion_tokens", default=None)
         if max_tokens is None:
             max_tokens = _max_tokens(body, "max_tokens", default=None)
-        return self._sampling_params(body, in_flight, max_tokens=max_tokens,
-                                     logprobs=in_flight.top_logprobs)
+        return self._sampling_params(body, max_tokens=max_tokens, logprobs=in_flight.top_logprobs)
 
-    def _sampling_params(self, body: dict[str, Any], in_flight: _InFlight, *,
-                         max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, body: dict[str, Any], *, max_tokens: int | None,
+                         logprobs: int | None) -> SamplingParams:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -328,10 +328,6 @@ class VllmEngine:
             isinstance(stop, list) and all(isinstance(item, str) for item in stop)
         ):
             raise InvalidRequest("'stop' must be a string or a list of strings", "stop")
-        # vLLM detokenizes every token inside the engine's step, which holds up the next step.
-        # Decoding each request once when it finishes gives the same text for less. vLLM must
-        # still detokenize as it goes to find stop strings and to name logprobs' tokens.
-        in_flight.decode_once = self._fast_tokenizer is not None and not stop and logprobs is None
         try:
             return SamplingParams(
                 **kwargs,
@@ -344,7 +340,11 @@ class VllmEngine:
                 # _merge_output; n > 1 choices arrive separately either way.
                 output_kind=RequestOutputKind.DELTA,
                 stream_interval=_PROGRESS_INTERVAL,
-                detokenize=not in_flight.decode_once,
+                # vLLM detokenizes every token inside the engine's step, holding up the next
+                # step; decoding once when a request finishes (_decoded_text) gives the same
+                # text for less. vLLM must still detokenize as it goes to find stop strings and
+                # to name logprobs' tokens.
+                detokenize=self._fast_tokenizer is None or bool(stop) or logprobs is not None,
             )
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
