@@ -211,6 +211,21 @@ def test_text_decoded_once_equals_vllms_incremental_detokenizer(kind):
     assert checked > 1000
 
 
+def test_a_vllm_without_the_fast_detokenizer_test_detokenizes_as_before(monkeypatch):
+    """If a vLLM release moves the function that says which tokenizers it steps through natively,
+    the worker still starts, and vLLM detokenizes every request itself."""
+    import vllm.v1.engine.detokenizer
+
+    from core.batch_app.engines.vllm_engine import _fast_tokenizer
+
+    tokenizer, _ = _trained_tokenizer("byte-level")
+    wrapped = type("Wrapped", (), {"_tokenizer": tokenizer})()
+    monkeypatch.setattr(vllm.v1.engine.detokenizer, "uses_fast_detokenizer", lambda t: True)
+    assert _fast_tokenizer(wrapped) is tokenizer
+    monkeypatch.delattr(vllm.v1.engine.detokenizer, "uses_fast_detokenizer")
+    assert _fast_tokenizer(wrapped) is None
+
+
 def test_max_tokens_is_honoured(engine):
     chat = run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "max_completion_tokens": 5})
     completion = run_one(engine, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 7})

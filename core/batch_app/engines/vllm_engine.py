@@ -9,6 +9,7 @@ for which tokenizers it steps through natively (see _decoded_text).
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
 import struct
 import time
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # vllm itself is imported only when an engine is built
     from vllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
     from vllm.pooling_params import PoolingParams
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+log = logging.getLogger(__name__)
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -567,8 +570,12 @@ def _text_message(message: Any, index: int) -> dict[str, Any]:
 
 def _fast_tokenizer(tokenizer: Any) -> Any | None:
     """The tokenizers.Tokenizer behind `tokenizer` if vLLM detokenizes with it, else None."""
-    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
-
+    try:
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+    except ImportError:  # moved by a vLLM release: let vLLM detokenize every request itself
+        log.warning("this vLLM has no vllm.v1.engine.detokenizer.uses_fast_detokenizer; "
+                    "text is detokenized by vLLM token by token")
+        return None
     return tokenizer._tokenizer if uses_fast_detokenizer(tokenizer) else None
 
 
