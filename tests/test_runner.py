@@ -1,0 +1,82 @@
+"""The worker loop on a real PostgreSQL, with an engine that holds requests until they are aborted:
+what leaves it early can only have been aborted by the loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import sqlalchemy as sa
+
+from core.batch_app.config import Settings
+from core.batch_app.engines.base import EngineProgress, EngineRequest, EngineResult
+from core.batch_app.runner import Runner, RunnerOptions
+
+from .conftest import wait_for
+from .jsonl import request_line, submit
+from .simulated_worker import new_worker
+
+
+class HoldingEngine:
+    """Never finishes a request; `abort` of a key it does not hold fails the test's loop."""
+
+    model_name = "holding"
+    max_in_flight = 8
+
+    def __init__(self) -> None:
+        self.progress = EngineProgress()
+        self.held: dict[str, EngineRequest] = {}
+
+    def add(self, request: EngineRequest) -> EngineResult | None:
+        self.held[request.key] = request
+        return None
+
+    def step(self) -> list[EngineResult]:
+        time.sleep(0.01)
+        self.progress.steps += 1
+        return []
+
+    def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            del self.held[key]
+
+    def in_flight(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        pass
+
+
+def custom_ids(engine: HoldingEngine) -> set[str]:
+    return {request.body["messages"][0]["content"].split()[-1].rstrip(".") for request in list(engine.held.values())}
+
+
+def statuses(db, batch_id: str) -> set[str]:
+    with db.connect() as conn:
+        return set(conn.execute(sa.text("SELECT DISTINCT status FROM batch_requests WHERE batch_id = :b"),
+                                {"b": batch_id}).scalars())
+
+
+def test_a_busy_worker_claims_and_aborts_beside_the_engine_and_releases_on_stop(client, db, database, data_dir,
+                                                                               own_model):
+    first = submit(client, [request_line(f"a{i}", own_model) for i in range(3)])
+    runner = Runner(db, Settings(data_dir=data_dir, database_url=database), new_worker(db, own_model), own_model,
+                    RunnerOptions(idle_poll=0.2, ownership_check=0.1, housekeeping_interval=3600, shutdown_grace=0.3))
+    engine = HoldingEngine()
+    runner.start()
+    loop = threading.Thread(target=runner.run, args=(engine,))
+    loop.start()
+    try:
+        wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2"}, 30, message="first batch claimed")
+        # The engine is busy now: this claim runs on the query thread while it steps.
+        second = submit(client, [request_line(f"b{i}", own_model) for i in range(2)])
+        wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2", "b0", "b1"}, 30, message="second batch claimed")
+        client.batches.cancel(first.id)
+        wait_for(lambda: custom_ids(engine) == {"b0", "b1"}, 30, message="cancelled requests aborted")
+        assert set(runner.in_flight) == set(engine.held)
+    finally:
+        runner.stopping.set()
+        loop.join(30)
+    assert not loop.is_alive()
+    assert statuses(db, second.id) == {"queued"}  # released at the end of the grace period
+    client.batches.cancel(second.id)
