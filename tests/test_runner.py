@@ -57,8 +57,8 @@ def statuses(db, batch_id: str) -> set[str]:
                                 {"b": batch_id}).scalars())
 
 
-def test_a_busy_worker_claims_and_aborts_beside_the_engine_and_releases_on_stop(client, db, database, data_dir,
-                                                                               own_model):
+def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop(client, db, database, data_dir,
+                                                                                own_model):
     first = submit(client, [request_line(f"a{i}", own_model) for i in range(3)])
     runner = Runner(db, Settings(data_dir=data_dir, database_url=database), new_worker(db, own_model), own_model,
                     RunnerOptions(idle_poll=0.2, ownership_check=0.1, housekeeping_interval=3600, shutdown_grace=0.3))
@@ -68,7 +68,7 @@ def test_a_busy_worker_claims_and_aborts_beside_the_engine_and_releases_on_stop(
     loop.start()
     try:
         wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2"}, 30, message="first batch claimed")
-        # The engine is busy now: this claim runs on the query thread while it steps.
+        # The engine is busy now: it takes more while it steps.
         second = submit(client, [request_line(f"b{i}", own_model) for i in range(2)])
         wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2", "b0", "b1"}, 30, message="second batch claimed")
         client.batches.cancel(first.id)

@@ -1,9 +1,7 @@
 """The worker loop: keep the engine's in-flight window full from the queue, hand results on.
 
 One thread drives the engine (claim -> add -> step); the heartbeat and the result writer run
-beside it, so neither a slow database write nor a long step ever silences the other. While the
-engine has work, its queue queries (claims, the ownership check) run on a thread of their own too:
-the engine steps on while PostgreSQL answers, and takes the answer at its next turn.
+beside it, so neither a slow database write nor a long step ever silences the other.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine as DBEngine
@@ -52,11 +49,6 @@ class Runner:
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
         self.writer = ResultWriter(db, worker_id)
         self.work_signal = WorkSignal(db)
-        # One thread, so a claim and an ownership check never overlap; at most one of each waits.
-        self._queries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-queries")
-        self._claiming: Future[list[ClaimedRequest]] | None = None
-        self._checking: Future[list[int]] | None = None
-        self._checked: list[ClaimedRequest] = []  # the in-flight requests that check is about
 
     def _sample(self) -> tuple[str, int, EngineProgress]:
         progress = self.engine.progress if self.engine is not None else EngineProgress()
@@ -78,21 +70,12 @@ class Runner:
         idle_until = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
-            if self._claiming is not None and self._claiming.done():
-                claimed, self._claiming = self._claiming.result(), None
-                if not self._start(claimed):
-                    idle_until = now + self.options.idle_poll
-            if self._checking is not None and self._checking.done():
-                taken, self._checking = self._checking.result(), None
-                self._drop(taken)
             if now < idle_until and self.work_signal.pending():
                 idle_until = now  # requests were queued meanwhile
             free = engine.max_in_flight - engine.in_flight()
-            if (now >= idle_until and self._claiming is None and not self._running_a_suspect()
+            if (now >= idle_until and not self._running_a_suspect()
                     and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight)):
-                if self.in_flight:  # the engine has work to step through meanwhile
-                    self._claiming = self._queries.submit(self._claim, free, False)
-                elif not self._start(self._claim(free, True)):
+                if not self._refill(free):
                     idle_until = now + self.options.idle_poll
             if self.in_flight:
                 self._set_status("busy")
@@ -100,12 +83,10 @@ class Runner:
             else:
                 self._set_status("idle")
                 # Short slices keep SIGTERM and the periodic checks below prompt.
-                if self._claiming is not None:  # claimed while busy; the engine ran dry meanwhile
-                    wait([self._claiming], timeout=0.25)
-                elif self.work_signal.wait(min(0.25, max(0.0, idle_until - time.monotonic()))):
+                if self.work_signal.wait(min(0.25, max(0.0, idle_until - time.monotonic()))):
                     idle_until = 0.0
             if now - last_ownership >= self.options.ownership_check:
-                self._check_ownership()
+                self._drop_taken_requests()
                 last_ownership = now
             if now - last_housekeeping >= self.options.housekeeping_interval:
                 self._housekeeping()
@@ -123,12 +104,10 @@ class Runner:
         """A request retried after a crash runs alone (see queue.claim)."""
         return len(self.in_flight) == 1 and next(iter(self.in_flight.values())).attempt > 1
 
-    def _claim(self, free: int, engine_idle: bool) -> list[ClaimedRequest]:
+    def _refill(self, free: int) -> bool:
+        """Claim up to `free` requests into the engine; False when the queue had none."""
         with self.db.begin() as conn:
-            return queue.claim(conn, self.worker_id, self.model, free, engine_idle=engine_idle)
-
-    def _start(self, claimed: list[ClaimedRequest]) -> bool:
-        """Put claimed requests into the engine; False when the queue had none."""
+            claimed = queue.claim(conn, self.worker_id, self.model, free, engine_idle=not self.in_flight)
         if not claimed:
             return False
         log.info("claimed %d requests (batches %s)", len(claimed), ", ".join(sorted({c.batch_id for c in claimed})))
@@ -160,25 +139,17 @@ class Runner:
             # Nothing more is coming soon: store the end of a batch now, not after max_delay.
             self.writer.write_now()
 
-    def _check_ownership(self) -> None:
-        """Ask, beside the engine, which in-flight requests were cancelled, expired or handed on."""
-        if self._checking is None and self.in_flight:
-            self._checked = list(self.in_flight.values())
-            self._checking = self._queries.submit(self._no_longer_owned, [r.id for r in self._checked])
-
-    def _no_longer_owned(self, request_ids: list[int]) -> list[int]:
+    def _drop_taken_requests(self) -> None:
+        """Abort in-flight requests that were cancelled, expired or handed to another worker."""
+        if not self.in_flight:
+            return
         with self.db.connect() as conn:
-            return queue.no_longer_owned(conn, self.worker_id, request_ids)
-
-    def _drop(self, taken_ids: list[int]) -> None:
-        """Abort the checked requests that were taken and are still in flight."""
-        taken = set(taken_ids)
-        # Those finished since the check are gone already; same object: not claimed anew since.
-        keys = [str(r.id) for r in self._checked if r.id in taken and self.in_flight.get(str(r.id)) is r]
-        if keys:
+            taken = queue.no_longer_owned(conn, self.worker_id, [r.id for r in self.in_flight.values()])
+        if taken:
+            keys = [str(request_id) for request_id in taken]
             self.engine.abort(keys)
             for key in keys:
-                del self.in_flight[key]
+                self.in_flight.pop(key, None)
             log.info("aborted %d in-flight requests that are no longer this worker's", len(keys))
 
     def _housekeeping(self) -> None:
@@ -190,10 +161,6 @@ class Runner:
     def _drain(self) -> None:
         self._set_status("draining")
         deadline = time.monotonic() + self.options.shutdown_grace
-        self._queries.shutdown(wait=True)
-        if self._claiming is not None:  # claimed just before the stop: run or release with the rest
-            claimed, self._claiming = self._claiming.result(), None
-            self._start(claimed)
         while self.in_flight and time.monotonic() < deadline:
             self._collect(self.engine.step())
         if self.in_flight:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                       runner=args.runner or choice.runner, max_model_len=args.max_model_len,
                       max_in_flight=args.max_in_flight, options=json.loads(args.engine_options))
 
-    db = create_db_engine(database_url(settings), pool_size=5)  # engine loop, queries, writer, heartbeat, wake-ups
+    db = create_db_engine(database_url(settings), pool_size=4)  # engine loop, writer, heartbeat, wake-ups
     worker_id = str(uuid.uuid4())
     with db.begin() as conn:
         queue.register_worker(conn, worker_id=worker_id, slot=args.slot, host=socket.gethostname(),
