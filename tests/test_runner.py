@@ -9,27 +9,20 @@ import time
 import sqlalchemy as sa
 
 from core.batch_app.config import Settings
-from core.batch_app.engines.base import EngineProgress, EngineRequest, EngineResult
+from core.batch_app.engines.base import EngineResult, EngineSpec
 from core.batch_app.runner import Runner, RunnerOptions
 
 from .conftest import wait_for
+from .engines import EchoEngine
 from .jsonl import request_line, submit
 from .simulated_worker import new_worker
 
 
-class HoldingEngine:
+class HoldingEngine(EchoEngine):
     """Never finishes a request; `abort` of a key it does not hold fails the test's loop."""
 
-    model_name = "holding"
-    max_in_flight = 8
-
     def __init__(self) -> None:
-        self.progress = EngineProgress()
-        self.held: dict[str, EngineRequest] = {}
-
-    def add(self, request: EngineRequest) -> EngineResult | None:
-        self.held[request.key] = request
-        return None
+        super().__init__(EngineSpec(kind="holding", model_path="", served_name="holding", max_in_flight=8))
 
     def step(self) -> list[EngineResult]:
         time.sleep(0.01)
@@ -38,17 +31,12 @@ class HoldingEngine:
 
     def abort(self, keys: list[str]) -> None:
         for key in keys:
-            del self.held[key]
-
-    def in_flight(self) -> int:
-        return len(self.held)
-
-    def close(self) -> None:
-        pass
+            del self._pending[key]
 
 
 def custom_ids(engine: HoldingEngine) -> set[str]:
-    return {request.body["messages"][0]["content"].split()[-1].rstrip(".") for request in list(engine.held.values())}
+    return {request.body["messages"][0]["content"].split()[-1].rstrip(".")
+            for request in list(engine._pending.values())}
 
 
 def statuses(db, batch_id: str) -> set[str]:
@@ -73,7 +61,7 @@ def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop
         wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2", "b0", "b1"}, 30, message="second batch claimed")
         client.batches.cancel(first.id)
         wait_for(lambda: custom_ids(engine) == {"b0", "b1"}, 30, message="cancelled requests aborted")
-        assert set(runner.in_flight) == set(engine.held)
+        assert set(runner.in_flight) == set(engine._pending)
     finally:
         runner.stopping.set()
         loop.join(30)
