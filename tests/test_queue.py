@@ -88,15 +88,20 @@ def test_completion_needs_ownership_and_finalizes_once(client, db, own_model):
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
-def test_results_keep_characters_jsonb_would_refuse(client, db, own_model):
-    batch = submit(client, [request_line("nul", own_model)])
+def test_results_keep_every_character_through_storage(client, db, own_model):
+    # NUL, which jsonb refuses; quotes and backslashes, which the stored JSON escapes twice;
+    # U+2028, which splits lines for some JSONL readers; and non-ASCII text.
+    texts = ["a\u0000b", 'say "hi" \\ back\\slash \\"', "line\u2028sep", "café 🙂 日本"]
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(len(texts))])
     worker = new_worker(db, own_model)
-    [request] = claim(db, worker, own_model, 1)
-    assert complete(db, worker, [answer(request, "a\u0000b")])
+    requests = claim(db, worker, own_model, len(texts))
+    assert len(complete(db, worker, [answer(r, texts[int(r.custom_id[1:])]) for r in requests])) == len(texts)
     finalize.finalize_ready(db, [batch.id])
     done = client.batches.retrieve(batch.id)
-    [line] = client.files.content(done.output_file_id).text.splitlines()
-    assert json.loads(line)["response"]["body"]["text"] == "a\u0000b"
+    output = client.files.content(done.output_file_id).text
+    assert len(output.splitlines()) == len(texts)
+    stored = {line["custom_id"]: line["response"]["body"]["text"] for line in map(json.loads, output.splitlines())}
+    assert stored == {f"r{i}": text for i, text in enumerate(texts)}
 
 
 def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):

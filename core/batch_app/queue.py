@@ -99,10 +99,8 @@ UPDATE batch_requests r
 SET status = CASE WHEN u.status_code = 200 THEN 'succeeded' ELSE 'failed' END,
     status_code = u.status_code, response = u.response,
     prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:status_codes AS int[]),
-            CAST(:responses AS text[]), CAST(:prompt_tokens AS int[]),
-            CAST(:completion_tokens AS int[]))
-     AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)
+FROM json_to_recordset(CAST(:results AS json))
+     AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)
 WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = 'running'
 RETURNING r.id, r.batch_id
 """)
@@ -112,16 +110,15 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
     """Store results the worker still owns; returns {request id: batch id} of those accepted."""
     if not completions:
         return {}
-    rows = conn.execute(_COMPLETE, {
-        "worker_id": worker_id,
-        "ids": [c.id for c in completions],
-        "attempts": [c.attempt for c in completions],
-        "status_codes": [c.status_code for c in completions],
+    # One JSON document rather than a text[] of responses: psycopg escapes every quote of a
+    # text array element in Python, which cost more CPU than the rest of the write together.
+    results = json.dumps([{
+        "id": c.id, "attempt": c.attempt, "status_code": c.status_code,
         # ASCII-escaped: characters such as U+2028 would split a line for many JSONL readers.
-        "responses": [json.dumps(c.response) for c in completions],
-        "prompt_tokens": [c.prompt_tokens for c in completions],
-        "completion_tokens": [c.completion_tokens for c in completions],
-    }).all()
+        "response": json.dumps(c.response),
+        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+    } for c in completions])
+    rows = conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all()
     return {row.id: row.batch_id for row in rows}
 
 

@@ -127,6 +127,9 @@ batch_requests = Table(
         postgresql_where=text("status = 'queued'"),
     ),
     Index("batch_requests_worker_running", "worker_id", postgresql_where=text("status = 'running'")),
+    # Every claim first asks whether crash survivors wait (queue.claim); without this index that
+    # question reads every queued row of the model.
+    Index("batch_requests_suspects", "model", postgresql_where=text("status = 'queued' AND attempt > 0")),
 )
 
 # One row per worker process start (a fresh UUID each time, never the hostname).

@@ -1,0 +1,171 @@
+"""The worker's two hot queue statements, each against a baseline, on one embedded PostgreSQL:
+
+  claim: 128 requests at a time with 50,000 queued (queue.claim, which first asks whether crash
+         survivors wait), against the same schema without the batch_requests_suspects index;
+  store: 2,000 chat results in groups of 120 (queue.complete, one JSON document a group),
+         against the same update fed by per-column arrays, the responses as a text[].
+
+    .venv/bin/python bench/queue_protocols.py [--queued 50000] [--results 2000] [--repeats 3]
+
+Every measurement runs inside a transaction that is rolled back, so ours and the baseline see
+the same rows; the baseline's index is dropped inside its transaction. Ours and the baseline
+alternate, and the median of the repeats is printed. CPU is the bench process's own (the
+worker's side of the call: building and sending parameters) and PostgreSQL's, wall is per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.batch_app import queue  # noqa: E402
+from core.batch_app.config import Settings  # noqa: E402
+from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded  # noqa: E402
+from core.batch_app.queue import Completion  # noqa: E402
+
+MODEL = "bench-model"
+CLAIM_SIZE = 128
+GROUP_SIZE = 120
+
+# The store statement as it was fed before: one array per column.
+ARRAY_COMPLETE = sa.text("""
+UPDATE batch_requests r
+SET status = CASE WHEN u.status_code = 200 THEN 'succeeded' ELSE 'failed' END,
+    status_code = u.status_code, response = u.response,
+    prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:status_codes AS int[]),
+            CAST(:responses AS text[]), CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]))
+     AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)
+WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = 'running'
+RETURNING r.id, r.batch_id
+""")
+
+
+def array_complete(conn, worker_id: str, completions: list[Completion]) -> dict[int, str]:
+    rows = conn.execute(ARRAY_COMPLETE, {
+        "worker_id": worker_id, "ids": [c.id for c in completions], "attempts": [c.attempt for c in completions],
+        "status_codes": [c.status_code for c in completions],
+        "responses": [json.dumps(c.response) for c in completions],
+        "prompt_tokens": [c.prompt_tokens for c in completions],
+        "completion_tokens": [c.completion_tokens for c in completions]}).all()
+    return {row.id: row.batch_id for row in rows}
+
+
+def chat_response(index: int) -> dict:
+    """A body shaped like the worker's, with about as much text as the demo model writes."""
+    words = " ".join(f"word{(index * 31 + k) % 997}" for k in range(85))
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": 1_800_000_000,
+            "model": MODEL, "choices": [{"index": 0, "message": {"role": "assistant", "content": words,
+                                                                 "refusal": None, "tool_calls": []},
+                                         "logprobs": None, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 85, "total_tokens": 115}}
+
+
+def postgres_cpu() -> float:
+    total = 0.0
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "postgres":
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def measured(db, work, before=None) -> dict:
+    """Run `work(conn)` (a list of calls) in a transaction that is rolled back; time each call."""
+    with db.connect() as conn:
+        transaction = conn.begin()
+        if before is not None:
+            conn.execute(sa.text(before))
+        cpu, pg_cpu, walls = time.process_time(), postgres_cpu(), []
+        for call in work:
+            started = time.perf_counter()
+            call(conn)
+            walls.append(time.perf_counter() - started)
+        result = {"cpu": time.process_time() - cpu, "pg_cpu": postgres_cpu() - pg_cpu,
+                  "wall": statistics.median(walls), "calls": len(walls)}
+        transaction.rollback()
+    return result
+
+
+def fill_queue(db, queued: int) -> None:
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    with db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO batches (id, project, endpoint, model, input_file_id, completion_window, status, total,"
+            " created_at, expires_at) VALUES (:id, 'default', '/v1/chat/completions', :model, 'file-bench', '24h',"
+            " 'in_progress', :total, now(), now() + interval '1 day')"), {"id": batch_id, "model": MODEL,
+                                                                          "total": queued})
+        conn.execute(sa.text(
+            "INSERT INTO batch_requests (batch_id, line, custom_id, model, body)"
+            " SELECT :id, n, 'request-' || n, :model,"
+            "  jsonb_build_object('model', CAST(:model AS text), 'max_tokens', 128, 'messages',"
+            "   jsonb_build_array(jsonb_build_object('role', 'user', 'content', 'Request ' || n)))"
+            " FROM generate_series(1, :total) AS n"), {"id": batch_id, "model": MODEL, "total": queued})
+        conn.execute(sa.text("ANALYZE batch_requests"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queued", type=int, default=50_000)
+    parser.add_argument("--results", type=int, default=2_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="queue-bench-") as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data", database_url="")
+        url = database_url(settings)
+        migrate(url)
+        db = create_db_engine(url, pool_size=1)
+        try:
+            fill_queue(db, args.queued)
+            worker_id = str(uuid.uuid4())
+            with db.begin() as conn:
+                queue.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
+                                      gpu_ids="")
+                claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True)
+            completions = [Completion(id=r.id, attempt=r.attempt, status_code=200, response=chat_response(i),
+                                      prompt_tokens=30, completion_tokens=85) for i, r in enumerate(claimed)]
+            groups = [completions[i:i + GROUP_SIZE] for i in range(0, len(completions), GROUP_SIZE)]
+            claims = [lambda conn: queue.claim(conn, worker_id, MODEL, CLAIM_SIZE, engine_idle=False)] * 20
+            contenders = {
+                "claim": {"ours": lambda: measured(db, claims),
+                          "baseline": lambda: measured(db, claims, before="DROP INDEX batch_requests_suspects")},
+                "store": {"ours": lambda: measured(db, [lambda c, g=g: queue.complete(c, worker_id, g)
+                                                        for g in groups]),
+                          "baseline": lambda: measured(db, [lambda c, g=g: array_complete(c, worker_id, g)
+                                                            for g in groups])},
+            }
+            print(f"{args.queued} queued requests; claims of {CLAIM_SIZE}; {len(completions)} results stored in "
+                  f"groups of {GROUP_SIZE}; median of {args.repeats} repeats")
+            for name, runs in contenders.items():
+                results = {contender: [] for contender in runs}
+                for repeat in range(args.repeats):
+                    for contender in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                        results[contender].append(runs[contender]())
+                for contender, samples in results.items():
+                    wall, cpu, pg_cpu = (statistics.median(sample[key] for sample in samples)
+                                         for key in ("wall", "cpu", "pg_cpu"))
+                    print(f"  {name:5s} {contender:8s} per call {1000 * wall:7.2f} ms wall; over {samples[0]['calls']}"
+                          f" calls, CPU: bench {cpu:5.3f} s, PostgreSQL {pg_cpu:5.3f} s")
+        finally:
+            db.dispose()
+            stop_embedded(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
