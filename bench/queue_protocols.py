@@ -24,12 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
 from core.batch_app import queue  # noqa: E402
 from core.batch_app.config import Settings  # noqa: E402
 from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded  # noqa: E402
@@ -74,19 +74,11 @@ def chat_response(index: int) -> dict:
 
 
 def postgres_cpu() -> float:
-    total = 0.0
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] == "postgres":
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-    return total
+    return cpu_seconds(postgres_processes())
 
 
 def measured(db, work, before=None) -> dict:
-    """Run `work(conn)` (a list of calls) in a transaction that is rolled back; time each call."""
+    """Run each call in `work` on one connection, in a transaction that is rolled back; time each."""
     with db.connect() as conn:
         transaction = conn.begin()
         if before is not None:
