@@ -8,6 +8,9 @@ import os
 import signal
 
 import pytest
+from alembic.script import ScriptDirectory
+
+from core.batch_app.database import alembic_config
 
 from .conftest import API_KEY, batchctl, echo_slot, gone, live_worker, start_watchdog, wait_for
 from .jsonl import jsonl, request_line, submit
@@ -91,7 +94,7 @@ def test_workers_table_and_a_created_key_that_works(echo_stack, api, db):
     assert api.client(key).batches.list().data == []  # a project of its own, nothing in it yet
 
 
-def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api):
+def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api, database):
     slot, env, _ = echo_stack
     killed = live_worker(db, slot)
     os.kill(killed.pid, signal.SIGKILL)
@@ -105,7 +108,8 @@ def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api):
         assert section in text
     assert f"API_PORT {api.port}: listening" in text and "core.batch_app.api_server" in text
     assert '"status":"healthy"' in text
-    assert "reachable, PostgreSQL" in text and "migration: database at 0001" in text
+    head = ScriptDirectory.from_config(alembic_config(database)).get_current_head()
+    assert "reachable, PostgreSQL" in text and f"migration: database at {head}, code at head {head}\n" in text
     assert "nvidia-smi not found" in text
     assert "GiB free" in text
     problems = text.split("== Problems")[1]
