@@ -39,18 +39,15 @@ MODEL = "bench-model"
 CLAIM_SIZE = 128
 GROUP_SIZE = 120
 
-# The store statement as it was fed before: one array per column.
-ARRAY_COMPLETE = sa.text("""
-UPDATE batch_requests r
-SET status = CASE WHEN u.status_code = 200 THEN 'succeeded' ELSE 'failed' END,
-    status_code = u.status_code, response = u.response,
-    prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:status_codes AS int[]),
+# The store statement as it was fed before, one array per column; the rest of it is ours, so
+# the two differ only in how a group reaches PostgreSQL.
+_JSON_ROWS = """FROM json_to_recordset(CAST(:results AS json))
+     AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)"""
+_ARRAY_ROWS = """FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:status_codes AS int[]),
             CAST(:responses AS text[]), CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]))
-     AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)
-WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = 'running'
-RETURNING r.id, r.batch_id
-""")
+     AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)"""
+assert _JSON_ROWS in queue._COMPLETE.text, "queue.complete's statement changed: update this baseline"
+ARRAY_COMPLETE = sa.text(queue._COMPLETE.text.replace(_JSON_ROWS, _ARRAY_ROWS))
 
 
 def array_complete(conn, worker_id: str, completions: list[Completion]) -> dict[int, str]:
