@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import sqlalchemy as sa
+
+from core.batch_app.api.batch_endings import RECHECK
+from core.batch_app.api.batches import MAX_WAIT
 
 from .conftest import TEST_MODEL, start_api
 from .jsonl import jsonl, request_line, submit, upload
@@ -35,6 +40,33 @@ def test_create_retrieve_and_cancel_a_queued_batch(project_client, live_model, d
                             {"b": batch.id}).scalar() == 0
 
     assert project_client.batches.cancel(batch.id).status == "cancelled"  # cancelling twice is harmless
+
+
+def test_a_held_retrieve_answers_as_soon_as_the_batch_ends(project_client, live_model):
+    batch = submit(project_client, [request_line("r0", live_model)])
+    started = time.monotonic()
+    held = project_client.batches.retrieve(batch.id, extra_query={"wait": 0.5})
+    assert held.status == "validating" and time.monotonic() - started >= 0.5  # held for the whole wait
+
+    def held_retrieve():
+        return project_client.batches.retrieve(batch.id, extra_query={"wait": 30}), time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(held_retrieve)
+        time.sleep(1.0)
+        cancelled_at = time.monotonic()
+        project_client.batches.cancel(batch.id)
+        ended, answered_at = answer.result(timeout=60)
+    assert ended.status == "cancelled"
+    # Woken by the batch's notification, not by the re-read every RECHECK seconds.
+    assert answered_at - cancelled_at < RECHECK - 2
+    started = time.monotonic()
+    assert project_client.batches.retrieve(batch.id, extra_query={"wait": 30}).status == "cancelled"
+    assert time.monotonic() - started < RECHECK - 2  # an ended batch is never held
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        project_client.batches.retrieve(batch.id, extra_query={"wait": MAX_WAIT + 1})
+    assert caught.value.body["param"] == "wait"
 
 
 def test_cancel_a_failed_batch_is_409(project_client, live_model):

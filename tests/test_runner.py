@@ -49,7 +49,8 @@ def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop
                                                                                 own_model):
     first = submit(client, [request_line(f"a{i}", own_model) for i in range(3)])
     runner = Runner(db, Settings(data_dir=data_dir, database_url=database), new_worker(db, own_model), own_model,
-                    RunnerOptions(idle_poll=0.2, ownership_check=0.1, housekeeping_interval=3600, shutdown_grace=0.3))
+                    RunnerOptions(idle_poll=0.2, ownership_check=0.1, ownership_recheck=3600,
+                                  housekeeping_interval=3600, shutdown_grace=0.3))
     engine = HoldingEngine()
     runner.start()
     loop = threading.Thread(target=runner.run, args=(engine,))
@@ -59,7 +60,7 @@ def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop
         # The engine is busy now: it takes more while it steps.
         second = submit(client, [request_line(f"b{i}", own_model) for i in range(2)])
         wait_for(lambda: custom_ids(engine) == {"a0", "a1", "a2", "b0", "b1"}, 30, message="second batch claimed")
-        client.batches.cancel(first.id)
+        client.batches.cancel(first.id)  # noticed through its notification: no periodic recheck here
         wait_for(lambda: custom_ids(engine) == {"b0", "b1"}, 30, message="cancelled requests aborted")
         assert set(runner.in_flight) == set(engine._pending)
     finally:

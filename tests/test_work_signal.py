@@ -1,4 +1,4 @@
-"""Idle workers are woken through LISTEN/NOTIFY on a real PostgreSQL when requests are queued."""
+"""Workers hear through LISTEN/NOTIFY on a real PostgreSQL when requests are queued or taken away."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from core.batch_app import queue
 from core.batch_app.work_signal import WorkSignal
 
+from .conftest import wait_for
 from .jsonl import request_line, submit
 from .simulated_worker import claim, new_worker
 
@@ -48,6 +49,18 @@ def test_released_requests_wake_workers_and_a_rollback_wakes_none(client, db, ow
     client.batches.cancel(batch.id)
 
 
+def test_a_cancelled_batch_tells_workers_their_work_may_be_taken(client, db, own_model):
+    signal = quiet_signal(db)
+    assert signal.work_taken()  # whatever happened before listening started is unknown
+    assert not signal.work_taken()
+    batch = submit(client, [request_line("c", own_model)])
+    assert not signal.work_taken()  # queued work takes nothing away
+    client.batches.cancel(batch.id)
+    wait_for(signal.work_taken, 30, interval=0.05, message="cancel notification")
+    assert not signal.work_taken()
+    signal.close()
+
+
 def test_a_lost_listener_falls_back_to_waiting_out_the_timeout(db, caplog):
     signal = quiet_signal(db)
     backend = signal._pooled.driver_connection.info.backend_pid
@@ -59,4 +72,5 @@ def test_a_lost_listener_falls_back_to_waiting_out_the_timeout(db, caplog):
         assert not signal.wait(0.5)
     assert time.monotonic() - started >= 0.9  # it still waits: the worker's timer claims meanwhile
     assert "lost the wake-up connection" in caplog.text
+    assert signal.work_taken() and signal.work_taken()  # unheard: the worker must ask the database
     signal.close()

@@ -1,4 +1,4 @@
-"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire, wake.
+"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire, notify.
 
 Each function takes an open connection and runs inside the caller's transaction, so a caller
 can group several steps atomically. The invariants they keep:
@@ -201,15 +201,26 @@ def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tup
     return requeued, sorted({row.batch_id for row in rows if row.status == "failed"})
 
 
-# --- Wake-up: idle workers LISTEN on this channel rather than poll the queue. ---
+# --- Notifications, sent when the transaction commits (never on rollback). ---
 
+# Idle workers LISTEN here rather than poll the queue.
 WORK_CHANNEL = "batch_work"
 _ANNOUNCE_WORK = text(f"SELECT pg_notify('{WORK_CHANNEL}', '')")
 
+# A batch's unfinished requests were taken away (cancel) or it reached its final status; the
+# payload is its id. Busy workers then check what they still own (`no_longer_owned`), and
+# retrieves held until the batch ends (the API's `wait`) answer.
+BATCH_STATUS_CHANNEL = "batch_status"
+_ANNOUNCE_STATUS = text(f"SELECT pg_notify('{BATCH_STATUS_CHANNEL}', :batch_id)")
+
 
 def announce_work(conn: Connection) -> None:
-    """Wake idle workers: requests were queued. Sent when the transaction commits, never on rollback."""
+    """Wake idle workers: requests were queued."""
     conn.execute(_ANNOUNCE_WORK)
+
+
+def _announce_status(conn: Connection, batch_id: str) -> None:
+    conn.execute(_ANNOUNCE_STATUS, {"batch_id": batch_id})
 
 
 # --- Finalize, cancel, expire: the batch-level transitions. ---
@@ -262,6 +273,7 @@ def set_final(conn: Connection, batch_id: str, status: str, output_file_id: str 
               error_file_id: str | None) -> None:
     conn.execute(_SET_FINAL, {"batch_id": batch_id, "status": status,
                               "output_file_id": output_file_id, "error_file_id": error_file_id})
+    _announce_status(conn, batch_id)
 
 
 _STRANDED = text("""
@@ -283,7 +295,7 @@ RETURNING id
 """)
 
 # Cancelling takes every unfinished request at once, running ones included: the workers
-# holding them notice through `no_longer_owned`, and their late results are refused.
+# holding them are notified and abort them, and their late results are refused.
 _CANCEL_REQUESTS = text("""
 UPDATE batch_requests SET status = 'cancelled', finished_at = now(),
     error = jsonb_build_object('code', 'batch_cancelled',
@@ -296,6 +308,7 @@ def start_cancel(conn: Connection, batch_id: str) -> bool:
     if conn.execute(_START_CANCEL, {"batch_id": batch_id}).first() is None:
         return False
     conn.execute(_CANCEL_REQUESTS, {"batch_id": batch_id})
+    _announce_status(conn, batch_id)
     return True
 
 
@@ -316,7 +329,10 @@ WHERE batch_id = :batch_id AND status IN ('queued', 'running')
 
 
 def lock_next_expired(conn: Connection) -> str | None:
-    """Lock one batch past its window and expire its unfinished requests; returns its id."""
+    """Lock one batch past its window and expire its unfinished requests; returns its id.
+
+    The caller ends it with `set_final` in the same transaction, which notifies the workers.
+    """
     batch_id = conn.execute(_LOCK_DUE_FOR_EXPIRY).scalar()
     if batch_id is not None:
         conn.execute(_EXPIRE_REQUESTS, {"batch_id": batch_id})

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunnerOptions:
     idle_poll: float = 1.0  # seconds between claims while the queue is empty, unless woken (work_signal)
-    ownership_check: float = 0.5  # seconds between checks for cancelled/expired in-flight work
+    ownership_check: float = 0.5  # seconds between looks for cancelled/expired in-flight work
+    # Seconds between ownership queries when no notification said work was taken (see work_signal).
+    ownership_recheck: float = 30.0
     housekeeping_interval: float = 5.0
     throughput_log_interval: float = 10.0
     shutdown_grace: float = 30.0
@@ -45,6 +47,7 @@ class Runner:
         self.engine: Engine | None = None
         self.status = "loading"
         self.in_flight: dict[str, ClaimedRequest] = {}
+        self._last_ownership_query = 0.0
         self.stopping = threading.Event()
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
         self.writer = ResultWriter(db, worker_id)
@@ -140,9 +143,17 @@ class Runner:
             self.writer.write_now()
 
     def _drop_taken_requests(self) -> None:
-        """Abort in-flight requests that were cancelled, expired or handed to another worker."""
+        """Abort in-flight requests that were cancelled, expired or handed to another worker.
+
+        The database is asked only when notified of a cancelled or ended batch (or unable to
+        listen), and as a safety net every `ownership_recheck`: each query holds up the engine.
+        """
         if not self.in_flight:
             return
+        now = time.monotonic()
+        if not self.work_signal.work_taken() and now - self._last_ownership_query < self.options.ownership_recheck:
+            return
+        self._last_ownership_query = now
         with self.db.connect() as conn:
             taken = queue.no_longer_owned(conn, self.worker_id, [r.id for r in self.in_flight.values()])
         if taken:

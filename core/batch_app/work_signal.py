@@ -1,8 +1,11 @@
-"""Wakes an idle worker as soon as requests are queued, instead of it polling the queue.
+"""Tells a worker, without polling the database, when work was queued or taken away.
 
-A database connection of its own LISTENs on queue.WORK_CHANNEL. Notifications only shorten the
-wait: the worker still claims on a timer, so a lost one (or a pooler that drops LISTEN) costs at
-most one poll interval, never a request.
+A database connection of its own LISTENs on queue.WORK_CHANNEL (requests were queued: an idle
+worker claims at once) and on queue.BATCH_STATUS_CHANNEL (a batch was cancelled or ended: a busy
+worker checks which of its requests it still owns). Notifications only make the worker prompt:
+it still claims on a timer, and it checks ownership on every look while not listening and once
+after listening starts, so a lost notification (or a pooler that drops LISTEN) costs time, never
+a request.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 
 from sqlalchemy.engine import Engine
 
-from .queue import WORK_CHANNEL
+from .queue import BATCH_STATUS_CHANNEL, WORK_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -26,29 +29,55 @@ class WorkSignal:
         self.db = db
         self._pooled = None  # the pool's wrapper, invalidated on close so no one reuses a listener
         self._retry_at = 0.0
+        self._work_queued = False
+        self._work_taken = True  # nothing is known until listening starts
 
     def wait(self, timeout: float) -> bool:
-        """Block up to `timeout` seconds for a wake-up; True if one came."""
+        """Block up to `timeout` seconds for requests to be queued; True if they were."""
         started = time.monotonic()
-        if self._notified(timeout):
-            return True
-        time.sleep(max(0.0, timeout - (time.monotonic() - started)))  # when not listening
-        return False
+        self._receive(timeout)
+        if self._pooled is None:
+            time.sleep(max(0.0, timeout - (time.monotonic() - started)))
+        return self._take_work_queued()
 
     def pending(self) -> bool:
-        """Whether a wake-up has arrived, without waiting."""
-        return self._notified(0)
+        """Whether requests were queued since last asked, without waiting."""
+        self._receive(0)
+        return self._take_work_queued()
 
-    def _notified(self, timeout: float) -> bool:
+    def work_taken(self) -> bool:
+        """Whether requests may have been taken from workers (a batch cancelled or ended) since
+        last asked. Always True while not listening, since nothing can be known then."""
+        self._receive(0)
+        taken = self._work_taken or self._pooled is None
+        self._work_taken = False
+        return taken
+
+    def _take_work_queued(self) -> bool:
+        queued, self._work_queued = self._work_queued, False
+        return queued
+
+    def _receive(self, timeout: float) -> None:
+        """Take notifications for up to `timeout` seconds, or only those already here once work is queued."""
         connection = self._listening()
         if connection is None:
-            return False
+            return
+        deadline = time.monotonic() + timeout
         try:
-            return any(True for _ in connection.notifies(timeout=timeout, stop_after=1))
-        except Exception as exc:  # the database went away: the timer claims until it is back
+            while True:
+                received = False
+                left = 0.0 if self._work_queued else max(0.0, deadline - time.monotonic())
+                for notify in connection.notifies(timeout=left, stop_after=1):
+                    received = True
+                    if notify.channel == WORK_CHANNEL:
+                        self._work_queued = True
+                    else:
+                        self._work_taken = True
+                if not received:
+                    return
+        except Exception as exc:  # the database went away: timers take over until it is back
             log.warning("lost the wake-up connection (%s: %s); polling until it is back", type(exc).__name__, exc)
             self.close()
-            return False
 
     def _listening(self):
         if self._pooled is None and time.monotonic() >= self._retry_at:
@@ -57,7 +86,9 @@ class WorkSignal:
                 pooled.rollback()
                 pooled.driver_connection.autocommit = True
                 pooled.driver_connection.execute(f"LISTEN {WORK_CHANNEL}")
+                pooled.driver_connection.execute(f"LISTEN {BATCH_STATUS_CHANNEL}")
                 self._pooled = pooled
+                self._work_taken = True  # whatever happened before listening went unheard
             except Exception as exc:
                 log.warning("cannot listen for wake-ups (%s: %s); polling instead", type(exc).__name__, exc)
                 self._retry_at = time.monotonic() + _RETRY_INTERVAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from sqlalchemy.engine import Engine
 from .. import __version__
 from ..config import Settings
 from . import batches, files, metrics, status_page, system
+from .batch_endings import BatchEndings
 from .errors import error_response, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -19,9 +21,17 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    app = FastAPI(title="vLLM Batch Server", version=__version__)
+    batch_endings = BatchEndings(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await batch_endings.close()
+
+    app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.batch_endings = batch_endings
     app.state.metrics_registry = metrics.metrics_registry(engine)
     install_error_handlers(app)
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Engine
 
 from .. import batches, finalize
+from .batch_endings import RECHECK
 from .deps import DB, AppSettings, Project
 from .errors import APIError
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+# Longest a retrieve may be held (`wait`), in seconds: within common proxy and client timeouts.
+MAX_WAIT = 60.0
 
 
 class BatchCreate(BaseModel):
@@ -42,7 +51,24 @@ def list_batches(db: DB, project: Project, after: str | None = None,
 
 
 @router.get("/{batch_id}")
-def retrieve_batch(batch_id: str, db: DB, project: Project) -> dict:
+async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Request,
+                         wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> dict:
+    """`wait` (not in OpenAI's API; the SDK sends it with `extra_query`) holds the answer up to
+    that many seconds until the batch reaches a final status, so a client sees the end at once
+    instead of at its next poll."""
+    deadline = time.monotonic() + wait
+    with request.app.state.batch_endings.watch(batch_id) as changed:
+        while True:
+            changed.clear()
+            batch = await run_in_threadpool(_read_batch, db, project, batch_id)
+            left = deadline - time.monotonic()
+            if batch["status"] in batches.FINAL_STATUSES or left <= 0:
+                return batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, RECHECK))
+
+
+def _read_batch(db: Engine, project: str, batch_id: str) -> dict:
     with db.connect() as conn:
         return batches.get_batch(conn, project, batch_id)
 

@@ -14,10 +14,10 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column, Table
 from rich.text import Text
 
+from ..batches import FINAL_STATUSES
 from ..ingest import ENDPOINTS
 from .errors import CommandError
 
-TERMINAL = ("completed", "failed", "expired", "cancelled")
 console = Console()
 
 
@@ -85,10 +85,10 @@ def wait(client: OpenAI, batch_id: str, poll_seconds: float) -> Batch:
             tokens_per_second = (_tokens(batch) - first_tokens) / elapsed if elapsed > 0 else 0.0
             progress.update(task, description=batch.status, total=total or None, completed=done,
                             **_fields(batch, tokens_per_second, eta))
-            if batch.status in TERMINAL:
+            if batch.status in FINAL_STATUSES:
                 return batch
-            time.sleep(poll_seconds)
-            batch = client.batches.retrieve(batch_id)
+            # Held by the server up to poll_seconds, and answered as soon as the batch ends.
+            batch = client.batches.retrieve(batch_id, extra_query={"wait": poll_seconds})
 
 
 def _done(batch: Batch) -> int:

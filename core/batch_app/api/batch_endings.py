@@ -1,0 +1,71 @@
+"""Retrieves held until a batch ends, answered the moment it does rather than at the next poll.
+
+One connection per API process LISTENs on queue.BATCH_STATUS_CHANNEL and wakes the requests
+waiting on that batch. Notifications only shorten a wait: a waiter re-reads its batch every
+RECHECK seconds anyway, so a lost one (or a pooler that drops LISTEN) costs seconds, never a
+wrong answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import psycopg
+from sqlalchemy.engine import Engine
+
+from ..queue import BATCH_STATUS_CHANNEL
+
+log = logging.getLogger(__name__)
+
+# Seconds between re-reads of a waited-on batch, and between attempts to listen again.
+RECHECK = 5.0
+
+
+class BatchEndings:
+    def __init__(self, engine: Engine):
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def watch(self, batch_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever `batch_id` may have changed status; watch before reading it, so
+        a change between the read and the wait still wakes the waiter."""
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        event = asyncio.Event()
+        self._waiters.setdefault(batch_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters[batch_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[batch_id]
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {BATCH_STATUS_CHANNEL}")
+                    self._wake(list(self._waiters))  # whatever changed before listening went unheard
+                    async for notify in conn.notifies():
+                        self._wake([notify.payload])
+            except Exception as exc:
+                log.warning("cannot listen for batch endings (%s: %s); held retrieves re-read every %.0f s",
+                            type(exc).__name__, exc, RECHECK)
+                await asyncio.sleep(RECHECK)
+
+    def _wake(self, batch_ids: list[str]) -> None:
+        for batch_id in batch_ids:
+            for event in self._waiters.get(batch_id, ()):
+                event.set()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
