@@ -20,8 +20,6 @@ from .workers import model_liveness
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-# A batch in one of these has its files and changes no more.
-FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
               "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 

@@ -225,6 +225,9 @@ def _announce_status(conn: Connection, batch_id: str) -> None:
 
 # --- Finalize, cancel, expire: the batch-level transitions. ---
 
+# A batch in one of these has its files and changes no more.
+FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+
 _START_FINALIZING = text("""
 UPDATE batches b SET status = 'finalizing', finalizing_at = now()
 WHERE b.id = ANY(:batch_ids) AND b.status = 'in_progress'

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Engine
 
-from .. import batches, finalize
+from .. import batches, finalize, queue
 from .batch_endings import RECHECK
 from .deps import DB, AppSettings, Project
 from .errors import APIError
@@ -56,15 +56,17 @@ async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Reque
     """`wait` (not in OpenAI's API; the SDK sends it with `extra_query`) holds the answer up to
     that many seconds until the batch reaches a final status, so a client sees the end at once
     instead of at its next poll."""
+    if not wait:
+        return await run_in_threadpool(_read_batch, db, project, batch_id)
     deadline = time.monotonic() + wait
     with request.app.state.batch_endings.watch(batch_id) as changed:
         while True:
             changed.clear()
             batch = await run_in_threadpool(_read_batch, db, project, batch_id)
             left = deadline - time.monotonic()
-            if batch["status"] in batches.FINAL_STATUSES or left <= 0:
+            if batch["status"] in queue.FINAL_STATUSES or left <= 0:
                 return batch
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, RECHECK))
 
 

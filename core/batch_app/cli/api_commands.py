@@ -14,8 +14,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..batches import FINAL_STATUSES
 from ..ingest import ENDPOINTS
+from ..queue import FINAL_STATUSES
 from .errors import CommandError
 
 console = Console()
