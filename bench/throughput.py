@@ -222,8 +222,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=128)
-    # Single rounds' ratios spread by about +-0.09 on this machine; the median of 15 is about half as
-    # noisy as one of 9 would need to be to decide a 0.9 target from one run.
+    # Single rounds are noisy here (their ratios' standard deviation is about 0.1): resampled, the
+    # median of 9 misses a 0.9 target on noise about twice as often as that of 15 (docs/benchmarks.md).
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-run-batch", action="store_true", help="leave out (b), which takes a minute")
     args = parser.parse_args()
