@@ -10,8 +10,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from core.batch_app.api.batch_endings import RECHECK
-from core.batch_app.api.batches import MAX_WAIT
+from core.batch_app.api.batch_endings import MAX_WAIT, RECHECK
 
 from .conftest import TEST_MODEL, start_api
 from .jsonl import jsonl, request_line, submit, upload

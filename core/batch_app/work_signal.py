@@ -30,7 +30,7 @@ class WorkSignal:
         self._pooled = None  # the pool's wrapper, invalidated on close so no one reuses a listener
         self._retry_at = 0.0
         self._work_queued = False
-        self._work_taken = True  # nothing is known until listening starts
+        self._work_taken = False  # set on listening, and read as True while not listening
 
     def wait(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for requests to be queued; True if they were."""

@@ -20,6 +20,8 @@ from ..queue import BATCH_STATUS_CHANNEL
 
 log = logging.getLogger(__name__)
 
+# Longest a retrieve may be held (`wait`), in seconds: within common proxy and client timeouts.
+MAX_WAIT = 60.0
 # Seconds between re-reads of a waited-on batch, and between attempts to listen again.
 RECHECK = 5.0
 

@@ -13,14 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Engine
 
 from .. import batches, finalize, queue
-from .batch_endings import RECHECK
+from .batch_endings import MAX_WAIT, RECHECK
 from .deps import DB, AppSettings, Project
 from .errors import APIError
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-
-# Longest a retrieve may be held (`wait`), in seconds: within common proxy and client timeouts.
-MAX_WAIT = 60.0
 
 
 class BatchCreate(BaseModel):

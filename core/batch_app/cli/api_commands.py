@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column, Table
 from rich.text import Text
 
+from ..api.batch_endings import MAX_WAIT
 from ..ingest import ENDPOINTS
 from ..queue import FINAL_STATUSES
 from .errors import CommandError
@@ -87,8 +88,8 @@ def wait(client: OpenAI, batch_id: str, poll_seconds: float) -> Batch:
                             **_fields(batch, tokens_per_second, eta))
             if batch.status in FINAL_STATUSES:
                 return batch
-            # Held by the server up to poll_seconds, and answered as soon as the batch ends.
-            batch = client.batches.retrieve(batch_id, extra_query={"wait": poll_seconds})
+            # Held by the server up to poll_seconds (at most MAX_WAIT), answered as soon as the batch ends.
+            batch = client.batches.retrieve(batch_id, extra_query={"wait": min(poll_seconds, MAX_WAIT)})
 
 
 def _done(batch: Batch) -> int:
