@@ -23,9 +23,9 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.batch_app import queue  # noqa: E402
+from core.batch_app.domain import registry  # noqa: E402
 from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded  # noqa: E402
+from core.batch_app.database import open_database, database_url, migrate, stop_embedded  # noqa: E402
 from tests.conftest import start_api  # noqa: E402
 
 MODEL = "bench-model"
@@ -75,9 +75,9 @@ def main() -> int:
         settings = Settings(data_dir=root / "data", database_url="")
         url = database_url(settings)
         migrate(url)
-        db = create_db_engine(url, pool_size=1)
+        db = open_database(url, pool_size=1)
         with db.begin() as conn:  # a live worker for the model, as a running worker would register
-            queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="bench", host="bench", pid=1,
+            registry.register_worker(conn, worker_id=str(uuid.uuid4()), slot="bench", host="bench", pid=1,
                                   model=MODEL, gpu_ids="")
         server = start_api(url, root, "api", API_KEY="")
         try:

@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
-from core.batch_app import queue  # noqa: E402
+from core.batch_app.domain import queue, registry  # noqa: E402
 from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded  # noqa: E402
-from core.batch_app.queue import Completion  # noqa: E402
+from core.batch_app.database import open_database, database_url, migrate, stop_embedded  # noqa: E402
+from core.batch_app.domain.queue import Completion  # noqa: E402
 
 MODEL = "bench-model"
 CLAIM_SIZE = 128
@@ -118,12 +118,12 @@ def main() -> int:
         settings = Settings(data_dir=Path(tmp) / "data", database_url="")
         url = database_url(settings)
         migrate(url)
-        db = create_db_engine(url, pool_size=1)
+        db = open_database(url, pool_size=1)
         try:
             fill_queue(db, args.queued)
             worker_id = str(uuid.uuid4())
             with db.begin() as conn:
-                queue.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
+                registry.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
                                       gpu_ids="")
                 claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True)
             completions = [Completion(id=r.id, attempt=r.attempt, status_code=200, response=chat_response(i),

@@ -42,7 +42,7 @@ from core.batch_app.config import Settings  # noqa: E402
 from core.batch_app.database import database_url, migrate, stop_embedded  # noqa: E402
 from core.batch_app.demo_model import DEMO_MODEL_NAME, build_demo_model  # noqa: E402
 from core.batch_app.engines.vllm_engine import vllm_environment  # noqa: E402
-from core.batch_app.queue import FINAL_STATUSES  # noqa: E402
+from core.batch_app.domain.batch_format import FINAL_STATUSES  # noqa: E402
 from tests.conftest import live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 
 # Loads the model once, warms up, then runs all prompts once per line read from stdin.
@@ -132,10 +132,10 @@ class OurServer:
     """(c): the API server and a watchdog with one loaded vLLM worker, as deployed."""
 
     def __init__(self, root: Path, requests: Path, url: str):
-        from core.batch_app.database import create_db_engine
+        from core.batch_app.database import open_database
 
         self.requests = requests
-        self.db = create_db_engine(url, pool_size=1)
+        self.db = open_database(url, pool_size=1)
         self.api = start_api(url, root / "data", "api", API_KEY="")
         self.watchdog = start_watchdog(url, root / "data", "watchdog", [{"slot": "chat-0", "model": "demo"}],
                                        API_KEY="")

@@ -4,7 +4,7 @@ processes starting at once migrate one after another."""
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from core.batch_app.tables import metadata
+from core.batch_app.domain.tables import metadata
 
 MIGRATION_LOCK = 4080_0001
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up and start the whole stack in the background: database, API server, workers.
 # Returns once /health answers. Logs go to $LOG_DIR, PID files to $DATA_DIR/run.
+# Nothing here restarts a process that crashes (the watchdog restarts workers, not itself nor the
+# API): for that, run the stack under systemd (scripts/install-systemd.sh), which restarts both.
 set -euo pipefail
 "$(dirname "$0")/setup.sh"
 . "$(dirname "$0")/common.sh"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,14 +18,26 @@ import pytest
 import sqlalchemy as sa
 from openai import OpenAI
 
-from core.batch_app import queue
-from core.batch_app.database import create_db_engine, database_url, migrate, stop_embedded
+from core.batch_app.domain import registry
+from core.batch_app.database import open_database, database_url, migrate, stop_embedded
 from core.batch_app.config import Settings
-from core.batch_app.keys import create_key
+from core.batch_app.domain.keys import create_key
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-default-project"
 TEST_MODEL = "api-test-model"
+
+
+def require_tool(*names: str, package: str) -> str:
+    """The path of the first of `names` on PATH. Missing: a skip on a developer's machine, a
+    failure in CI (CI=true), where scripts/test.sh installs `package`."""
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    message = f"{names[0]} is not installed (Debian's {package} package; scripts/test.sh installs it as root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -62,7 +75,7 @@ def database(data_dir) -> str:
 
 @pytest.fixture(scope="session")
 def db(database):
-    engine = create_db_engine(database, pool_size=5)
+    engine = open_database(database, pool_size=5)
     yield engine
     engine.dispose()
 
@@ -137,7 +150,7 @@ def register_live_worker(db, model: str) -> str:
     """A worker row with a fresh heartbeat, as a running worker would register."""
     with db.begin() as conn:
         conn.execute(sa.text("DELETE FROM workers WHERE model = :m"), {"m": model})
-        queue.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
+        registry.register_worker(conn, worker_id=str(uuid.uuid4()), slot="api-test", host="test", pid=os.getpid(),
                               model=model, gpu_ids="")
     return model
 
@@ -214,6 +227,15 @@ def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 300):
     terminal = ("completed", "failed", "expired", "cancelled")
     return wait_for(lambda: (b := client.batches.retrieve(batch_id)).status in terminal and b, timeout,
                     interval=0.5, message=f"batch {batch_id} to end")
+
+
+def rerun(db, batch_id: str) -> list[str]:
+    """The custom_ids of a batch that ran again after a worker holding them died (attempt above 1)
+    and then succeeded. Empty when the killed worker held nothing of the batch."""
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT custom_id FROM batch_requests WHERE batch_id = :b AND attempt > 1 AND status = 'succeeded'"),
+            {"b": batch_id}).scalars().all()
 
 
 def live_worker(db, slot: str, statuses=("idle", "busy")):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import uuid
 
-from core.batch_app import queue
-from core.batch_app.queue import Completion
+from core.batch_app.domain import queue, registry
+from core.batch_app.domain.queue import Completion
 
 
 def new_worker(db, model: str) -> str:
     worker_id = str(uuid.uuid4())
     with db.begin() as conn:
-        queue.register_worker(conn, worker_id=worker_id, slot="q", host="test", pid=1, model=model, gpu_ids="")
+        registry.register_worker(conn, worker_id=worker_id, slot="q", host="test", pid=1, model=model, gpu_ids="")
     return worker_id
 
 

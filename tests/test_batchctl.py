@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -110,23 +111,28 @@ def test_diagnose_names_a_killed_worker_and_why(echo_stack, db, api, database):
     assert '"status":"healthy"' in text
     head = ScriptDirectory.from_config(alembic_config(database)).get_current_head()
     assert "reachable, PostgreSQL" in text and f"migration: database at {head}, code at head {head}\n" in text
-    assert "nvidia-smi not found" in text
+    gpus = text.split("== GPU")[1].split("== Disk")[0].strip()
+    assert gpus and ("nvidia-smi not found" in gpus) == (shutil.which("nvidia-smi") is None)
     assert "GiB free" in text
     problems = text.split("== Problems")[1]
     assert f"worker {slot} was restarted" in problems and "killed by SIGKILL" in problems
     assert f"worker-{slot}.log" in text
 
 
-def test_diagnose_names_a_dead_worker_that_nobody_restarts(echo_stack, db):
-    """Last in this file: it kills the watchdog itself, then its orphaned worker."""
-    slot, env, watchdog = echo_stack
-    orphan = live_worker(db, slot)
-    watchdog.process.send_signal(signal.SIGKILL)
-    watchdog.process.wait(10)
-    os.kill(orphan.pid, signal.SIGKILL)
-    wait_for(lambda: gone(orphan.pid), 10, message="worker gone")
-
-    problems = batchctl(env, "diagnose").stdout.split("== Problems")[1]
+def test_diagnose_names_a_dead_worker_that_nobody_restarts(database, data_dir, db, api):
+    """It kills a watchdog of its own, then that watchdog's orphaned worker."""
+    slot = "ctl-orphan"
+    watchdog = start_watchdog(database, data_dir, "watchdog-orphan", [echo_slot(slot)], HEARTBEAT_INTERVAL="0.5")
+    env = dict(watchdog.env, BATCHCTL_API_URL=f"{api.base_url}/v1", BATCHCTL_API_KEY=API_KEY, API_PORT=str(api.port))
+    try:
+        orphan = wait_for(lambda: live_worker(db, slot), 60, message="echo worker up")
+        watchdog.process.send_signal(signal.SIGKILL)
+        watchdog.process.wait(10)
+        os.kill(orphan.pid, signal.SIGKILL)
+        wait_for(lambda: gone(orphan.pid), 10, message="worker gone")
+        problems = batchctl(env, "diagnose").stdout.split("== Problems")[1]
+    finally:
+        watchdog.stop()
     # An orphan is reaped by PID 1, which in some containers never reaps: a zombie is named as such.
     assert (f"worker {slot} (pid {orphan.pid}): its process is gone but it is recorded as {orphan.status}: "
             f"it was killed or crashed" in problems) or f"worker {slot} (pid {orphan.pid}): process is zombie" in problems

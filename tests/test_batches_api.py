@@ -10,7 +10,8 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from core.batch_app.api.batch_endings import MAX_WAIT, RECHECK
+from core.batch_app.api.batch_endings import RECHECK
+from core.batch_app.domain.batch_format import MAX_WAIT
 
 from .conftest import TEST_MODEL, start_api
 from .jsonl import jsonl, request_line, submit, upload

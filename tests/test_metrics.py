@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.batch_app import finalize
+from core.batch_app.domain import finalize
 
 from .jsonl import request_line, submit
 from .simulated_worker import answer, claim, complete, new_worker

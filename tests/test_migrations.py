@@ -1,31 +1,92 @@
-"""Migrations run from an empty database to head and back, and match tables.py exactly."""
+"""Migrations run from an empty database to head and back, and match tables.py exactly; the
+status checks go onto a database that already holds rows of every status."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
 from core.batch_app.database import alembic_config, migrate
-from core.batch_app.tables import metadata
+from core.batch_app.domain.statuses import BatchStatus, RequestStatus, WorkerStatus
+from core.batch_app.domain.tables import metadata
 
 
-def test_empty_database_to_head_without_drift_and_back(database):
+@contextlib.contextmanager
+def scratch_database(database: str):
+    """The URL of an empty database of its own, dropped afterwards."""
     admin = sa.create_engine(database, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     name = f"migrate_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(database).set(database=name).render_as_string(hide_password=False)
     try:
+        yield sa.engine.make_url(database).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def check_constraints(engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c'")).all())
+
+
+def test_empty_database_to_head_without_drift_and_back(database):
+    with scratch_database(database) as url, scratch_database(database) as from_tables:
         migrate(url)
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         assert set(sa.inspect(engine).get_table_names()) == set(metadata.tables) | {"alembic_version"}
         command.check(alembic_config(url))  # raises when the revisions and tables.py disagree
+        # alembic's check does not compare CHECK constraints: compare them with tables.py's own.
+        reference = sa.create_engine(from_tables, poolclass=sa.pool.NullPool)
+        metadata.create_all(reference)
+        assert check_constraints(engine) == check_constraints(reference) != {}
+        reference.dispose()
         migrate(url)  # running again is a no-op
         command.downgrade(alembic_config(url), "base")
         assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
         engine.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def _insert_every_status(conn) -> None:
+    for status in BatchStatus:
+        conn.execute(sa.text("""
+            INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
+            VALUES (:id, 'p', '/v1/chat/completions', 'file-x', '24h', :status)"""),
+            {"id": f"batch_{status}", "status": status})
+    for line, status in enumerate(RequestStatus, 1):
+        conn.execute(sa.text("""
+            INSERT INTO batch_requests (batch_id, line, custom_id, model, body, status)
+            VALUES ('batch_in_progress', :line, :custom_id, 'm', '{}', :status)"""),
+            {"line": line, "custom_id": f"r{line}", "status": status})
+    for status in WorkerStatus:
+        conn.execute(sa.text("""
+            INSERT INTO workers (id, slot, host, pid, model, status)
+            VALUES (:id, :slot, 'h', 1, 'm', :status)"""), {"id": str(uuid.uuid4()), "slot": status, "status": status})
+
+
+def test_status_checks_apply_to_a_database_holding_every_status(database):
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), "0002")
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:
+            _insert_every_status(conn)
+        migrate(url)
+        with engine.connect() as conn:
+            counts = conn.execute(sa.text("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM "
+                                          "batch_requests), (SELECT count(*) FROM workers)")).one()
+            assert tuple(counts) == (len(BatchStatus), len(RequestStatus), len(WorkerStatus))
+        for table, column_values in (("batches", "status = 'done'"), ("batch_requests", "status = 'done'"),
+                                     ("workers", "status = 'asleep'")):
+            with pytest.raises(sa.exc.IntegrityError, match=f"{table}_status_known"):
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"UPDATE {table} SET {column_values}"))
+        command.downgrade(alembic_config(url), "0002")
+        with engine.begin() as conn:  # and off again
+            conn.execute(sa.text("UPDATE workers SET status = 'asleep'"))
+        engine.dispose()

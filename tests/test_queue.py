@@ -9,9 +9,9 @@ import time
 
 import sqlalchemy as sa
 
-from core.batch_app import finalize, housekeeping, queue
+from core.batch_app.domain import finalize, housekeeping, queue, registry
 from core.batch_app.config import Settings
-from core.batch_app.queue import Completion
+from core.batch_app.domain.queue import Completion
 
 from .conftest import wait_for_batch
 from .jsonl import request_line, submit
@@ -112,7 +112,7 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
         claimed = claim(db, worker, own_model, 1)
         assert [(r.custom_id, r.attempt) for r in claimed] == [("poison", attempt)]
         with db.begin() as conn:
-            queue.mark_worker_dead(conn, worker)
+            registry.mark_worker_dead(conn, worker)
         housekeeping.run_once(db, settings)
         assert complete(db, worker, [answer(claimed[0])]) == {}  # the dead worker's late result is refused
     assert statuses(db, batch.id) == {"failed": 1, "queued": 1}
@@ -133,7 +133,7 @@ def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client,
     crashed = new_worker(db, own_model)
     assert len(claim(db, crashed, own_model, 10)) == 3
     with db.begin() as conn:
-        queue.mark_worker_dead(conn, crashed)
+        registry.mark_worker_dead(conn, crashed)
     housekeeping.run_once(db, Settings(max_attempts=2))
     fresh = submit(client, [request_line("new", own_model)])
 
@@ -158,7 +158,7 @@ def test_silent_worker_is_declared_dead_and_fenced(client, db, own_model):
     housekeeping.run_once(db, Settings(heartbeat_timeout=60))
     assert statuses(db, batch.id) == {"queued": 1}
     with db.begin() as conn:  # the silent worker's next beat tells it to stop
-        assert not queue.heartbeat(conn, worker_id=worker, status="busy", in_flight=1,
+        assert not registry.heartbeat(conn, worker_id=worker, status="busy", in_flight=1,
                                    requests_done=0, tokens_done=0, progressed=False)
     client.batches.cancel(batch.id)
 

@@ -9,10 +9,10 @@ import time
 import sqlalchemy as sa
 
 from core.batch_app.config import Settings
-from core.batch_app.engines.base import EngineResult, EngineSpec
-from core.batch_app.runner import Runner, RunnerOptions
+from core.batch_app.engines.base import RETRY_STATUS, EngineResult, EngineSpec, error_result
+from core.batch_app.worker.runner import Runner, RunnerOptions
 
-from .conftest import wait_for
+from .conftest import wait_for, wait_for_batch
 from .engines import EchoEngine
 from .jsonl import request_line, submit
 from .simulated_worker import new_worker
@@ -48,9 +48,9 @@ def statuses(db, batch_id: str) -> set[str]:
 def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop(client, db, database, data_dir,
                                                                                 own_model):
     first = submit(client, [request_line(f"a{i}", own_model) for i in range(3)])
-    runner = Runner(db, Settings(data_dir=data_dir, database_url=database), new_worker(db, own_model), own_model,
-                    RunnerOptions(idle_poll=0.2, ownership_check=0.1, ownership_recheck=3600,
-                                  housekeeping_interval=3600, shutdown_grace=0.3))
+    runner = Runner(db, Settings(data_dir=data_dir, database_url=database, housekeeping_interval=3600),
+                    new_worker(db, own_model), own_model,
+                    RunnerOptions(idle_poll=0.2, ownership_check=0.1, ownership_recheck=3600, shutdown_grace=0.3))
     engine = HoldingEngine()
     runner.start()
     loop = threading.Thread(target=runner.run, args=(engine,))
@@ -69,3 +69,49 @@ def test_a_busy_worker_claims_more_aborts_a_cancelled_batch_and_releases_on_stop
     assert not loop.is_alive()
     assert statuses(db, second.id) == {"queued"}  # released at the end of the grace period
     client.batches.cancel(second.id)
+
+
+class UnservedOnceEngine(EchoEngine):
+    """Answers each request with RETRY_STATUS the first time it sees it, as an engine whose backend
+    refused the connection would, and properly the second time."""
+
+    def __init__(self) -> None:
+        super().__init__(EngineSpec(kind="unserved-once", model_path="", served_name="unserved", max_in_flight=8))
+        self.seen: list[str] = []
+
+    def step(self) -> list[EngineResult]:
+        results = []
+        for result in super().step():
+            content = self._answered_content(result)
+            if content not in self.seen:
+                self.seen.append(content)
+                result = error_result(result.key, f"ConnectError: no backend for {content}",
+                                      status_code=RETRY_STATUS, error_type="server_error")
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _answered_content(result: EngineResult) -> str:
+        return result.body["choices"][0]["message"]["content"]
+
+
+def test_a_request_the_engine_could_not_serve_is_queued_again_uncharged(client, db, database, data_dir,
+                                                                         own_model):
+    batch = submit(client, [request_line(f"u{i}", own_model) for i in range(5)])
+    runner = Runner(db, Settings(data_dir=data_dir, database_url=database, housekeeping_interval=3600),
+                    new_worker(db, own_model), own_model, RunnerOptions(idle_poll=0.2, shutdown_grace=0.3))
+    engine = UnservedOnceEngine()
+    runner.start()
+    loop = threading.Thread(target=runner.run, args=(engine,))
+    loop.start()
+    try:
+        ended = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        runner.stopping.set()
+        loop.join(30)
+    assert ended.status == "completed" and ended.request_counts.completed == 5
+    assert len(engine.seen) == 5  # each was refused once, then served
+    with db.connect() as conn:
+        attempts = conn.execute(sa.text("SELECT custom_id, attempt FROM batch_requests WHERE batch_id = :b"),
+                                {"b": batch.id}).all()
+    assert sorted(attempts) == [(f"u{i}", 1) for i in range(5)]  # the hand-back cost no attempt

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 
 import httpx
 import pytest
 
-from .conftest import API_KEY, start_api
+from .conftest import API_KEY, require_tool, start_api
 from .jsonl import request_line, submit
 from .simulated_worker import answer, claim, complete, new_worker
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 
 def basic(key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"user:{key}".encode()).decode()}
@@ -44,14 +40,14 @@ def public_api(database, data_dir):
     server.stop()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (scripts/test.sh installs it)")
 def test_a_running_batch_shows_its_progress_in_chromium(public_api, client, db, own_model, tmp_path):
+    chromium = require_tool("chromium", "chromium-browser", package="chromium")
     batch = submit(client, [request_line(f"r{i}", own_model) for i in range(4)])
     worker = new_worker(db, own_model)
     requests = claim(db, worker, own_model, 4)
     complete(db, worker, [answer(requests[0])])  # one of four done, three running
 
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800"]
     screenshot = tmp_path / "status.png"

@@ -16,7 +16,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from .conftest import batchctl, echo_slot, gone, live_worker, start_watchdog, wait_for, wait_for_batch
+from .conftest import batchctl, echo_slot, gone, live_worker, rerun, start_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -63,6 +63,7 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
         done = wait_for_batch(client, batch.id, 120)
         assert done.status == "completed" and done.request_counts.completed == 400
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(400)})
+        assert rerun(db, batch.id)  # the victim held requests, and they ran again (once: above)
         assert live_worker(db, slot).pid != first.pid
         warning = wait_for(lambda: sentry.messages("warning"), 10, message="warning event")[0]
         assert warning["tags"]["slot"] == slot and warning["tags"]["worker_id"] == str(first.id)
@@ -74,10 +75,12 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
 
 def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir, db, client):
     slot = "stop-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-stop", [echo_slot(slot)], **FAST_LIVENESS)
+    watchdog = start_watchdog(database, data_dir, "watchdog-stop", [echo_slot(slot)], ECHO_STEP_SECONDS="0.2",
+                              **FAST_LIVENESS)
     try:
         first = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(100)])
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 60, message="progress")
         os.kill(first.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         [restart] = wait_for(lambda: restarts(db, slot), 20, interval=0.1, message="hang detected")
@@ -87,6 +90,7 @@ def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir
         done = wait_for_batch(client, batch.id, 120)
         assert done.status == "completed"
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(100)})
+        assert rerun(db, batch.id)  # what the stopped worker held ran again
     finally:
         assert watchdog.stop() == 0
 

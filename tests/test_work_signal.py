@@ -7,8 +7,8 @@ import time
 
 import sqlalchemy as sa
 
-from core.batch_app import queue
-from core.batch_app.work_signal import WorkSignal
+from core.batch_app.domain import queue
+from core.batch_app.worker.work_signal import WorkSignal
 
 from .conftest import wait_for
 from .jsonl import request_line, submit

@@ -6,10 +6,10 @@ import uvicorn
 
 from .alerts import init_sentry
 from .config import get_settings
-from .database import create_db_engine, database_url, migrate
-from .keys import DEFAULT_PROJECT, add_key
-from .logs import configure_logging
 from .api.app import create_app
+from .database import database_url, migrate, open_database
+from .domain.keys import DEFAULT_PROJECT, add_key
+from .logs import configure_logging
 
 
 def main() -> None:
@@ -18,11 +18,11 @@ def main() -> None:
     init_sentry(settings.sentry_dsn, "api_server")
     url = database_url(settings)
     migrate(url)
-    engine = create_db_engine(url, pool_size=10)
+    db = open_database(url, pool_size=10)
     if settings.api_key:
-        with engine.begin() as conn:
+        with db.begin() as conn:
             add_key(conn, settings.api_key, DEFAULT_PROJECT, name="API_KEY")
-    uvicorn.run(create_app(settings, engine), host=settings.api_host, port=settings.api_port,
+    uvicorn.run(create_app(settings, db), host=settings.api_host, port=settings.api_port,
                 log_level="info", log_config=None, timeout_graceful_shutdown=10)
 
 

@@ -46,7 +46,6 @@ class Settings(BaseSettings):
     max_file_bytes: int = 200 * 1024 * 1024
     max_file_lines: int = 50_000
     max_line_bytes: int = 4 * 1024 * 1024
-    completion_window_seconds: int = 24 * 3600
 
     # Liveness and supervision.
     heartbeat_interval: float = 5.0
@@ -61,6 +60,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = 30.0
     kill_grace: float = 5.0  # between SIGTERM and SIGKILL when the watchdog kills a failed worker
     max_attempts: int = 3
+    # Seconds between housekeeping rounds (rescue, expiry, stranded batches) in every watchdog and worker.
+    housekeeping_interval: float = 5.0
     # JSON list of WorkerSlot objects; empty: the demo chat model (or MODEL) and the embedder.
     workers: str = ""
 
@@ -68,6 +69,15 @@ class Settings(BaseSettings):
         if self.workers.strip():
             return [WorkerSlot(**item) for item in json.loads(self.workers)]
         return [WorkerSlot(slot="chat-0", model=self.model), WorkerSlot(slot="embed-0", model="all-MiniLM-L6-v2")]
+
+    def worker_slot(self, name: str) -> WorkerSlot:
+        """The configured slot of that name; a worker reads its own configuration here."""
+        slots = self.worker_slots()
+        for slot in slots:
+            if slot.slot == name:
+                return slot
+        raise ValueError(f"No worker slot named '{name}' in WORKERS (configured: "
+                         f"{', '.join(slot.slot for slot in slots)}).")
 
 
 @lru_cache

@@ -23,6 +23,10 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
+# The database as every process holds it: a pool of connections (SQLAlchemy calls it an Engine;
+# here "engine" always means an inference engine).
+Database = Engine
+
 
 def embedded_pgdata(settings: Settings) -> Path:
     return (settings.data_dir / "postgres").resolve()
@@ -75,7 +79,7 @@ def _with_psycopg_driver(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_db_engine(url: str, pool_size: int = 5) -> Engine:
+def open_database(url: str, pool_size: int = 5) -> Database:
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 

@@ -6,10 +6,9 @@ import contextlib
 import logging
 
 from fastapi import FastAPI, Request
-from sqlalchemy.engine import Engine
-
 from .. import __version__
 from ..config import Settings
+from ..database import Database
 from . import batches, files, metrics, status_page, system
 from .batch_endings import BatchEndings
 from .errors import error_response, install_error_handlers
@@ -20,8 +19,8 @@ log = logging.getLogger(__name__)
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    batch_endings = BatchEndings(engine)
+def create_app(settings: Settings, db: Database) -> FastAPI:
+    batch_endings = BatchEndings(db)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -30,9 +29,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.db = db
     app.state.batch_endings = batch_endings
-    app.state.metrics_registry = metrics.metrics_registry(engine)
+    app.state.metrics_registry = metrics.metrics_registry(db)
     install_error_handlers(app)
 
     @app.middleware("http")

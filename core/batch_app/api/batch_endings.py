@@ -1,6 +1,6 @@
 """Retrieves held until a batch ends, answered the moment it does rather than at the next poll.
 
-One connection per API process LISTENs on queue.BATCH_STATUS_CHANNEL and wakes the requests
+One connection per API process LISTENs on queue.BATCH_ENDED_CHANNEL and wakes the requests
 waiting on that batch. Notifications only shorten a wait: a waiter re-reads its batch every
 RECHECK seconds anyway, so a lost one (or a pooler that drops LISTEN) costs seconds, never a
 wrong answer.
@@ -14,28 +14,26 @@ import logging
 from collections.abc import Iterator
 
 import psycopg
-from sqlalchemy.engine import Engine
 
-from ..queue import BATCH_STATUS_CHANNEL
+from ..database import Database
+from ..domain.queue import BATCH_ENDED_CHANNEL
 
 log = logging.getLogger(__name__)
 
-# Longest a retrieve may be held (`wait`), in seconds: within common proxy and client timeouts.
-MAX_WAIT = 60.0
 # Seconds between re-reads of a waited-on batch, and between attempts to listen again.
 RECHECK = 5.0
 
 
 class BatchEndings:
-    def __init__(self, engine: Engine):
-        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, db: Database):
+        self._conninfo = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
 
     @contextlib.contextmanager
     def watch(self, batch_id: str) -> Iterator[asyncio.Event]:
-        """An event set whenever `batch_id` may have changed status; watch before reading it, so
-        a change between the read and the wait still wakes the waiter."""
+        """An event set whenever `batch_id` may have ended; watch before reading it, so an ending
+        between the read and the wait still wakes the waiter."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         event = asyncio.Event()
@@ -52,7 +50,7 @@ class BatchEndings:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {BATCH_STATUS_CHANNEL}")
+                    await conn.execute(f"LISTEN {BATCH_ENDED_CHANNEL}")
                     self._wake(list(self._waiters))  # whatever changed before listening went unheard
                     async for notify in conn.notifies():
                         self._wake([notify.payload])

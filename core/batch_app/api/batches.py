@@ -10,10 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.engine import Engine
 
-from .. import batches, finalize, queue
-from .batch_endings import MAX_WAIT, RECHECK
+from ..database import Database
+from ..domain import batches, finalize
+from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT
+from ..domain.statuses import BatchStatus
+from .batch_endings import RECHECK
 from .deps import DB, AppSettings, Project
 from .errors import APIError
 
@@ -61,13 +63,13 @@ async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Reque
             changed.clear()
             batch = await run_in_threadpool(_read_batch, db, project, batch_id)
             left = deadline - time.monotonic()
-            if batch["status"] in queue.FINAL_STATUSES or left <= 0:
+            if batch["status"] in FINAL_STATUSES or left <= 0:
                 return batch
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, RECHECK))
 
 
-def _read_batch(db: Engine, project: str, batch_id: str) -> dict:
+def _read_batch(db: Database, project: str, batch_id: str) -> dict:
     with db.connect() as conn:
         return batches.get_batch(conn, project, batch_id)
 
@@ -76,7 +78,7 @@ def _read_batch(db: Engine, project: str, batch_id: str) -> dict:
 def cancel_batch(batch_id: str, db: DB, project: Project) -> dict:
     with db.connect() as conn:
         status = batches.get_batch(conn, project, batch_id)["status"]
-    if status not in ("cancelling", "cancelled") and not finalize.cancel(db, batch_id):
+    if status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED) and not finalize.cancel(db, batch_id):
         raise APIError(409, f"Batch '{batch_id}' is {status} and can no longer be cancelled.",
                        param="batch_id", code="batch_not_cancellable")
     with db.connect() as conn:

@@ -1,4 +1,4 @@
-"""Shared request dependencies: settings, the database engine, and the caller's project."""
+"""Shared request dependencies: settings, the database, and the caller's project."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import base64
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.engine import Engine
 
 from ..config import Settings
-from ..keys import DEFAULT_PROJECT, project_of
+from ..database import Database
+from ..domain.keys import DEFAULT_PROJECT, project_of
 from .errors import APIError
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
+def get_db(request: Request) -> Database:
+    return request.app.state.db
 
 
 def get_settings(request: Request) -> Settings:
@@ -34,14 +34,14 @@ def _presented_key(header: str) -> str:
     return ""
 
 
-def authenticate(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> str:
+def authenticate(request: Request, db: Annotated[Database, Depends(get_db)]) -> str:
     """The caller's project, from `Authorization: Bearer <key>`.
 
     With no key configured anywhere the server is open (bound to loopback by default) and every
     caller belongs to the default project.
     """
     key = _presented_key(request.headers.get("authorization", ""))
-    with engine.connect() as conn:
+    with db.connect() as conn:
         project, any_keys = project_of(conn, key or None)
     if project is not None:
         return project
@@ -53,6 +53,6 @@ def authenticate(request: Request, engine: Annotated[Engine, Depends(get_engine)
     raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-DB = Annotated[Engine, Depends(get_engine)]
+DB = Annotated[Database, Depends(get_db)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 Project = Annotated[str, Depends(authenticate)]

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..domain.errors import Conflict, DomainError, InvalidRequest, NoLiveWorker, NotFound, TooLarge
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -34,8 +36,8 @@ class APIError(Exception):
         self.error_type = error_type or _TYPES.get(status_code, "api_error")
 
 
-def not_found(kind: str, object_id: str, param: str) -> APIError:
-    return APIError(404, f"No {kind} found with id '{object_id}'.", param=param, code="not_found")
+# The HTTP status of each kind of domain error.
+_DOMAIN_STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, TooLarge: 413, NoLiveWorker: 503}
 
 
 def error_response(status_code: int, message: str, error_type: str, param: str | None = None,
@@ -50,6 +52,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        status_code = next(code for kind, code in _DOMAIN_STATUS.items() if isinstance(exc, kind))
+        return error_response(status_code, exc.message, _TYPES[status_code], exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

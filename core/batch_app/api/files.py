@@ -9,9 +9,10 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 
-from ..storage import FileTooLarge, delete_file, iter_chunks, store_stream
+from ..domain.errors import NotFound
+from ..domain.storage import delete_file, iter_chunks, store_stream
 from .deps import DB, AppSettings, Project
-from .errors import APIError, not_found
+from .errors import APIError
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -26,7 +27,7 @@ def _get_file_row(conn, project: str, file_id: str):
     row = conn.execute(text("SELECT * FROM files WHERE id = :id AND project = :project"),
                        {"id": file_id, "project": project}).mappings().first()
     if row is None:
-        raise not_found("file", file_id, "file_id")
+        raise NotFound("file", file_id, "file_id")
     return row
 
 
@@ -39,12 +40,9 @@ def upload_file(db: DB, settings: AppSettings, project: Project,
     filename = file.filename or "upload.jsonl"
     if not filename.endswith(".jsonl"):
         raise APIError(400, f"File '{filename}' must be a .jsonl file.", param="file", code="invalid_file_format")
-    try:
-        with db.begin() as conn:
-            row = store_stream(conn, file.file, project=project, purpose=purpose, filename=filename,
-                               max_bytes=settings.max_file_bytes)
-    except FileTooLarge as exc:
-        raise APIError(413, str(exc), param="file", code="file_too_large") from exc
+    with db.begin() as conn:
+        row = store_stream(conn, file.file, project=project, purpose=purpose, filename=filename,
+                           max_bytes=settings.max_file_bytes)
     return file_object(row)
 
 

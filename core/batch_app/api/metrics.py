@@ -11,23 +11,22 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy.engine import Engine
-
-from .. import overview
+from ..database import Database
+from ..domain import overview
+from ..domain.statuses import WorkerStatus
 
 router = APIRouter()
 
 QUEUE_WAIT_BOUNDS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, float("inf")]
 BATCH_DURATION_BOUNDS = [10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")]
-WORKER_STATUSES = ("loading", "idle", "busy", "draining", "stopped", "dead")
 
 
 class DatabaseCollector:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, db: Database):
+        self.db = db
 
     def collect(self):
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             yield _labelled(GaugeMetricFamily("batch_requests", "Requests by status and model.",
                                               labels=["model", "status"]),
                             [((row.model, row.status), row.n) for row in overview.requests_by_status(conn)])
@@ -65,7 +64,7 @@ def _worker_metrics(rows):
     for row in rows:
         age.add_metric([row.slot, row.model], float(row.heartbeat_age))
         in_flight.add_metric([row.slot, row.model], row.in_flight)
-        for name in WORKER_STATUSES:
+        for name in WorkerStatus:
             status.add_metric([row.slot, row.model, name], 1.0 if row.status == name else 0.0)
     return age, status, in_flight
 
@@ -75,9 +74,9 @@ def _histogram(name: str, documentation: str, bounds: list[float], cumulative: l
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
 
 
-def metrics_registry(engine: Engine) -> CollectorRegistry:
+def metrics_registry(db: Database) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(engine))
+    registry.register(DatabaseCollector(db))
     return registry
 
 

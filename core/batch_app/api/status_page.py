@@ -14,10 +14,10 @@ from html import escape
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .. import overview
-from ..overview import describe_age
-from ..batches import list_batches
-from .deps import authenticate, get_engine, get_settings
+from ..domain import overview
+from ..domain.batches import list_batches
+from ..domain.overview import describe_age
+from .deps import authenticate, get_db, get_settings
 from .errors import APIError, error_response
 
 router = APIRouter()
@@ -38,16 +38,16 @@ th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid #dde2e8; 
 
 @router.get("/", include_in_schema=False, response_model=None)
 def status_page(request: Request) -> HTMLResponse | JSONResponse:
-    settings, engine = get_settings(request), get_engine(request)
+    settings, db = get_settings(request), get_db(request)
     project = None
     if not settings.status_page_public:
         try:
-            project = authenticate(request, engine)
+            project = authenticate(request, db)
         except APIError as exc:
             response = error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
             response.headers["WWW-Authenticate"] = 'Basic realm="vLLM Batch Server (password: your API key)"'
             return response
-    with engine.connect() as conn:
+    with db.connect() as conn:
         batches = list_batches(conn, project, None, 20)["data"]
         workers = overview.workers(conn)
         restarts = overview.restart_history(conn, 10)

@@ -7,8 +7,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from .. import __version__
-from ..workers import served_models
+from ..domain.registry import served_models
 from .deps import DB, AppSettings, Project
+from .errors import error_response
 
 router = APIRouter()
 
@@ -39,7 +40,5 @@ def health(db: DB) -> dict:
 def ready(db: DB) -> JSONResponse:
     state = _database_state(db)
     if state != "connected":
-        return JSONResponse(status_code=503, content={"error": {
-            "message": f"Database {state}.", "type": "service_unavailable_error", "param": None,
-            "code": "database_unavailable"}})
+        return error_response(503, f"Database {state}.", "service_unavailable_error", None, "database_unavailable")
     return JSONResponse({"status": "ready", "database": state})

@@ -14,9 +14,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..api.batch_endings import MAX_WAIT
-from ..ingest import ENDPOINTS
-from ..queue import FINAL_STATUSES
+from ..domain.batch_format import ENDPOINTS, FINAL_STATUSES, MAX_WAIT
 from .errors import CommandError
 
 console = Console()

@@ -15,17 +15,17 @@ from datetime import datetime, timezone
 import httpx
 import psutil
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
-from .. import __version__, overview
+from .. import __version__
 from ..config import Settings
-from ..database import alembic_config
+from ..database import Database, alembic_config
+from ..domain import overview
+from ..domain.overview import describe_age
+from ..domain.statuses import LIVE_WORKER_STATUSES, WorkerStatus
 from ..logs import log_path, tail_lines, worker_log_path
-from ..overview import describe_age
 from .errors import describe
 from .operator_commands import connect
 
-LIVE_STATUSES = ("loading", "idle", "busy", "draining")
 OUR_PROCESSES = ("core.batch_app", "postgres")
 
 
@@ -110,7 +110,7 @@ def _api(api_url: str, problems: list[str]) -> Iterator[str]:
         problems.append(f"API unreachable at {url}")
 
 
-def _database(db: Engine, problems: list[str]) -> Iterator[str]:
+def _database(db: Database, problems: list[str]) -> Iterator[str]:
     from alembic.script import ScriptDirectory
 
     with db.connect() as conn:
@@ -160,15 +160,15 @@ def _workers(snapshot: tuple[list, list] | None, settings: Settings, problems: l
                f"{row.restarts_last_hour} restarts in the last hour, model {row.model}")
         last_restart = (f"; last restart {describe_age(row.last_restart_age)} ago: {row.last_restart_reason}"
                         if row.last_restart_reason else "")
-        if row.status in LIVE_STATUSES and state == "gone":
+        if row.status in LIVE_WORKER_STATUSES and state == "gone":
             problems.append(f"worker {row.slot} (pid {row.pid}): its process is gone but it is recorded as "
                             f"{row.status}: it was killed or crashed{last_restart}")
         elif state in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED):
             problems.append(f"worker {row.slot} (pid {row.pid}): process is {state}")
-        elif row.status in LIVE_STATUSES and row.heartbeat_age > settings.heartbeat_timeout:
+        elif row.status in LIVE_WORKER_STATUSES and row.heartbeat_age > settings.heartbeat_timeout:
             problems.append(f"worker {row.slot} (pid {row.pid}): heartbeat {describe_age(row.heartbeat_age)} old "
                             f"(timeout {settings.heartbeat_timeout:.0f} s): hung or stopped")
-        elif row.status == "dead":
+        elif row.status == WorkerStatus.DEAD:
             problems.append(f"worker {row.slot} (pid {row.pid}) is marked dead{last_restart}")
         elif row.restarts_last_hour >= settings.max_restarts_per_hour:
             problems.append(f"worker {row.slot} reached the restart cap{last_restart}; "

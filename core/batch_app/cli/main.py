@@ -12,6 +12,7 @@ import typer
 from openai import OpenAI
 
 from ..config import get_settings
+from ..domain.statuses import BatchStatus
 from . import api_commands, operator_commands
 from .diagnose import report
 from .errors import CommandError, run_reporting_errors
@@ -83,7 +84,7 @@ def submit(
     batch = api_commands.wait(client, batch.id, poll)
     api_commands.show(batch)
     api_commands.download(client, batch, output_dir)
-    if batch.status != "completed":
+    if batch.status != BatchStatus.COMPLETED:
         raise CommandError(f"batch {batch.id} ended {batch.status}")
 
 

@@ -6,30 +6,30 @@ import socket
 
 from rich.console import Console
 from rich.table import Column, Table
-from sqlalchemy.engine import Engine
 
-from .. import overview
 from ..config import Settings
-from ..database import create_db_engine, database_url, embedded_pgdata, embedded_running
-from ..keys import create_key
-from ..overview import describe_age
-from ..workers import reset_restarts, slot_has_run
+from ..database import Database, database_url, embedded_pgdata, embedded_running, open_database
+from ..domain import overview
+from ..domain.keys import create_key
+from ..domain.overview import describe_age
+from ..domain.registry import reset_restarts, slot_has_run
+from ..domain.statuses import WorkerStatus
 from .errors import CommandError
 
 console = Console()
-STATUS_STYLE = {"busy": "green", "idle": "green", "loading": "yellow", "draining": "yellow", "stopped": "dim",
-                "dead": "bold red"}
+STATUS_STYLE = {WorkerStatus.BUSY: "green", WorkerStatus.IDLE: "green", WorkerStatus.LOADING: "yellow",
+                WorkerStatus.DRAINING: "yellow", WorkerStatus.STOPPED: "dim", WorkerStatus.DEAD: "bold red"}
 
 
-def connect(settings: Settings) -> Engine:
+def connect(settings: Settings) -> Database:
     """The stack's database; an embedded one must already run (this never starts a server)."""
     if not settings.database_url and not embedded_running(settings):
         raise CommandError(f"the database is not running: DATABASE_URL is empty and no embedded PostgreSQL "
                            f"runs under {embedded_pgdata(settings)} (start the stack with scripts/start-all.sh)")
-    return create_db_engine(database_url(settings), pool_size=1)
+    return open_database(database_url(settings), pool_size=1)
 
 
-def workers_table(db: Engine) -> None:
+def workers_table(db: Database) -> None:
     with db.connect() as conn:
         rows = overview.workers(conn)
     if not rows:
@@ -46,12 +46,12 @@ def workers_table(db: Engine) -> None:
     console.print(table)
 
 
-def create_api_key(db: Engine, project: str, name: str) -> str:
+def create_api_key(db: Database, project: str, name: str) -> str:
     with db.begin() as conn:
         return create_key(conn, project, name)
 
 
-def reset_worker(db: Engine, slot: str, host: str | None) -> None:
+def reset_worker(db: Database, slot: str, host: str | None) -> None:
     host = host or socket.gethostname()
     with db.begin() as conn:
         if not slot_has_run(conn, host, slot):

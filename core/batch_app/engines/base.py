@@ -2,6 +2,17 @@
 
 A step-based interface (rather than one call per request) is what lets the worker keep the
 engine's in-flight window full: new requests join while others are still generating.
+
+Failures, and who pays for them:
+- a request the engine refuses (bad parameters, too long a prompt) ends with its own error
+  result (4xx status): a final answer, written to the batch's error file;
+- a request the engine's backend could not serve this time (a remote server refused the
+  connection, timed out or answered 5xx or 429) is never failed for the user: the engine
+  retries it itself (on another server), or returns a result with status `RETRY_STATUS`,
+  which the worker hands back to the queue without charging the request an attempt;
+- `add` or `step` raises only when the engine itself is broken (its model or device is gone).
+  That ends the worker; the watchdog restarts it, and every request it held counts one attempt,
+  so one that keeps breaking engines ends as a poison request.
 """
 
 from __future__ import annotations
@@ -17,10 +28,14 @@ class EngineRequest:
     body: dict[str, Any]
 
 
+# A result with this status was not served: the worker queues the request again, uncharged.
+RETRY_STATUS = 503
+
+
 @dataclass
 class EngineResult:
     key: str
-    status_code: int  # 200, or 400 when the engine rejected this one request
+    status_code: int  # 200; a 4xx when the engine refused this one request; RETRY_STATUS: not served
     body: dict[str, Any]  # the OpenAI response body, or {"error": {...}} for a rejection
     prompt_tokens: int = 0
     completion_tokens: int = 0

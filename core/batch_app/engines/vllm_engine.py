@@ -18,13 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.batch_app.engines.base import (
-    EngineProgress,
-    EngineRequest,
-    EngineResult,
-    EngineSpec,
-    error_result,
-)
+from ..domain.batch_format import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS
+from .base import EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
 
 if TYPE_CHECKING:  # vllm itself is imported only when an engine is built
     from vllm.logprobs import Logprob
@@ -33,10 +28,6 @@ if TYPE_CHECKING:  # vllm itself is imported only when an engine is built
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger(__name__)
-
-CHAT_COMPLETIONS = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
 
 # Completions default to 16 tokens as OpenAI's do; chat fills the remaining context.
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16

@@ -7,19 +7,21 @@ import re
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
+from ..config import Settings
+from ..database import Database
 from . import queue
-from .api.errors import APIError, not_found
-from .config import Settings
+from .batch_format import ENDPOINTS, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_METADATA_VALUE, LineError
+from .errors import InvalidRequest, NoLiveWorker, NotFound
 from .ids import new_id
-from .ingest import ENDPOINTS, IngestLimits, LineError, ingest_lines
+from .ingest import IngestLimits, ingest_lines
+from .registry import model_liveness
+from .statuses import BatchStatus, RequestStatus
 from .storage import iter_chunks, iter_lines
-from .workers import model_liveness
 
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
-MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
               "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
@@ -28,9 +30,9 @@ def window_seconds(completion_window: str) -> int:
     """OpenAI's `24h`, or any `<n>s|m|h` window (short windows help tests and urgent work)."""
     match = _WINDOW.match(completion_window or "")
     if not match or int(match.group(1)) <= 0:
-        raise APIError(400, f"Invalid completion_window '{completion_window}': use '24h' "
-                            "(or another duration such as '30m').", param="completion_window",
-                       code="invalid_value")
+        raise InvalidRequest(f"Invalid completion_window '{completion_window}': use '24h' "
+                             "(or another duration such as '30m').", param="completion_window",
+                             code="invalid_value")
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
@@ -38,59 +40,57 @@ def check_metadata(metadata: dict[str, Any] | None) -> None:
     if metadata is None:
         return
     if len(metadata) > MAX_METADATA_KEYS:
-        raise APIError(400, f"metadata may hold at most {MAX_METADATA_KEYS} keys.", param="metadata",
-                       code="invalid_value")
+        raise InvalidRequest(f"metadata may hold at most {MAX_METADATA_KEYS} keys.", param="metadata",
+                             code="invalid_value")
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY:
-            raise APIError(400, f"metadata key '{key[:80]}' is longer than {MAX_METADATA_KEY} characters.",
-                           param="metadata", code="invalid_value")
+            raise InvalidRequest(f"metadata key '{key[:80]}' is longer than {MAX_METADATA_KEY} characters.",
+                                 param="metadata", code="invalid_value")
         if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
-            raise APIError(400, f"metadata value for '{key}' must be a string of at most "
-                                f"{MAX_METADATA_VALUE} characters.", param="metadata", code="invalid_value")
+            raise InvalidRequest(f"metadata value for '{key}' must be a string of at most "
+                                 f"{MAX_METADATA_VALUE} characters.", param="metadata", code="invalid_value")
 
 
-def create_batch(engine: Engine, settings: Settings, *, project: str, input_file_id: str,
+def create_batch(db: Database, settings: Settings, *, project: str, input_file_id: str,
                  endpoint: str, completion_window: str, metadata: dict[str, str] | None,
                  priority: int) -> str:
     """Validate and ingest the input file; returns the id of the new (maybe failed) batch."""
     if endpoint not in ENDPOINTS:
-        raise APIError(400, f"Unsupported endpoint '{endpoint}'; use one of {', '.join(ENDPOINTS)}.",
-                       param="endpoint", code="invalid_value")
+        raise InvalidRequest(f"Unsupported endpoint '{endpoint}'; use one of {', '.join(ENDPOINTS)}.",
+                             param="endpoint", code="invalid_value")
     window = window_seconds(completion_window)
     check_metadata(metadata)
     batch_id = new_id("batch_")
-    with engine.begin() as conn:
+    with db.begin() as conn:
         purpose = conn.execute(text("SELECT purpose FROM files WHERE id = :id AND project = :project"),
                                {"id": input_file_id, "project": project}).scalar()
         if purpose is None:
-            raise not_found("file", input_file_id, "input_file_id")
+            raise NotFound("file", input_file_id, "input_file_id")
         if purpose != "batch":
-            raise APIError(400, f"File '{input_file_id}' has purpose '{purpose}'; a batch needs a file "
-                                "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_value")
+            raise InvalidRequest(f"File '{input_file_id}' has purpose '{purpose}'; a batch needs a file "
+                                 "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_value")
         conn.execute(text("""
             INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status,
                                  priority, metadata, expires_at)
-            VALUES (:id, :project, :endpoint, :file, :window, 'validating', :priority,
+            VALUES (:id, :project, :endpoint, :file, :window, :status, :priority,
                     CAST(:metadata AS jsonb), now() + make_interval(secs => :seconds))"""),
             {"id": batch_id, "project": project, "endpoint": endpoint, "file": input_file_id,
-             "window": completion_window, "priority": priority, "seconds": window,
+             "window": completion_window, "status": BatchStatus.VALIDATING, "priority": priority, "seconds": window,
              "metadata": json.dumps(metadata) if metadata is not None else None})
         requests = conn.begin_nested()
-        result = ingest_lines(conn, iter_lines(iter_chunks(engine, input_file_id)), batch_id=batch_id,
+        result = ingest_lines(conn, iter_lines(iter_chunks(db, input_file_id)), batch_id=batch_id,
                               endpoint=endpoint, priority=priority,
                               limits=IngestLimits(settings.max_file_lines, settings.max_line_bytes))
         errors = result.errors or _model_errors(conn, settings, result.model, result.model_line)
         if errors:
             requests.rollback()
-            conn.execute(text("""
-                UPDATE batches SET status = 'failed', failed_at = now(), model = :model,
-                       errors = CAST(:errors AS jsonb) WHERE id = :id"""),
-                {"id": batch_id, "model": result.model,
-                 "errors": json.dumps({"object": "list", "data": [e.as_dict() for e in errors]})})
         else:
             requests.commit()
-            conn.execute(text("UPDATE batches SET model = :model, total = :total WHERE id = :id"),
-                         {"id": batch_id, "model": result.model, "total": result.total})
+        conn.execute(text("UPDATE batches SET model = :model, total = :total WHERE id = :id"),
+                     {"id": batch_id, "model": result.model, "total": 0 if errors else result.total})
+        if errors:
+            queue.end_batch(conn, batch_id, BatchStatus.FAILED, errors=[e.as_dict() for e in errors])
+        else:
             queue.announce_work(conn)
     return batch_id
 
@@ -105,15 +105,15 @@ def _model_errors(conn: Connection, settings: Settings, model: str | None,
                           line, "body.model")]
     live, last_seen_age = liveness[model]
     if settings.require_live_worker and not live:
-        raise APIError(503, f"Worker offline (last seen {int(last_seen_age)} s ago) for model '{model}'.",
-                       code="worker_offline")
+        raise NoLiveWorker(f"Worker offline (last seen {int(last_seen_age)} s ago) for model '{model}'.",
+                           code="worker_offline")
     return []
 
 
-_COUNTS = text("""
+_COUNTS = text(f"""
 SELECT batch_id,
-       count(*) FILTER (WHERE status = 'succeeded') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = '{RequestStatus.SUCCEEDED}') AS completed,
+       count(*) FILTER (WHERE status = '{RequestStatus.FAILED}') AS failed,
        coalesce(sum(prompt_tokens), 0) AS input_tokens,
        coalesce(sum(completion_tokens), 0) AS output_tokens
 FROM batch_requests WHERE batch_id = ANY(:ids) GROUP BY batch_id
@@ -157,7 +157,7 @@ def get_batch(conn: Connection, project: str, batch_id: str) -> dict[str, Any]:
     row = conn.execute(text("SELECT * FROM batches WHERE id = :id AND project = :project"),
                        {"id": batch_id, "project": project}).first()
     if row is None:
-        raise not_found("batch", batch_id, "batch_id")
+        raise NotFound("batch", batch_id, "batch_id")
     return batch_objects(conn, [row])[0]
 
 

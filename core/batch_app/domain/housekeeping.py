@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.engine import Engine
-
+from ..config import Settings
+from ..database import Database
 from . import finalize, queue
-from .config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def rescue_now(engine: Engine, settings: Settings) -> None:
+def rescue_now(db: Database, settings: Settings) -> None:
     """Hand requests of dead workers back to the queue; finish batches a poison failure completed."""
-    with engine.begin() as conn:
+    with db.begin() as conn:
         requeued, poisoned_batches = queue.rescue(conn, settings.heartbeat_timeout, settings.max_attempts)
     if requeued or poisoned_batches:
         log.warning("rescued %d requests of dead workers; poison requests failed in %s",
                     requeued, ", ".join(poisoned_batches) or "no batch")
-    finalize.finalize_ready(engine, poisoned_batches)
+    finalize.finalize_ready(db, poisoned_batches)
 
 
-def run_once(engine: Engine, settings: Settings) -> None:
-    rescue_now(engine, settings)
-    for batch_id in finalize.expire_due(engine):
+def run_once(db: Database, settings: Settings) -> None:
+    rescue_now(db, settings)
+    for batch_id in finalize.expire_due(db):
         log.warning("batch %s expired: its completion window ended", batch_id)
-    finalize.finish_stranded(engine)
+    finalize.finish_stranded(db)

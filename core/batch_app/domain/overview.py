@@ -5,15 +5,16 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from .registry import RESET_REASON, restarts_in_last_hour_sql
+from .statuses import RequestStatus
+
 # The newest process of every slot, with what an operator asks first: alive? how long since its
 # last beat? how far has it got? how often, and why last, has it been restarted lately?
-_WORKERS = text("""
+_WORKERS = text(f"""
 SELECT DISTINCT ON (w.host, w.slot)
        w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done,
        extract(epoch FROM now() - w.last_seen) AS heartbeat_age,
-       (SELECT count(*) FROM worker_restarts r
-        WHERE r.host = w.host AND r.slot = w.slot AND r.reason <> 'reset'
-          AND r.restarted_at > now() - interval '1 hour') AS restarts_last_hour,
+       {restarts_in_last_hour_sql('w.host', 'w.slot')} AS restarts_last_hour,
        last.reason AS last_restart_reason,
        extract(epoch FROM now() - last.restarted_at) AS last_restart_age
 FROM workers w
@@ -51,11 +52,12 @@ def restart_history(conn: Connection, limit: int = 20) -> list:
 
 _REQUESTS_BY_STATUS = text("SELECT model, status, count(*) AS n FROM batch_requests GROUP BY model, status")
 _BATCHES_BY_STATUS = text("SELECT status, count(*) AS n FROM batches GROUP BY status")
-_TOKENS = text("""
+_TOKENS = text(f"""
 SELECT model, coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion
-FROM batch_requests WHERE status IN ('succeeded', 'failed') GROUP BY model
+FROM batch_requests WHERE status IN ('{RequestStatus.SUCCEEDED}', '{RequestStatus.FAILED}') GROUP BY model
 """)
-_RESTARTS_BY_SLOT = text("SELECT slot, count(*) AS n FROM worker_restarts WHERE reason <> 'reset' GROUP BY slot")
+_RESTARTS_BY_SLOT = text(f"SELECT slot, count(*) AS n FROM worker_restarts WHERE reason <> '{RESET_REASON}' "
+                         "GROUP BY slot")
 
 # Histograms in one pass each: width_bucket gives every value the number of bounds at or below it.
 _QUEUE_WAITS = """

@@ -11,14 +11,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine as DBEngine
-
-from . import housekeeping, queue
-from .config import Settings
-from .engines.base import Engine, EngineProgress, EngineRequest, EngineResult
+from ..config import Settings
+from ..database import Database
+from ..domain import housekeeping, queue
+from ..domain.queue import ClaimedRequest, Completion
+from ..domain.statuses import WorkerStatus
+from ..engines.base import RETRY_STATUS, Engine, EngineProgress, EngineRequest, EngineResult
+from ..shutdown import stop_on_signals
 from .heartbeat import Heartbeat
-from .processes import stop_on_signals
-from .queue import ClaimedRequest, Completion
 from .result_writer import ResultWriter
 from .work_signal import WorkSignal
 
@@ -31,13 +31,12 @@ class RunnerOptions:
     ownership_check: float = 0.5  # seconds between looks for cancelled/expired in-flight work
     # Seconds between ownership queries when no notification said work was taken (see work_signal).
     ownership_recheck: float = 30.0
-    housekeeping_interval: float = 5.0
     throughput_log_interval: float = 10.0
     shutdown_grace: float = 30.0
 
 
 class Runner:
-    def __init__(self, db: DBEngine, settings: Settings, worker_id: str, model: str,
+    def __init__(self, db: Database, settings: Settings, worker_id: str, model: str,
                  options: RunnerOptions = RunnerOptions()):
         self.db = db
         self.settings = settings
@@ -45,7 +44,7 @@ class Runner:
         self.model = model
         self.options = options
         self.engine: Engine | None = None
-        self.status = "loading"
+        self.status = WorkerStatus.LOADING
         self.in_flight: dict[str, ClaimedRequest] = {}
         self._last_ownership_query = 0.0
         self.stopping = threading.Event()
@@ -53,7 +52,7 @@ class Runner:
         self.writer = ResultWriter(db, worker_id)
         self.work_signal = WorkSignal(db)
 
-    def _sample(self) -> tuple[str, int, EngineProgress]:
+    def _sample(self) -> tuple[WorkerStatus, int, EngineProgress]:
         progress = self.engine.progress if self.engine is not None else EngineProgress()
         return self.status, len(self.in_flight), progress
 
@@ -67,7 +66,7 @@ class Runner:
         """Serve until asked to stop, then drain within the grace period and release the rest."""
         self.engine = engine
         self.writer.start()
-        self._set_status("idle")
+        self._set_status(WorkerStatus.IDLE)
         last_ownership = last_housekeeping = last_log = time.monotonic()
         logged_requests, logged_tokens = 0, 0
         idle_until = 0.0
@@ -81,17 +80,17 @@ class Runner:
                 if not self._refill(free):
                     idle_until = now + self.options.idle_poll
             if self.in_flight:
-                self._set_status("busy")
+                self._set_status(WorkerStatus.BUSY)
                 self._collect(engine.step())
             else:
-                self._set_status("idle")
+                self._set_status(WorkerStatus.IDLE)
                 # Short slices keep SIGTERM and the periodic checks below prompt.
                 if self.work_signal.wait(min(0.25, max(0.0, idle_until - time.monotonic()))):
                     idle_until = 0.0
             if now - last_ownership >= self.options.ownership_check:
                 self._drop_taken_requests()
                 last_ownership = now
-            if now - last_housekeeping >= self.options.housekeeping_interval:
+            if now - last_housekeeping >= self.settings.housekeeping_interval:
                 self._housekeeping()
                 last_housekeeping = now
             if now - last_log >= self.options.throughput_log_interval:
@@ -123,9 +122,13 @@ class Runner:
         return True
 
     def _collect(self, results: list[EngineResult]) -> None:
+        unserved: list[tuple[ClaimedRequest, EngineResult]] = []
         for result in results:
             request = self.in_flight.pop(result.key, None)
             if request is None:  # aborted meanwhile
+                continue
+            if result.status_code == RETRY_STATUS:
+                unserved.append((request, result))
                 continue
             if result.status_code != 200:
                 error = result.body.get("error", {})
@@ -138,9 +141,21 @@ class Runner:
                 # A crash survivor's result must be stored before the next suspect runs, or a
                 # crash in that one would charge this one too.
                 self.writer.flush()
+        if unserved:
+            self._hand_back(unserved)
         if results and not self.in_flight:
             # Nothing more is coming soon: store the end of a batch now, not after max_delay.
             self.writer.write_now()
+
+    def _hand_back(self, unserved: list[tuple[ClaimedRequest, EngineResult]]) -> None:
+        """Queue again, uncharged, what the engine's backend could not serve (see engines/base.py)."""
+        request, result = unserved[0]
+        error = result.body.get("error", {})
+        log.warning("handing back %d requests the engine could not serve, e.g. %s (custom_id %s): %s: %s",
+                    len(unserved), request.id, request.custom_id, error.get("type") or "error",
+                    error.get("message") or "(no message)")
+        with self.db.begin() as conn:
+            queue.release(conn, self.worker_id, [request.id for request, _ in unserved])
 
     def _drop_taken_requests(self) -> None:
         """Abort in-flight requests that were cancelled, expired or handed to another worker.
@@ -170,7 +185,7 @@ class Runner:
             log.error("housekeeping failed: %s: %s", type(exc).__name__, exc)
 
     def _drain(self) -> None:
-        self._set_status("draining")
+        self._set_status(WorkerStatus.DRAINING)
         deadline = time.monotonic() + self.options.shutdown_grace
         while self.in_flight and time.monotonic() < deadline:
             self._collect(self.engine.step())
@@ -183,15 +198,15 @@ class Runner:
             self.in_flight.clear()
         self.writer.close()
         self.work_signal.close()
-        self.status = "stopped"
+        self.status = WorkerStatus.STOPPED
         self.heartbeat.stop()
         self.heartbeat.beat()
         log.info("stopped cleanly")
 
-    def _set_status(self, status: str) -> None:
+    def _set_status(self, status: WorkerStatus) -> None:
         # Busy/idle flips wait for the next beat; leaving `loading` is reported at once.
         if status != self.status:
-            announce = self.status == "loading"
+            announce = self.status == WorkerStatus.LOADING
             self.status = status
             if announce:
                 self.heartbeat.beat_now()

@@ -10,7 +10,6 @@ Each failure signal runs on its own clock:
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import socket
@@ -18,20 +17,22 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from sqlalchemy.engine import Engine
 
-from . import alerts, housekeeping, queue, workers
-from .config import Settings, WorkerSlot
-from .logs import tail_lines, worker_log_path
-from .processes import describe_exit, kill_tree, stop_on_signals
+from .. import alerts
+from ..config import Settings, WorkerSlot
+from ..database import Database
+from ..domain import housekeeping, registry
+from ..domain.statuses import WorkerStatus
+from ..logs import tail_lines, worker_log_path
+from ..shutdown import stop_on_signals
+from .process_control import describe_exit, kill_tree
 
 log = logging.getLogger(__name__)
-
-HOUSEKEEPING_INTERVAL = 5.0
 
 
 @dataclass
@@ -39,7 +40,7 @@ class SlotState:
     config: WorkerSlot
     process: subprocess.Popen | None = None
     started_at: float = 0.0
-    worker_id: str | None = None
+    worker_id: str = ""  # chosen at each start and passed to the worker
     consecutive_failures: int = 0
     next_start: float = 0.0
     at_cap: bool = False
@@ -47,7 +48,7 @@ class SlotState:
 
 
 class Supervisor:
-    def __init__(self, db: Engine, settings: Settings):
+    def __init__(self, db: Database, settings: Settings):
         self.db = db
         self.settings = settings
         self.host = socket.gethostname()
@@ -64,7 +65,7 @@ class Supervisor:
         while not self.stopping.is_set():
             now = time.monotonic()
             self.check_once(now)
-            if now - last_housekeeping >= HOUSEKEEPING_INTERVAL:
+            if now - last_housekeeping >= self.settings.housekeeping_interval:
                 try:
                     housekeeping.run_once(self.db, self.settings)
                 except Exception as exc:  # retried next round; supervision goes on
@@ -78,7 +79,7 @@ class Supervisor:
     def clean_up_leftovers(self) -> None:
         """Kill workers a previous watchdog on this host left behind: never two workers per slot."""
         with self.db.connect() as conn:
-            leftovers = workers.leftover_workers(conn, self.host, [slot.config.slot for slot in self.slots])
+            leftovers = registry.leftover_workers(conn, self.host, [slot.config.slot for slot in self.slots])
         for row in leftovers:
             if _is_worker_process(row.pid):
                 log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)
@@ -90,12 +91,9 @@ class Supervisor:
     def check_once(self, now: float) -> None:
         running = [slot for slot in self.slots if slot.process is not None]
         with self.db.connect() as conn:
-            states = workers.process_states(conn, self.host, [slot.process.pid for slot in running])
+            states = registry.worker_states(conn, [slot.worker_id for slot in running])
         for slot in running:
-            state = states.get(slot.process.pid)
-            if state is not None:
-                slot.worker_id = str(state.id)
-            reason, exit_code = self._failure(slot, state, now)
+            reason, exit_code = self._failure(slot, states.get(slot.worker_id), now)
             if reason:
                 self._recover(slot, reason, exit_code)
             elif now - slot.started_at > self.settings.restart_stable_period:
@@ -115,7 +113,7 @@ class Supervisor:
         if code is not None:
             return f"process {describe_exit(code)}", code
         age = now - slot.started_at
-        if state is None or state.status == "loading":
+        if state is None or state.status == WorkerStatus.LOADING:
             if age > self.settings.startup_timeout:
                 stage = "register" if state is None else "load its model"
                 return f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s", None
@@ -124,7 +122,7 @@ class Supervisor:
         if state.heartbeat_age > self.settings.heartbeat_timeout:
             return (f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
                     f"(process state: {_process_status(process.pid)})"), None
-        if (state.status == "busy" and state.in_flight > 0
+        if (state.status == WorkerStatus.BUSY and state.in_flight > 0
                 and state.progress_age > self.settings.stall_timeout):
             return (f"engine stalled: no progress for {state.progress_age:.0f} s with "
                     f"{state.in_flight} requests in flight"), None
@@ -141,16 +139,15 @@ class Supervisor:
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
         slot.process.wait()
         slot.process = None
-        if slot.worker_id:
-            self._declare_dead(slot.worker_id)
+        self._declare_dead(slot.worker_id)
         slot.consecutive_failures += 1
         with self.db.begin() as conn:
-            restarts = workers.restarts_in_last_hour(conn, self.host, name)
+            restarts = registry.restarts_in_last_hour(conn, self.host, name)
             slot.at_cap = restarts >= self.settings.max_restarts_per_hour
             if not slot.at_cap:
-                workers.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
+                registry.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
                                        reason=reason, exit_code=exit_code)
-        tags = {"worker_id": slot.worker_id or "unregistered", "slot": name, "host": self.host,
+        tags = {"worker_id": slot.worker_id, "slot": name, "host": self.host,
                 "model": slot.config.served_name or slot.config.model or "demo"}
         extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": tail_lines(slot.log_path)}
         if slot.at_cap:
@@ -170,7 +167,7 @@ class Supervisor:
     def _declare_dead(self, worker_id: str) -> None:
         """Mark the worker dead and hand its running requests back at once (no time-out wait)."""
         with self.db.begin() as conn:
-            queue.mark_worker_dead(conn, worker_id)
+            registry.mark_worker_dead(conn, worker_id)
         housekeeping.rescue_now(self.db, self.settings)
 
     # --- starting and stopping ---
@@ -178,7 +175,7 @@ class Supervisor:
     def _maybe_start(self, slot: SlotState, now: float) -> None:
         if slot.at_cap:
             with self.db.connect() as conn:  # an operator may have reset it meanwhile
-                slot.at_cap = workers.restarts_in_last_hour(conn, self.host, slot.config.slot) >= \
+                slot.at_cap = registry.restarts_in_last_hour(conn, self.host, slot.config.slot) >= \
                     self.settings.max_restarts_per_hour
             if slot.at_cap:
                 return
@@ -189,19 +186,17 @@ class Supervisor:
 
     def _start(self, slot: SlotState) -> None:
         config = slot.config
-        command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot, "--model", config.model,
-                   "--served-name", config.served_name, "--engine", config.engine or self.settings.engine,
-                   "--gpus", config.gpus, "--engine-options", json.dumps(config.engine_options)]
-        for option, value in (("--max-model-len", config.max_model_len), ("--max-in-flight", config.max_in_flight)):
-            if value:
-                command += [option, str(value)]
+        # The id is ours to choose, so the worker's row is known before it registers; the worker
+        # reads the rest of its slot from the same settings.
+        slot.worker_id = str(uuid.uuid4())
+        command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot,
+                   "--worker-id", slot.worker_id]
         slot.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(slot.log_path, "ab") as log_file:
             # A session of its own: a terminal's Ctrl-C reaches the watchdog, which drains workers.
             slot.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         slot.started_at = time.monotonic()
-        slot.worker_id = None
         log.info("started worker %s (pid %d): %s", config.slot, slot.process.pid, " ".join(command[2:]))
 
     def stop_all(self) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import alerts
-from .config import get_settings
-from .database import create_db_engine, database_url, migrate
-from .logs import configure_logging
+from .. import alerts
+from ..config import get_settings
+from ..database import database_url, migrate, open_database
+from ..logs import configure_logging
 from .supervisor import Supervisor
 
 log = logging.getLogger("core.batch_app.watchdog")
@@ -22,7 +22,7 @@ def main() -> int:
     configure_logging("watchdog", settings, "watchdog")
     url = database_url(settings)
     migrate(url)
-    db = create_db_engine(url, pool_size=3)
+    db = open_database(url, pool_size=3)
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
     supervisor = Supervisor(db, settings)
     supervisor.install_signal_handlers()

@@ -10,17 +10,19 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
+from ..database import Database
+from .errors import TooLarge
 from .ids import new_id
 from .tables import file_chunks, files
 
 CHUNK_BYTES = 4 * 1024 * 1024
 
 
-class FileTooLarge(Exception):
+class FileTooLarge(TooLarge):
     def __init__(self, limit: int):
-        super().__init__(f"File exceeds the maximum size of {limit} bytes.")
+        super().__init__(f"File exceeds the maximum size of {limit} bytes.", param="file", code="file_too_large")
         self.limit = limit
 
 
@@ -78,9 +80,9 @@ def store_stream(conn: Connection, stream: BinaryIO, *, project: str, purpose: s
     return writer.close()
 
 
-def iter_chunks(engine: Engine, file_id: str) -> Iterator[bytes]:
+def iter_chunks(db: Database, file_id: str) -> Iterator[bytes]:
     """Yield a file's bytes chunk by chunk, on a connection of its own (for streaming responses)."""
-    with engine.connect() as conn:
+    with db.connect() as conn:
         result = conn.execute(
             sa.select(file_chunks.c.data).where(file_chunks.c.file_id == file_id)
             .order_by(file_chunks.c.seq).execution_options(stream_results=True, yield_per=1)

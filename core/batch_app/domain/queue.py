@@ -1,10 +1,12 @@
-"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire, notify.
+"""Every queue protocol in one place: claim, complete, release, rescue, finalize, cancel, expire,
+end, notify.
 
 Each function takes an open connection and runs inside the caller's transaction, so a caller
 can group several steps atomically. The invariants they keep:
 - a request is `running` under exactly one (worker_id, attempt) pair, set by `claim`;
 - only that pair can finish it (`complete`), so a stale worker never overwrites a result;
-- a batch leaves `in_progress` exactly once, by the conditional update in `start_finalizing`.
+- a batch leaves `in_progress` exactly once, by the conditional update in `start_finalizing`;
+- a batch reaches a final status only through `end_batch`, from the statuses that may lead there.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-UNFINISHED = ("queued", "running")
+from . import registry
+from .statuses import (
+    ACTIVE_BATCH_STATUSES,
+    ENDED_WORKER_STATUSES,
+    UNFINISHED_REQUEST_STATUSES,
+    BatchStatus,
+    RequestStatus,
+    sql_list,
+)
+
+_UNFINISHED = sql_list(UNFINISHED_REQUEST_STATUSES)
+_QUEUED, _RUNNING = RequestStatus.QUEUED, RequestStatus.RUNNING
 
 
 @dataclass(frozen=True)
@@ -42,17 +55,17 @@ class Completion:
 # Requests with attempt > 0 were in flight on a worker that died ("suspects"). They run one at a
 # time on an otherwise idle engine, so a request that crashes workers is caught alone and its
 # neighbours are never charged with its crashes.
-_PICK = """
+_PICK = f"""
     SELECT id FROM batch_requests
-    WHERE status = 'queued' AND model = :model AND attempt {suspect}
+    WHERE status = '{_QUEUED}' AND model = :model AND attempt {{suspect}}
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 """
 
-_TAKE = """
+_TAKE = f"""
 UPDATE batch_requests r
-SET status = 'running', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
+SET status = '{_RUNNING}', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
 FROM picked, batches b
 WHERE r.id = picked.id AND b.id = r.batch_id
 RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority
@@ -60,13 +73,13 @@ RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priori
 
 _CLAIM_FRESH = text(f"WITH picked AS ({_PICK.format(suspect='= 0')}) {_TAKE}")
 _CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK.format(suspect='> 0')}) {_TAKE}")
-_SUSPECTS_WAITING = text("""
-SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = 'queued' AND model = :model AND attempt > 0)
+_SUSPECTS_WAITING = text(f"""
+SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND attempt > 0)
 """)
 
-_MARK_IN_PROGRESS = text("""
-UPDATE batches SET status = 'in_progress', in_progress_at = now()
-WHERE id = ANY(:batch_ids) AND status = 'validating'
+_MARK_IN_PROGRESS = text(f"""
+UPDATE batches SET status = '{BatchStatus.IN_PROGRESS}', in_progress_at = now()
+WHERE id = ANY(:batch_ids) AND status = '{BatchStatus.VALIDATING}'
 """)
 
 
@@ -94,14 +107,14 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
 
 
 # One statement for a whole group of results; rows this worker no longer owns are skipped.
-_COMPLETE = text("""
+_COMPLETE = text(f"""
 UPDATE batch_requests r
-SET status = CASE WHEN u.status_code = 200 THEN 'succeeded' ELSE 'failed' END,
+SET status = CASE WHEN u.status_code = 200 THEN '{RequestStatus.SUCCEEDED}' ELSE '{RequestStatus.FAILED}' END,
     status_code = u.status_code, response = u.response,
     prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
 FROM json_to_recordset(CAST(:results AS json))
      AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)
-WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = 'running'
+WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = '{_RUNNING}'
 RETURNING r.id, r.batch_id
 """)
 
@@ -123,10 +136,10 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
 
 
 # A graceful hand-back (shutdown) does not count as an attempt.
-_RELEASE = text("""
+_RELEASE = text(f"""
 UPDATE batch_requests
-SET status = 'queued', worker_id = NULL, attempt = attempt - 1, claimed_at = NULL
-WHERE id = ANY(:ids) AND worker_id = :worker_id AND status = 'running'
+SET status = '{_QUEUED}', worker_id = NULL, attempt = attempt - 1, claimed_at = NULL
+WHERE id = ANY(:ids) AND worker_id = :worker_id AND status = '{_RUNNING}'
 """)
 
 
@@ -139,9 +152,9 @@ def release(conn: Connection, worker_id: str, request_ids: list[int]) -> int:
     return released
 
 
-_NO_LONGER_OWNED = text("""
+_NO_LONGER_OWNED = text(f"""
 SELECT u.id FROM unnest(CAST(:ids AS bigint[])) AS u(id)
-LEFT JOIN batch_requests r ON r.id = u.id AND r.worker_id = :worker_id AND r.status = 'running'
+LEFT JOIN batch_requests r ON r.id = u.id AND r.worker_id = :worker_id AND r.status = '{_RUNNING}'
 WHERE r.id IS NULL
 """)
 
@@ -155,21 +168,9 @@ def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) ->
 
 # --- Rescue: requests of dead workers go back to the queue, or fail as poison. ---
 
-_MARK_SILENT_WORKERS_DEAD = text("""
-UPDATE workers SET status = 'dead', stopped_at = now()
-WHERE status NOT IN ('dead', 'stopped') AND last_seen < now() - make_interval(secs => :timeout)
-RETURNING id
-""")
-
-# A worker that stopped cleanly keeps its `stopped`: it handed everything back itself.
-_MARK_WORKER_DEAD = text("""
-UPDATE workers SET status = 'dead', stopped_at = coalesce(stopped_at, now())
-WHERE id = :worker_id AND status NOT IN ('dead', 'stopped')
-""")
-
-_RESCUE = text("""
+_RESCUE = text(f"""
 UPDATE batch_requests r
-SET status = CASE WHEN r.attempt >= :max_attempts THEN 'failed' ELSE 'queued' END,
+SET status = CASE WHEN r.attempt >= :max_attempts THEN '{RequestStatus.FAILED}' ELSE '{_QUEUED}' END,
     error = CASE WHEN r.attempt >= :max_attempts THEN jsonb_build_object(
         'code', 'poison_request',
         'message', format('This request was in flight on %s workers that died; it is not retried again.',
@@ -178,13 +179,9 @@ SET status = CASE WHEN r.attempt >= :max_attempts THEN 'failed' ELSE 'queued' EN
     finished_at = CASE WHEN r.attempt >= :max_attempts THEN now() END,
     worker_id = CASE WHEN r.attempt >= :max_attempts THEN r.worker_id END
 FROM workers w
-WHERE r.status = 'running' AND r.worker_id = w.id AND w.status IN ('dead', 'stopped')
+WHERE r.status = '{_RUNNING}' AND r.worker_id = w.id AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
 RETURNING r.id, r.batch_id, r.status
 """)
-
-
-def mark_worker_dead(conn: Connection, worker_id: str) -> None:
-    conn.execute(_MARK_WORKER_DEAD, {"worker_id": worker_id})
 
 
 def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tuple[int, list[str]]:
@@ -193,12 +190,12 @@ def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tup
     Returns how many requests went back to the queue, and the batches in which a poison request
     failed (those may now be complete: callers follow with `finalize.finalize_ready`).
     """
-    conn.execute(_MARK_SILENT_WORKERS_DEAD, {"timeout": heartbeat_timeout})
+    registry.mark_silent_workers_dead(conn, heartbeat_timeout)
     rows = conn.execute(_RESCUE, {"max_attempts": max_attempts}).all()
-    requeued = sum(1 for row in rows if row.status == "queued")
+    requeued = sum(1 for row in rows if row.status == _QUEUED)
     if requeued:
         announce_work(conn)
-    return requeued, sorted({row.batch_id for row in rows if row.status == "failed"})
+    return requeued, sorted({row.batch_id for row in rows if row.status == RequestStatus.FAILED})
 
 
 # --- Notifications, sent when the transaction commits (never on rollback). ---
@@ -207,11 +204,14 @@ def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tup
 WORK_CHANNEL = "batch_work"
 _ANNOUNCE_WORK = text(f"SELECT pg_notify('{WORK_CHANNEL}', '')")
 
-# A batch's unfinished requests were taken away (cancel) or it reached its final status; the
-# payload is its id. Busy workers then check what they still own (`no_longer_owned`), and
-# retrieves held until the batch ends (the API's `wait`) answer.
-BATCH_STATUS_CHANNEL = "batch_status"
-_ANNOUNCE_STATUS = text(f"SELECT pg_notify('{BATCH_STATUS_CHANNEL}', :batch_id)")
+# A batch's unfinished requests were taken from their workers (cancel); the payload is its id.
+# Busy workers then check what they still own (`no_longer_owned`).
+WORK_TAKEN_CHANNEL = "batch_work_taken"
+# A batch reached its final status (`end_batch`, which also takes its unfinished requests); the
+# payload is its id. Busy workers check what they still own, and retrieves held until the batch
+# ends (the API's `wait`) answer.
+BATCH_ENDED_CHANNEL = "batch_ended"
+_NOTIFY = text("SELECT pg_notify(:channel, :batch_id)")
 
 
 def announce_work(conn: Connection) -> None:
@@ -219,20 +219,17 @@ def announce_work(conn: Connection) -> None:
     conn.execute(_ANNOUNCE_WORK)
 
 
-def _announce_status(conn: Connection, batch_id: str) -> None:
-    conn.execute(_ANNOUNCE_STATUS, {"batch_id": batch_id})
+def _notify(conn: Connection, channel: str, batch_id: str) -> None:
+    conn.execute(_NOTIFY, {"channel": channel, "batch_id": batch_id})
 
 
-# --- Finalize, cancel, expire: the batch-level transitions. ---
+# --- Finalize, cancel, expire, end: the batch-level transitions. ---
 
-# A batch in one of these has its files and changes no more.
-FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
-
-_START_FINALIZING = text("""
-UPDATE batches b SET status = 'finalizing', finalizing_at = now()
-WHERE b.id = ANY(:batch_ids) AND b.status = 'in_progress'
+_START_FINALIZING = text(f"""
+UPDATE batches b SET status = '{BatchStatus.FINALIZING}', finalizing_at = now()
+WHERE b.id = ANY(:batch_ids) AND b.status = '{BatchStatus.IN_PROGRESS}'
   AND NOT EXISTS (SELECT 1 FROM batch_requests r
-                  WHERE r.batch_id = b.id AND r.status IN ('queued', 'running'))
+                  WHERE r.batch_id = b.id AND r.status IN ({_UNFINISHED}))
 RETURNING b.id
 """)
 
@@ -247,42 +244,25 @@ def start_finalizing(conn: Connection, batch_ids: list[str]) -> list[str]:
 # Waits for the row rather than skipping it: a competing `start_finalizing` may hold it for an
 # instant, and skipping would leave the batch with no builder. The status check after the wait
 # makes a second builder a no-op.
-_LOCK_FOR_FILES = text("""
+_LOCK_FOR_FILES = text(f"""
 SELECT id, status FROM batches
-WHERE id = :batch_id AND status IN ('finalizing', 'cancelling')
+WHERE id = :batch_id AND status IN ('{BatchStatus.FINALIZING}', '{BatchStatus.CANCELLING}')
 FOR UPDATE
 """)
 
-_FINAL_STATUS = {"finalizing": "completed", "cancelling": "cancelled"}
+_FINAL_STATUS = {BatchStatus.FINALIZING: BatchStatus.COMPLETED, BatchStatus.CANCELLING: BatchStatus.CANCELLED}
 
 
-def lock_for_files(conn: Connection, batch_id: str) -> str | None:
+def lock_for_files(conn: Connection, batch_id: str) -> BatchStatus | None:
     """Lock a batch waiting for its files; returns the status to end in, or None if not ours."""
     row = conn.execute(_LOCK_FOR_FILES, {"batch_id": batch_id}).first()
-    return _FINAL_STATUS[row.status] if row else None
+    return _FINAL_STATUS[BatchStatus(row.status)] if row else None
 
 
-_SET_FINAL = text("""
-UPDATE batches SET status = :status, output_file_id = :output_file_id,
-       error_file_id = :error_file_id,
-       completed_at = CASE WHEN :status = 'completed' THEN now() ELSE completed_at END,
-       cancelled_at = CASE WHEN :status = 'cancelled' THEN now() ELSE cancelled_at END,
-       expired_at = CASE WHEN :status = 'expired' THEN now() ELSE expired_at END
-WHERE id = :batch_id
-""")
-
-
-def set_final(conn: Connection, batch_id: str, status: str, output_file_id: str | None,
-              error_file_id: str | None) -> None:
-    conn.execute(_SET_FINAL, {"batch_id": batch_id, "status": status,
-                              "output_file_id": output_file_id, "error_file_id": error_file_id})
-    _announce_status(conn, batch_id)
-
-
-_STRANDED = text("""
+_STRANDED = text(f"""
 SELECT id FROM batches
-WHERE (status = 'finalizing' AND finalizing_at < now() - make_interval(secs => :grace))
-   OR (status = 'cancelling' AND cancelling_at < now() - make_interval(secs => :grace))
+WHERE (status = '{BatchStatus.FINALIZING}' AND finalizing_at < now() - make_interval(secs => :grace))
+   OR (status = '{BatchStatus.CANCELLING}' AND cancelling_at < now() - make_interval(secs => :grace))
 """)
 
 
@@ -291,19 +271,19 @@ def stranded_batches(conn: Connection, grace_seconds: float) -> list[str]:
     return list(conn.execute(_STRANDED, {"grace": grace_seconds}).scalars())
 
 
-_START_CANCEL = text("""
-UPDATE batches SET status = 'cancelling', cancelling_at = now()
-WHERE id = :batch_id AND status IN ('validating', 'in_progress')
+_START_CANCEL = text(f"""
+UPDATE batches SET status = '{BatchStatus.CANCELLING}', cancelling_at = now()
+WHERE id = :batch_id AND status IN ({sql_list(ACTIVE_BATCH_STATUSES)})
 RETURNING id
 """)
 
 # Cancelling takes every unfinished request at once, running ones included: the workers
 # holding them are notified and abort them, and their late results are refused.
-_CANCEL_REQUESTS = text("""
-UPDATE batch_requests SET status = 'cancelled', finished_at = now(),
+_CANCEL_REQUESTS = text(f"""
+UPDATE batch_requests SET status = '{RequestStatus.CANCELLED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_cancelled',
                                'message', 'The batch was cancelled before this request finished.')
-WHERE batch_id = :batch_id AND status IN ('queued', 'running')
+WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
 """)
 
 
@@ -311,30 +291,30 @@ def start_cancel(conn: Connection, batch_id: str) -> bool:
     if conn.execute(_START_CANCEL, {"batch_id": batch_id}).first() is None:
         return False
     conn.execute(_CANCEL_REQUESTS, {"batch_id": batch_id})
-    _announce_status(conn, batch_id)
+    _notify(conn, WORK_TAKEN_CHANNEL, batch_id)
     return True
 
 
-_LOCK_DUE_FOR_EXPIRY = text("""
+_LOCK_DUE_FOR_EXPIRY = text(f"""
 SELECT id FROM batches
-WHERE status IN ('validating', 'in_progress') AND expires_at < now()
+WHERE status IN ({sql_list(ACTIVE_BATCH_STATUSES)}) AND expires_at < now()
 ORDER BY expires_at
 LIMIT 1
 FOR UPDATE SKIP LOCKED
 """)
 
-_EXPIRE_REQUESTS = text("""
-UPDATE batch_requests SET status = 'expired', finished_at = now(),
+_EXPIRE_REQUESTS = text(f"""
+UPDATE batch_requests SET status = '{RequestStatus.EXPIRED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_expired',
         'message', 'This request could not be executed before the completion window expired.')
-WHERE batch_id = :batch_id AND status IN ('queued', 'running')
+WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
 """)
 
 
 def lock_next_expired(conn: Connection) -> str | None:
     """Lock one batch past its window and expire its unfinished requests; returns its id.
 
-    The caller ends it with `set_final` in the same transaction, which notifies the workers.
+    The caller ends it with `end_batch` in the same transaction, which notifies the workers.
     """
     batch_id = conn.execute(_LOCK_DUE_FOR_EXPIRY).scalar()
     if batch_id is not None:
@@ -342,35 +322,38 @@ def lock_next_expired(conn: Connection) -> str | None:
     return batch_id
 
 
-# --- Workers: registration and heartbeat. ---
+# The one way into a final status, and the statuses each may be reached from.
+ENDS_FROM = {
+    BatchStatus.COMPLETED: (BatchStatus.FINALIZING,),
+    BatchStatus.CANCELLED: (BatchStatus.CANCELLING,),
+    BatchStatus.EXPIRED: ACTIVE_BATCH_STATUSES,
+    BatchStatus.FAILED: (BatchStatus.VALIDATING,),  # its input file was refused
+}
 
-_REGISTER_WORKER = text("""
-INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status)
-VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, 'loading')
-""")
-
-_HEARTBEAT = text("""
-UPDATE workers SET last_seen = now(), status = :status, in_flight = :in_flight,
-    -- The stall clock runs only while busy: it restarts on progress and on becoming busy.
-    last_progress_at = CASE WHEN :progressed OR status <> 'busy' OR :status <> 'busy'
-                            THEN now() ELSE last_progress_at END,
-    requests_done = :requests_done, tokens_done = :tokens_done,
-    stopped_at = CASE WHEN :status = 'stopped' THEN now() END
-WHERE id = :id AND status <> 'dead'
+# Each final status stamps its own timestamp, named after it (OpenAI's `completed_at`...).
+_STAMP_FINAL_TIME = ",\n       ".join(f"{status}_at = CASE WHEN :status = '{status}' THEN now() ELSE {status}_at END"
+                                    for status in ENDS_FROM)
+_END_BATCH = text(f"""
+UPDATE batches SET status = :status, output_file_id = :output_file_id, error_file_id = :error_file_id,
+       errors = coalesce(CAST(:errors AS jsonb), errors),
+       {_STAMP_FINAL_TIME}
+WHERE id = :batch_id AND status = ANY(:from_statuses)
 RETURNING id
 """)
 
 
-def register_worker(conn: Connection, *, worker_id: str, slot: str, host: str, pid: int,
-                    model: str, gpu_ids: str) -> None:
-    conn.execute(_REGISTER_WORKER, {"id": worker_id, "slot": slot, "host": host, "pid": pid,
-                                    "model": model, "gpu_ids": gpu_ids})
+def end_batch(conn: Connection, batch_id: str, status: BatchStatus, *, output_file_id: str | None = None,
+              error_file_id: str | None = None, errors: list[dict] | None = None) -> bool:
+    """Give a batch its final status, files and (for a refused input file) errors, and notify.
 
-
-def heartbeat(conn: Connection, *, worker_id: str, status: str, in_flight: int,
-              requests_done: int, tokens_done: int, progressed: bool) -> bool:
-    """Record liveness; False means this worker was declared dead and must stop (fencing)."""
-    row = conn.execute(_HEARTBEAT, {"id": worker_id, "status": status, "in_flight": in_flight,
-                                    "requests_done": requests_done, "tokens_done": tokens_done,
-                                    "progressed": progressed})
-    return row.first() is not None
+    Conditional on the batch being in a status that leads there (`ENDS_FROM`): False, and
+    nothing changed, when it was ended already or is not ready.
+    """
+    ended = conn.execute(_END_BATCH, {
+        "batch_id": batch_id, "status": status, "from_statuses": list(ENDS_FROM[status]),
+        "output_file_id": output_file_id, "error_file_id": error_file_id,
+        "errors": json.dumps({"object": "list", "data": errors}) if errors is not None else None,
+    }).first()
+    if ended is not None:
+        _notify(conn, BATCH_ENDED_CHANNEL, batch_id)
+    return ended is not None

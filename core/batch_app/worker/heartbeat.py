@@ -11,10 +11,10 @@ import os
 import threading
 from collections.abc import Callable
 
-from sqlalchemy.engine import Engine
-
-from . import queue
-from .engines.base import EngineProgress
+from ..database import Database
+from ..domain import registry
+from ..domain.statuses import WorkerStatus
+from ..engines.base import EngineProgress
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ FENCED_EXIT_CODE = 75
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, engine: Engine, worker_id: str, interval: float,
-                 sample: Callable[[], tuple[str, int, EngineProgress]]):
+    def __init__(self, db: Database, worker_id: str, interval: float,
+                 sample: Callable[[], tuple[WorkerStatus, int, EngineProgress]]):
         super().__init__(name="heartbeat", daemon=True)
-        self.db = engine
+        self.db = db
         self.worker_id = worker_id
         self.interval = interval
         self.sample = sample  # -> (status, requests in flight, progress counters)
@@ -44,7 +44,7 @@ class Heartbeat(threading.Thread):
         status, in_flight, progress = self.sample()
         try:
             with self.db.begin() as conn:
-                alive = queue.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
+                alive = registry.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
                                         requests_done=progress.requests_finished,
                                         tokens_done=progress.tokens_generated,
                                         progressed=progress.steps != self._steps_reported)

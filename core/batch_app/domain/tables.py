@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     ForeignKey,
     Index,
@@ -21,7 +22,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 
+from .statuses import BatchStatus, RequestStatus, WorkerStatus, sql_list
+
 metadata = MetaData()
+
+
+def _status_check(table: str, statuses: type) -> CheckConstraint:
+    """Only the statuses of statuses.py (migration 0003 adds these to existing databases)."""
+    return CheckConstraint(f"status IN ({sql_list(statuses)})", name=f"{table}_status_known")
+
 
 
 def _now_column(name: str) -> Column:
@@ -90,6 +99,7 @@ batches = Table(
     _optional_time("cancelled_at"),
     Index("batches_project_id", "project", "id"),
     Index("batches_status", "status"),
+    _status_check("batches", BatchStatus),
 )
 
 # One row per input line: the unit of durable work.
@@ -103,7 +113,7 @@ batch_requests = Table(
     Column("model", Text, nullable=False),
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("body", JSONB, nullable=False),
-    Column("status", Text, nullable=False, server_default="queued"),
+    Column("status", Text, nullable=False, server_default=RequestStatus.QUEUED.value),
     Column("attempt", Integer, nullable=False, server_default="0"),
     Column("worker_id", UUID(as_uuid=False)),
     # A finished request keeps the HTTP status and body it answered with (the engine's own
@@ -124,12 +134,14 @@ batch_requests = Table(
         "model",
         text("priority DESC"),
         "id",
-        postgresql_where=text("status = 'queued'"),
+        postgresql_where=text(f"status = '{RequestStatus.QUEUED}'"),
     ),
-    Index("batch_requests_worker_running", "worker_id", postgresql_where=text("status = 'running'")),
+    Index("batch_requests_worker_running", "worker_id", postgresql_where=text(f"status = '{RequestStatus.RUNNING}'")),
     # Every claim first asks whether crash survivors wait (queue.claim); without this index that
     # question reads every queued row of the model.
-    Index("batch_requests_suspects", "model", postgresql_where=text("status = 'queued' AND attempt > 0")),
+    Index("batch_requests_suspects", "model",
+          postgresql_where=text(f"status = '{RequestStatus.QUEUED}' AND attempt > 0")),
+    _status_check("batch_requests", RequestStatus),
 )
 
 # One row per worker process start (a fresh UUID each time, never the hostname).
@@ -151,6 +163,7 @@ workers = Table(
     _now_column("last_progress_at"),
     _optional_time("stopped_at"),
     Index("workers_model_last_seen", "model", "last_seen"),
+    _status_check("workers", WorkerStatus),
 )
 
 # What the watchdog restarted, when and why: the hourly cap survives a watchdog restart.

@@ -12,21 +12,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-MAX_REPORTED_ERRORS = 100
+from .batch_format import ENDPOINTS, INPUT_FIELDS, MAX_REPORTED_ERRORS, LineError
 
 _COPY_SQL = "COPY batch_requests (batch_id, line, custom_id, model, priority, body) FROM STDIN"
-
-
-@dataclass
-class LineError:
-    code: str
-    message: str
-    line: int | None = None
-    param: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"code": self.code, "message": self.message, "line": self.line, "param": self.param}
 
 
 @dataclass
@@ -100,11 +88,8 @@ def _parse_line(number: int, raw: bytes, ended: bool, endpoint: str,
     return request, _check_fields(number, request, endpoint)
 
 
-_REQUIRED = (("custom_id", str), ("method", str), ("url", str), ("body", dict))
-
-
 def _check_fields(number: int, request: dict, endpoint: str) -> LineError | None:
-    for name, kind in _REQUIRED:
+    for name, kind in INPUT_FIELDS:
         if name not in request:
             return LineError("missing_required_parameter",
                              f"Line {number} is missing the required field '{name}'.", number, name)

@@ -12,11 +12,11 @@ import queue as stdlib_queue
 import threading
 import time
 
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from . import finalize, queue
-from .queue import Completion
+from ..database import Database
+from ..domain import finalize, queue
+from ..domain.queue import Completion
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ _WRITE_NOW = object()
 
 
 class ResultWriter(threading.Thread):
-    def __init__(self, engine: Engine, worker_id: str, max_group: int = 512, max_delay: float = 1.0):
+    def __init__(self, db: Database, worker_id: str, max_group: int = 512, max_delay: float = 1.0):
         super().__init__(name="result-writer", daemon=True)
-        self.db = engine
+        self.db = db
         self.worker_id = worker_id
         self.max_group = max_group
         self.max_delay = max_delay

@@ -1,8 +1,8 @@
 """Tells a worker, without polling the database, when work was queued or taken away.
 
 A database connection of its own LISTENs on queue.WORK_CHANNEL (requests were queued: an idle
-worker claims at once) and on queue.BATCH_STATUS_CHANNEL (a batch was cancelled or ended: a busy
-worker checks which of its requests it still owns). Notifications only make the worker prompt:
+worker claims at once), and on queue.WORK_TAKEN_CHANNEL and queue.BATCH_ENDED_CHANNEL (a batch
+was cancelled or ended: a busy worker checks which of its requests it still owns). Notifications only make the worker prompt:
 it still claims on a timer, and it checks ownership on every look while not listening and once
 after listening starts, so a lost notification (or a pooler that drops LISTEN) costs time, never
 a request.
@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy.engine import Engine
-
-from .queue import BATCH_STATUS_CHANNEL, WORK_CHANNEL
+from ..database import Database
+from ..domain.queue import BATCH_ENDED_CHANNEL, WORK_CHANNEL, WORK_TAKEN_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ _RETRY_INTERVAL = 5.0
 
 
 class WorkSignal:
-    def __init__(self, db: Engine):
+    def __init__(self, db: Database):
         self.db = db
         self._pooled = None  # the pool's wrapper, invalidated on close so no one reuses a listener
         self._retry_at = 0.0
@@ -85,8 +84,8 @@ class WorkSignal:
                 pooled = self.db.raw_connection()
                 pooled.rollback()
                 pooled.driver_connection.autocommit = True
-                pooled.driver_connection.execute(f"LISTEN {WORK_CHANNEL}")
-                pooled.driver_connection.execute(f"LISTEN {BATCH_STATUS_CHANNEL}")
+                for channel in (WORK_CHANNEL, WORK_TAKEN_CHANNEL, BATCH_ENDED_CHANNEL):
+                    pooled.driver_connection.execute(f"LISTEN {channel}")
                 self._pooled = pooled
                 self._work_taken = True  # whatever happened before listening went unheard
             except Exception as exc:

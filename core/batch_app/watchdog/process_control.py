@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import signal
-import threading
 
 import psutil
 
@@ -58,13 +56,3 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exited with code {returncode}"
-
-
-def stop_on_signals(stopping: threading.Event, logger: logging.Logger, consequence: str) -> None:
-    """SIGTERM and SIGINT set `stopping`; the main loop then shuts down in its own way."""
-    def _handler(signum, _frame):
-        logger.info("received %s: %s", signal.Signals(signum).name, consequence)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)

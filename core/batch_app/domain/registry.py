@@ -1,0 +1,174 @@
+"""The worker registry: the `workers` and `worker_restarts` tables, read and written by every
+process. A worker registers and beats here; the watchdog finds its workers' states, records
+restarts and counts them against the hourly cap; the API asks which models are served.
+
+A worker row is one process start, under an id the watchdog chose for it. The restart count
+of a slot is the one query `RESTARTS_IN_LAST_HOUR`: restarts of the last hour since the slot's
+latest `batchctl worker reset`.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .statuses import ENDED_WORKER_STATUSES, WorkerStatus, sql_list
+
+_ENDED = sql_list(ENDED_WORKER_STATUSES)
+
+# --- Registration and heartbeat, by the worker itself. ---
+
+_REGISTER = text(f"""
+INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status)
+VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, '{WorkerStatus.LOADING}')
+""")
+
+_HEARTBEAT = text(f"""
+UPDATE workers SET last_seen = now(), status = :status, in_flight = :in_flight,
+    -- The stall clock runs only while busy: it restarts on progress and on becoming busy.
+    last_progress_at = CASE WHEN :progressed OR status <> '{WorkerStatus.BUSY}' OR :status <> '{WorkerStatus.BUSY}'
+                            THEN now() ELSE last_progress_at END,
+    requests_done = :requests_done, tokens_done = :tokens_done,
+    stopped_at = CASE WHEN :status = '{WorkerStatus.STOPPED}' THEN now() END
+WHERE id = :id AND status <> '{WorkerStatus.DEAD}'
+RETURNING id
+""")
+
+
+def register_worker(conn: Connection, *, worker_id: str, slot: str, host: str, pid: int,
+                    model: str, gpu_ids: str) -> None:
+    conn.execute(_REGISTER, {"id": worker_id, "slot": slot, "host": host, "pid": pid,
+                             "model": model, "gpu_ids": gpu_ids})
+
+
+def heartbeat(conn: Connection, *, worker_id: str, status: WorkerStatus, in_flight: int,
+              requests_done: int, tokens_done: int, progressed: bool) -> bool:
+    """Record liveness; False means this worker was declared dead and must stop (fencing)."""
+    row = conn.execute(_HEARTBEAT, {"id": worker_id, "status": status, "in_flight": in_flight,
+                                    "requests_done": requests_done, "tokens_done": tokens_done,
+                                    "progressed": progressed})
+    return row.first() is not None
+
+
+# --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old. ---
+
+_MARK_SILENT_DEAD = text(f"""
+UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = now()
+WHERE status NOT IN ({_ENDED}) AND last_seen < now() - make_interval(secs => :timeout)
+RETURNING id
+""")
+
+# A worker that stopped cleanly keeps its `stopped`: it handed everything back itself.
+_MARK_DEAD = text(f"""
+UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped_at, now())
+WHERE id = :worker_id AND status NOT IN ({_ENDED})
+""")
+
+
+def mark_silent_workers_dead(conn: Connection, heartbeat_timeout: float) -> None:
+    conn.execute(_MARK_SILENT_DEAD, {"timeout": heartbeat_timeout})
+
+
+def mark_worker_dead(conn: Connection, worker_id: str) -> None:
+    conn.execute(_MARK_DEAD, {"worker_id": worker_id})
+
+
+# --- What the API asks: which models are served, and is anyone alive for them. ---
+
+_LIVENESS = text(f"""
+SELECT model,
+       bool_or(status NOT IN ({_ENDED})
+               AND last_seen > now() - make_interval(secs => :timeout)) AS live,
+       extract(epoch FROM now() - max(last_seen)) AS age,
+       min(started_at) AS first_seen
+FROM workers GROUP BY model
+""")
+
+
+def model_liveness(conn: Connection, heartbeat_timeout: float) -> dict[str, tuple[bool, float]]:
+    """{model: (has a live worker, seconds since any of its workers was last seen)}."""
+    rows = conn.execute(_LIVENESS, {"timeout": heartbeat_timeout}).all()
+    return {row.model: (row.live, float(row.age)) for row in rows}
+
+
+def served_models(conn: Connection, heartbeat_timeout: float) -> list[dict]:
+    """OpenAI Model objects for every model with a live worker."""
+    rows = conn.execute(_LIVENESS, {"timeout": heartbeat_timeout}).all()
+    return [{"id": row.model, "object": "model", "created": int(row.first_seen.timestamp()),
+             "owned_by": "vllm-batch-server"} for row in rows if row.live]
+
+
+# --- What the watchdog reads and records. ---
+
+_STATES = text("""
+SELECT id, pid, slot, status, in_flight,
+       extract(epoch FROM now() - last_seen) AS heartbeat_age,
+       extract(epoch FROM now() - last_progress_at) AS progress_age
+FROM workers WHERE id = ANY(CAST(:ids AS uuid[]))
+""")
+
+
+def worker_states(conn: Connection, worker_ids: list[str]) -> dict[str, object]:
+    """The rows of the given workers (those that registered), keyed by worker id."""
+    if not worker_ids:
+        return {}
+    return {str(row.id): row for row in conn.execute(_STATES, {"ids": worker_ids})}
+
+
+_LEFTOVERS = text(f"""
+SELECT id, pid, slot FROM workers
+WHERE host = :host AND slot = ANY(:slots) AND status NOT IN ({_ENDED})
+""")
+
+
+def leftover_workers(conn: Connection, host: str, slots: list[str]) -> list:
+    """Workers of these slots that a previous watchdog left running (or that died without a word)."""
+    return conn.execute(_LEFTOVERS, {"host": host, "slots": slots}).all()
+
+
+# The restarts that count against a slot's hourly cap; a `reset` row marks where an operator
+# cleared the count and is not a restart itself. `host` and `slot` are SQL expressions, so the
+# same count serves one slot (bound parameters) and every slot of a listing (its columns).
+RESET_REASON = "reset"
+
+
+def restarts_in_last_hour_sql(host: str, slot: str) -> str:
+    return f"""(SELECT count(*) FROM worker_restarts counted
+    WHERE counted.host = {host} AND counted.slot = {slot} AND counted.reason <> '{RESET_REASON}'
+      AND counted.restarted_at > greatest(now() - interval '1 hour',
+          coalesce((SELECT max(cleared.restarted_at) FROM worker_restarts cleared
+                    WHERE cleared.host = {host} AND cleared.slot = {slot}
+                      AND cleared.reason = '{RESET_REASON}'), '-infinity')))"""
+
+
+_RESTARTS_IN_LAST_HOUR = text(f"SELECT {restarts_in_last_hour_sql(':host', ':slot')}")
+
+_RECORD_RESTART = text("""
+INSERT INTO worker_restarts (slot, host, worker_id, reason, exit_code)
+VALUES (:slot, :host, :worker_id, :reason, :exit_code)
+""")
+
+
+def restarts_in_last_hour(conn: Connection, host: str, slot: str) -> int:
+    return conn.execute(_RESTARTS_IN_LAST_HOUR, {"host": host, "slot": slot}).scalar_one()
+
+
+def record_restart(conn: Connection, *, host: str, slot: str, worker_id: str | None, reason: str,
+                   exit_code: int | None) -> None:
+    conn.execute(_RECORD_RESTART, {"host": host, "slot": slot, "worker_id": worker_id, "reason": reason,
+                                   "exit_code": exit_code})
+
+
+_SLOT_HAS_RUN = text("""
+SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host)
+    OR EXISTS (SELECT 1 FROM worker_restarts WHERE slot = :slot AND host = :host)
+""")
+
+
+def slot_has_run(conn: Connection, host: str, slot: str) -> bool:
+    return conn.execute(_SLOT_HAS_RUN, {"host": host, "slot": slot}).scalar_one()
+
+
+def reset_restarts(conn: Connection, host: str, slot: str) -> None:
+    """Clear a slot stopped at the restart cap: its count starts again from zero."""
+    record_restart(conn, host=host, slot=slot, worker_id=None, reason=RESET_REASON, exit_code=None)

@@ -1,0 +1,55 @@
+"""Every status a batch, a request and a worker can be in, in one place.
+
+The database holds the same sets as CHECK constraints (migration 0003), so a status typed wrong
+anywhere fails loudly instead of creating a row nothing will ever pick up. The members are str:
+they go into SQL parameters and JSON as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class RequestStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class WorkerStatus(StrEnum):
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    DEAD = "dead"
+
+
+# A batch in one of these has its files and changes no more (OpenAI's terminal statuses).
+FINAL_BATCH_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+# A batch in one of these still takes claims: its requests may run.
+ACTIVE_BATCH_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+UNFINISHED_REQUEST_STATUSES = (RequestStatus.QUEUED, RequestStatus.RUNNING)
+# A worker in one of these holds nothing: whatever it ran was handed back or rescued.
+ENDED_WORKER_STATUSES = (WorkerStatus.STOPPED, WorkerStatus.DEAD)
+LIVE_WORKER_STATUSES = (WorkerStatus.LOADING, WorkerStatus.IDLE, WorkerStatus.BUSY, WorkerStatus.DRAINING)
+
+
+def sql_list(statuses: Iterable[StrEnum]) -> str:
+    """`'queued', 'running'`: a set of statuses spelled once here, for an `IN (...)` in SQL text."""
+    return ", ".join(f"'{status}'" for status in statuses)

@@ -1,0 +1,1 @@
+"""The watchdog process: supervision of this host's workers, process control, housekeeping rounds."""
