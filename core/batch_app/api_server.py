@@ -10,6 +10,7 @@ from .api.app import create_app
 from .database import database_url, migrate, open_database
 from .domain.keys import DEFAULT_PROJECT, add_key
 from .logs import configure_logging
+from .outage import outage
 
 
 def main() -> None:
@@ -17,11 +18,14 @@ def main() -> None:
     configure_logging("api_server", settings, "api_server")
     init_sentry(settings.sentry_dsn, "api_server")
     url = database_url(settings)
-    migrate(url)
+    outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
     db = open_database(url, pool_size=10)
     if settings.api_key:
-        with db.begin() as conn:
-            add_key(conn, settings.api_key, DEFAULT_PROJECT, name="API_KEY")
+        def seed_key() -> None:
+            with db.begin() as conn:
+                add_key(conn, settings.api_key, DEFAULT_PROJECT, name="API_KEY")
+
+        outage.retry(seed_key, "seeding API_KEY")
     uvicorn.run(create_app(settings, db), host=settings.api_host, port=settings.api_port,
                 log_level="info", log_config=None, timeout_graceful_shutdown=10)
 

@@ -52,6 +52,11 @@ class Outage:
     def ongoing(self) -> bool:
         return self._since is not None
 
+    def quiet_for(self, seconds: float) -> bool:
+        """Whether this process has reached the database for the last `seconds`. Heartbeats are
+        judged only then: nobody could write one during an outage, so its silence means nothing."""
+        return self._since is None and time.monotonic() - self.ended_at >= seconds
+
     def failed(self, exc: BaseException, doing: str) -> float:
         """Record a failure to reach the database; returns how long to wait before trying again."""
         with self._lock:

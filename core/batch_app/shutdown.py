@@ -1,10 +1,15 @@
-"""How a process is asked to stop: SIGTERM (systemd, the watchdog) and SIGINT (a terminal's Ctrl-C)."""
+"""How processes stop: SIGTERM (systemd, the watchdog) and SIGINT (a terminal's Ctrl-C) ask them to,
+and the exit code by which a fenced worker says why it stopped."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+
+# Exit code of a worker that learns it was declared dead: its work has been handed to others, and
+# the watchdog starts it again without counting a crash.
+FENCED_EXIT_CODE = 75
 
 
 def stop_on_signals(stopping: threading.Event, logger: logging.Logger, consequence: str) -> None:

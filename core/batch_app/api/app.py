@@ -6,11 +6,13 @@ import contextlib
 import logging
 
 from fastapi import FastAPI, Request
+
 from .. import __version__
 from ..config import Settings
 from ..database import Database
 from . import batches, files, metrics, status_page, system
 from .batch_endings import BatchEndings
+from .database_probe import DatabaseProbe
 from .errors import error_response, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -21,16 +23,20 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 def create_app(settings: Settings, db: Database) -> FastAPI:
     batch_endings = BatchEndings(db)
+    database_probe = DatabaseProbe(db)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await database_probe.start()
         yield
+        await database_probe.close()
         await batch_endings.close()
 
     app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
     app.state.batch_endings = batch_endings
+    app.state.database_probe = database_probe
     app.state.metrics_registry = metrics.metrics_registry(db)
     install_error_handlers(app)
 

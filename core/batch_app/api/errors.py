@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..domain.errors import Conflict, DomainError, InvalidRequest, NoLiveWorker, NotFound, TooLarge
+from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)
 
@@ -76,5 +77,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if is_unreachable(exc):  # the database is down or restarting: a clear 503, logged once
+            outage.failed(exc, "answering requests")
+            return error_response(503, f"The database is unreachable ({describe(exc)}); try again shortly.",
+                                  "service_unavailable_error", None, "database_unavailable")
         log.exception("unhandled error: %s: %s", type(exc).__name__, exc)
         return error_response(500, f"Internal server error ({type(exc).__name__}).", "server_error")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from .. import __version__
 from ..domain.registry import served_models
@@ -20,25 +20,18 @@ def list_models(db: DB, settings: AppSettings, project: Project) -> dict:
         return {"object": "list", "data": served_models(conn, settings.heartbeat_timeout)}
 
 
-def _database_state(db) -> str:
-    try:
-        with db.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return "connected"
-    except Exception as exc:  # any failure means "not reachable" to a health probe
-        return f"unreachable: {type(exc).__name__}"
-
-
 @router.get("/health", tags=["system"])
-def health(db: DB) -> dict:
-    """Liveness: the process answers; the database state is reported, not required."""
+async def health(request: Request) -> dict:
+    """Liveness: the process answers; the database state (checked every few seconds in the
+    background) is reported, not required, and never waited for."""
     return {"status": "healthy", "service": "batch-api", "version": __version__,
-            "database": _database_state(db)}
+            "database": request.app.state.database_probe.state}
 
 
 @router.get("/ready", tags=["system"])
-def ready(db: DB) -> JSONResponse:
-    state = _database_state(db)
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the database answers now."""
+    state = await run_in_threadpool(request.app.state.database_probe.check)
     if state != "connected":
         return error_response(503, f"Database {state}.", "service_unavailable_error", None, "database_unavailable")
     return JSONResponse({"status": "ready", "database": state})

@@ -60,10 +60,16 @@ def finish(db: Database, batch_id: str) -> BatchStatus | None:
     return final_status
 
 
+def start_finalizing(db: Database, batch_ids: list[str]) -> list[str]:
+    """Move the given batches that have no unfinished request left to `finalizing`; returns
+    those, which the caller then owns finishing."""
+    with db.begin() as conn:
+        return queue.start_finalizing(conn, batch_ids)
+
+
 def finalize_ready(db: Database, batch_ids: list[str]) -> list[str]:
     """Finalize the given batches that have no unfinished request left."""
-    with db.begin() as conn:
-        ready = queue.start_finalizing(conn, batch_ids)
+    ready = start_finalizing(db, batch_ids)
     for batch_id in ready:
         finish(db, batch_id)
     return ready

@@ -7,6 +7,13 @@ can group several steps atomically. The invariants they keep:
 - only that pair can finish it (`complete`), so a stale worker never overwrites a result;
 - a batch leaves `in_progress` exactly once, by the conditional update in `start_finalizing`;
 - a batch reaches a final status only through `end_batch`, from the statuses that may lead there.
+
+Lock order, so that no two of these can deadlock: a batch row before any of its requests, and
+requests in id order. Cancel and expiry lock the batch, then its unfinished requests; every
+statement that changes several requests locks them `ORDER BY id` first. A claim is the one
+that takes a batch row after requests, and it never waits for one: it marks a batch
+`in_progress` only when nobody holds its row (`_MARK_IN_PROGRESS`), as it takes requests with
+SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -77,9 +84,12 @@ _SUSPECTS_WAITING = text(f"""
 SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND attempt > 0)
 """)
 
+# Skips a batch whose row someone holds: a cancel or an expiry about to end it, or another claim
+# marking it already. Waiting here while holding claimed requests could deadlock with them.
 _MARK_IN_PROGRESS = text(f"""
 UPDATE batches SET status = '{BatchStatus.IN_PROGRESS}', in_progress_at = now()
-WHERE id = ANY(:batch_ids) AND status = '{BatchStatus.VALIDATING}'
+WHERE id IN (SELECT id FROM batches WHERE id = ANY(:batch_ids) AND status = '{BatchStatus.VALIDATING}'
+             FOR UPDATE SKIP LOCKED)
 """)
 
 
@@ -106,15 +116,20 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
             for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
 
 
-# One statement for a whole group of results; rows this worker no longer owns are skipped.
+# One statement for a whole group of results; rows this worker no longer owns are skipped. The
+# rows are locked in id order first (see the lock order above).
 _COMPLETE = text(f"""
+WITH u AS (SELECT * FROM json_to_recordset(CAST(:results AS json))
+     AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)),
+owned AS (SELECT r.id FROM batch_requests r JOIN u ON u.id = r.id
+          WHERE r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = '{_RUNNING}'
+          ORDER BY r.id FOR UPDATE OF r)
 UPDATE batch_requests r
 SET status = CASE WHEN u.status_code = 200 THEN '{RequestStatus.SUCCEEDED}' ELSE '{RequestStatus.FAILED}' END,
     status_code = u.status_code, response = u.response,
     prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
-FROM json_to_recordset(CAST(:results AS json))
-     AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)
-WHERE r.id = u.id AND r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = '{_RUNNING}'
+FROM owned, u
+WHERE r.id = owned.id AND u.id = owned.id
 RETURNING r.id, r.batch_id
 """)
 
@@ -139,7 +154,8 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
 _RELEASE = text(f"""
 UPDATE batch_requests
 SET status = '{_QUEUED}', worker_id = NULL, attempt = attempt - 1, claimed_at = NULL
-WHERE id = ANY(:ids) AND worker_id = :worker_id AND status = '{_RUNNING}'
+WHERE id IN (SELECT id FROM batch_requests WHERE id = ANY(:ids) AND worker_id = :worker_id
+             AND status = '{_RUNNING}' ORDER BY id FOR UPDATE)
 """)
 
 
@@ -159,6 +175,14 @@ WHERE r.id IS NULL
 """)
 
 
+_HELD_BY = text(f"SELECT id FROM batch_requests WHERE worker_id = :worker_id AND status = '{_RUNNING}'")
+
+
+def held_by(conn: Connection, worker_id: str) -> list[int]:
+    """Every request running under this worker, as the database sees it."""
+    return list(conn.execute(_HELD_BY, {"worker_id": worker_id}).scalars())
+
+
 def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) -> list[int]:
     """Which in-flight requests were taken from this worker (cancelled, expired, rescued)."""
     if not request_ids:
@@ -169,6 +193,9 @@ def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) ->
 # --- Rescue: requests of dead workers go back to the queue, or fail as poison. ---
 
 _RESCUE = text(f"""
+WITH orphaned AS (SELECT r.id FROM batch_requests r JOIN workers w ON w.id = r.worker_id
+                  WHERE r.status = '{_RUNNING}' AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
+                  ORDER BY r.id FOR UPDATE OF r)
 UPDATE batch_requests r
 SET status = CASE WHEN r.attempt >= :max_attempts THEN '{RequestStatus.FAILED}' ELSE '{_QUEUED}' END,
     error = CASE WHEN r.attempt >= :max_attempts THEN jsonb_build_object(
@@ -178,19 +205,21 @@ SET status = CASE WHEN r.attempt >= :max_attempts THEN '{RequestStatus.FAILED}' 
         END,
     finished_at = CASE WHEN r.attempt >= :max_attempts THEN now() END,
     worker_id = CASE WHEN r.attempt >= :max_attempts THEN r.worker_id END
-FROM workers w
-WHERE r.status = '{_RUNNING}' AND r.worker_id = w.id AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
+FROM orphaned
+WHERE r.id = orphaned.id
 RETURNING r.id, r.batch_id, r.status
 """)
 
 
-def rescue(conn: Connection, heartbeat_timeout: float, max_attempts: int) -> tuple[int, list[str]]:
-    """Declare silent workers dead, then hand their running requests back (or fail poison ones).
+def rescue(conn: Connection, heartbeat_timeout: float | None, max_attempts: int) -> tuple[int, list[str]]:
+    """Declare workers silent for `heartbeat_timeout` dead (None: leave silence unjudged), then
+    hand the running requests of dead workers back (or fail poison ones).
 
     Returns how many requests went back to the queue, and the batches in which a poison request
     failed (those may now be complete: callers follow with `finalize.finalize_ready`).
     """
-    registry.mark_silent_workers_dead(conn, heartbeat_timeout)
+    if heartbeat_timeout is not None:
+        registry.mark_silent_workers_dead(conn, heartbeat_timeout)
     rows = conn.execute(_RESCUE, {"max_attempts": max_attempts}).all()
     requeued = sum(1 for row in rows if row.status == _QUEUED)
     if requeued:
@@ -271,6 +300,19 @@ def stranded_batches(conn: Connection, grace_seconds: float) -> list[str]:
     return list(conn.execute(_STRANDED, {"grace": grace_seconds}).scalars())
 
 
+_DONE_BUT_IN_PROGRESS = text(f"""
+SELECT b.id FROM batches b
+WHERE b.status = '{BatchStatus.IN_PROGRESS}'
+  AND NOT EXISTS (SELECT 1 FROM batch_requests r WHERE r.batch_id = b.id AND r.status IN ({_UNFINISHED}))
+""")
+
+
+def done_but_in_progress(conn: Connection) -> list[str]:
+    """Batches with nothing left to run that never started finalizing (whoever stored their last
+    result died before finalizing, or lost the answer to its write): housekeeping finalizes them."""
+    return list(conn.execute(_DONE_BUT_IN_PROGRESS).scalars())
+
+
 _START_CANCEL = text(f"""
 UPDATE batches SET status = '{BatchStatus.CANCELLING}', cancelling_at = now()
 WHERE id = :batch_id AND status IN ({sql_list(ACTIVE_BATCH_STATUSES)})
@@ -279,11 +321,15 @@ RETURNING id
 
 # Cancelling takes every unfinished request at once, running ones included: the workers
 # holding them are notified and abort them, and their late results are refused.
+# The unfinished requests of a batch, locked in id order (see the lock order above).
+_UNFINISHED_OF_BATCH = f"""SELECT id FROM batch_requests WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
+                 ORDER BY id FOR UPDATE"""
+
 _CANCEL_REQUESTS = text(f"""
 UPDATE batch_requests SET status = '{RequestStatus.CANCELLED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_cancelled',
                                'message', 'The batch was cancelled before this request finished.')
-WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
+WHERE id IN ({_UNFINISHED_OF_BATCH})
 """)
 
 
@@ -307,7 +353,7 @@ _EXPIRE_REQUESTS = text(f"""
 UPDATE batch_requests SET status = '{RequestStatus.EXPIRED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_expired',
         'message', 'This request could not be executed before the completion window expired.')
-WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
+WHERE id IN ({_UNFINISHED_OF_BATCH})
 """)
 
 

@@ -12,6 +12,7 @@ from .. import alerts
 from ..config import get_settings
 from ..database import database_url, migrate, open_database
 from ..logs import configure_logging
+from ..outage import outage
 from .supervisor import Supervisor
 
 log = logging.getLogger("core.batch_app.watchdog")
@@ -21,8 +22,8 @@ def main() -> int:
     settings = get_settings()
     configure_logging("watchdog", settings, "watchdog")
     url = database_url(settings)
-    migrate(url)
-    db = open_database(url, pool_size=3)
+    outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
+    db = open_database(url, pool_size=3)  # supervision, housekeeping, and a spare
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
     supervisor = Supervisor(db, settings)
     supervisor.install_signal_handlers()

@@ -1,50 +1,81 @@
-"""Process control with psutil: whole-tree kills, and how a process ended, in words."""
+"""Process control with psutil: whole-group kills, and how a process ended, in words.
+
+Each worker starts in a session (and so a process group) of its own, whose id is its pid. The
+group outlives the worker: vLLM's EngineCore children, which hold GPU memory, keep it after
+their parent died and was reaped. So a worker is killed by its group, never by its pid alone,
+and a slot is started again only once nothing of its old group is left.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import psutil
 
 
-def process_tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants (vLLM's EngineCore children hold GPU memory)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of the process group, with their descendants that left it (a zombie has
+    exited: only its exit status is left, so it is not counted)."""
+    members: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid:
+                for member in (process, *process.children(recursive=True)):
+                    members[member.pid] = member
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return [member for member in members.values() if _alive(member)]
 
 
-def kill_tree(pid: int, grace: float) -> list[int]:
-    """SIGTERM the tree, wait up to `grace` seconds, SIGKILL what is left, and confirm it is gone.
+def kill_group(pgid: int, grace: float) -> list[int]:
+    """SIGTERM the group, wait up to `grace` seconds, SIGKILL what is left, and confirm it is gone.
 
     Returns the pids still alive afterwards (empty unless the kernel refused the kill).
     """
-    tree = process_tree(pid)
-    for process in tree:
+    members = group_members(pgid)
+    for process in members:
         _send(process, signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    # Children found only now (spawned during the grace period) go too.
-    alive = list({p.pid: p for p in alive + [c for p in alive for c in _children(p)]}.values())
-    for process in alive:
+        _send(process, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+    _wait_gone(members, grace)
+    # Members found only now (spawned during the grace period) go too.
+    for process in group_members(pgid):
         _send(process, signal.SIGKILL)
-    _, still_alive = psutil.wait_procs(alive, timeout=10)
-    return [process.pid for process in still_alive]
+    return [process.pid for process in _wait_gone(group_members(pgid), 10)]
 
 
-def _children(process: psutil.Process) -> list[psutil.Process]:
+def is_worker_group(pgid: int) -> bool:
+    """Whether the group still holds a worker of ours or what it started (EngineCore)."""
+    for process in group_members(pgid):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "core.batch_app.worker" in command or "EngineCore" in command or "multiprocessing" in command:
+            return True
+    return False
+
+
+def _alive(process: psutil.Process) -> bool:
     try:
-        return process.children(recursive=True)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
-        return []
+        return False
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited; reaping our own child is left
+    to its Popen); returns those left."""
+    deadline = time.monotonic() + timeout
+    while (alive := [process for process in processes if _alive(process)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
 
 
 def _send(process: psutil.Process, signum: int) -> None:
     try:
         process.send_signal(signum)
-        if signum == signal.SIGTERM:
-            process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
     except psutil.NoSuchProcess:
         pass
 

@@ -1,11 +1,17 @@
 """The watchdog's supervision loop: start workers, detect dead, zombie, hung and stalled ones,
-kill them with their whole process tree, hand their requests back, restart with backoff.
+kill them with their whole process group, hand their requests back, restart with backoff.
 
 Each failure signal runs on its own clock:
 - process state (psutil) every check interval: gone, exited or zombie;
 - heartbeat age > HEARTBEAT_TIMEOUT: hung (also catches a stopped process);
 - progress age > STALL_TIMEOUT while requests are held: engine hung behind a live heartbeat;
 - STARTUP_TIMEOUT while the worker registers and loads its model (a slow load is not a hang).
+
+While the database is unreachable only the process state is judged: nobody can write a
+heartbeat then, so heartbeats, progress and start-up are judged again only once the watchdog
+has reached the database for a whole HEARTBEAT_TIMEOUT. A worker that died meanwhile is killed
+at once and started again only when its death and restart are recorded, so an outage neither
+charges a restart nor lets the cap be passed.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ from .. import alerts
 from ..config import Settings, WorkerSlot
 from ..database import Database
 from ..domain import housekeeping, registry
+from ..domain.housekeeping import Housekeeper
 from ..domain.statuses import WorkerStatus
 from ..logs import tail_lines, worker_log_path
-from ..shutdown import stop_on_signals
-from .process_control import describe_exit, kill_tree
+from ..outage import is_unreachable, outage
+from ..shutdown import FENCED_EXIT_CODE, stop_on_signals
+from .process_control import describe_exit, is_worker_group, kill_group
 
 log = logging.getLogger(__name__)
+
+# Exits that are no crash: a drain on request (0) and a worker fenced by its heartbeat.
+_UNCHARGED_EXITS = {0: "stopped cleanly", FENCED_EXIT_CODE: "was declared dead elsewhere and stopped"}
 
 
 @dataclass
@@ -44,6 +55,10 @@ class SlotState:
     consecutive_failures: int = 0
     next_start: float = 0.0
     at_cap: bool = False
+    # A failure whose bookkeeping (declared dead, restart counted) waits for the database.
+    unsettled: tuple[str, int | None] | None = None
+    # The process group of the last worker, until nothing of it is left.
+    old_group: int | None = None
     log_path: Path = field(default_factory=Path)
 
 
@@ -55,54 +70,75 @@ class Supervisor:
         self.slots = [SlotState(config=slot, log_path=worker_log_path(settings, slot.slot))
                       for slot in settings.worker_slots()]
         self.stopping = threading.Event()
+        self.housekeeper = Housekeeper(db, settings)
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self.stopping, log, "stopping workers gracefully")
 
     def run(self) -> None:
-        self.clean_up_leftovers()
-        last_housekeeping = 0.0
+        try:
+            outage.retry(self.prepare, "reading the workers a previous watchdog left", self.stopping)
+        except Exception:
+            if not self.stopping.is_set():
+                raise
+            return  # asked to stop while waiting for the database: nothing was started
+        self.housekeeper.start()
         while not self.stopping.is_set():
-            now = time.monotonic()
-            self.check_once(now)
-            if now - last_housekeeping >= self.settings.housekeeping_interval:
-                try:
-                    housekeeping.run_once(self.db, self.settings)
-                except Exception as exc:  # retried next round; supervision goes on
-                    log.error("housekeeping failed: %s: %s", type(exc).__name__, exc)
-                last_housekeeping = now
+            self.check_once(time.monotonic())
             self.stopping.wait(self.settings.watchdog_check_interval)
+        self.housekeeper.stop()
         self.stop_all()
 
     # --- start-up ---
 
-    def clean_up_leftovers(self) -> None:
-        """Kill workers a previous watchdog on this host left behind: never two workers per slot."""
+    def prepare(self) -> None:
+        """Kill workers a previous watchdog on this host left behind (never two workers per slot),
+        and leave stopped every slot already at its restart cap."""
         with self.db.connect() as conn:
             leftovers = registry.leftover_workers(conn, self.host, [slot.config.slot for slot in self.slots])
         for row in leftovers:
-            if _is_worker_process(row.pid):
+            if is_worker_group(row.pid):
                 log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)
-                kill_tree(row.pid, self.settings.kill_grace)
-            self._declare_dead(row.id)
+                kill_group(row.pid, self.settings.kill_grace)
+            self._declare_dead(str(row.id))
+        for slot in self.slots:
+            slot.at_cap = self._at_cap(slot)
+            if slot.at_cap:
+                log.warning("worker %s reached %d restarts in the last hour and stays stopped; clear it with "
+                            "`batchctl worker reset %s`", slot.config.slot, self.settings.max_restarts_per_hour,
+                            slot.config.slot)
 
     # --- one round of checks ---
 
     def check_once(self, now: float) -> None:
         running = [slot for slot in self.slots if slot.process is not None]
-        with self.db.connect() as conn:
-            states = registry.worker_states(conn, [slot.worker_id for slot in running])
+        states = self._worker_states(running)
         for slot in running:
-            reason, exit_code = self._failure(slot, states.get(slot.worker_id), now)
+            reason, exit_code = self._failure(slot, states, now)
             if reason:
                 self._recover(slot, reason, exit_code)
             elif now - slot.started_at > self.settings.restart_stable_period:
                 slot.consecutive_failures = 0
         for slot in self.slots:
-            if slot.process is None and not self.stopping.is_set():
+            if slot.unsettled is not None:
+                self._settle(slot)
+            if slot.process is None and slot.unsettled is None and not self.stopping.is_set():
                 self._maybe_start(slot, now)
 
-    def _failure(self, slot: SlotState, state, now: float) -> tuple[str | None, int | None]:
+    def _worker_states(self, running: list[SlotState]) -> dict[str, object] | None:
+        """The registry rows of the running workers, or None while the database is unreachable."""
+        try:
+            with self.db.connect() as conn:
+                states = registry.worker_states(conn, [slot.worker_id for slot in running])
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, "checking workers")
+            return None
+        outage.reached()
+        return states
+
+    def _failure(self, slot: SlotState, states: dict | None, now: float) -> tuple[str | None, int | None]:
         process = slot.process
         code = process.poll()  # reaps our own child, so it never lingers as a zombie
         if code is None and _process_status(process.pid) == psutil.STATUS_ZOMBIE:
@@ -112,6 +148,9 @@ class Supervisor:
                 return "zombie process", None
         if code is not None:
             return f"process {describe_exit(code)}", code
+        if states is None or not outage.quiet_for(self.settings.heartbeat_timeout):
+            return None, None  # what the database says of this worker means nothing yet
+        state = states.get(slot.worker_id)
         age = now - slot.started_at
         if state is None or state.status == WorkerStatus.LOADING:
             if age > self.settings.startup_timeout:
@@ -131,22 +170,50 @@ class Supervisor:
     # --- recovery ---
 
     def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
-        name = slot.config.slot
-        pid = slot.process.pid
-        log.warning("worker %s (pid %d): %s; killing its process tree", name, pid, reason)
-        survivors = kill_tree(pid, self.settings.kill_grace)
+        """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
+        name, pid = slot.config.slot, slot.process.pid
+        log.warning("worker %s (pid %d): %s; killing its process group", name, pid, reason)
+        try:  # fenced first: from now on nothing it still does counts, and its requests go back
+            self._declare_dead(slot.worker_id)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, f"declaring worker {name} dead")
+        survivors = kill_group(pid, self.settings.kill_grace)
         if survivors:
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
         slot.process.wait()
-        slot.process = None
-        self._declare_dead(slot.worker_id)
+        slot.process, slot.old_group = None, pid
+        slot.unsettled = (reason, exit_code)
+        self._settle(slot)
+
+    def _settle(self, slot: SlotState) -> None:
+        """Record a failure (worker dead, requests back, restart counted), then alert and schedule
+        the restart; while the database is unreachable the slot waits, stopped."""
+        reason, exit_code = slot.unsettled
+        name = slot.config.slot
+        charged = exit_code not in _UNCHARGED_EXITS
+        try:
+            self._declare_dead(slot.worker_id)
+            with self.db.begin() as conn:
+                slot.at_cap = registry.restarts_in_last_hour(conn, self.host, name) >= \
+                    self.settings.max_restarts_per_hour
+                if charged and not slot.at_cap:
+                    registry.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
+                                            reason=reason, exit_code=exit_code)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, f"recording the failure of worker {name}")
+            return
+        outage.reached()
+        slot.unsettled = None
+        if not charged:
+            slot.at_cap = False  # a clean stop or a fence is no crash, whatever the count says
+            slot.next_start = time.monotonic() + self.settings.restart_backoff_min
+            log.info("worker %s %s; starting it again", name, _UNCHARGED_EXITS[exit_code])
+            return
         slot.consecutive_failures += 1
-        with self.db.begin() as conn:
-            restarts = registry.restarts_in_last_hour(conn, self.host, name)
-            slot.at_cap = restarts >= self.settings.max_restarts_per_hour
-            if not slot.at_cap:
-                registry.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
-                                       reason=reason, exit_code=exit_code)
         tags = {"worker_id": slot.worker_id, "slot": name, "host": self.host,
                 "model": slot.config.served_name or slot.config.model or "demo"}
         extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": tail_lines(slot.log_path)}
@@ -158,9 +225,6 @@ class Supervisor:
         delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
                     self.settings.restart_backoff_max)
         slot.next_start = time.monotonic() + delay
-        if exit_code == 0:  # it drained and stopped on request (SIGTERM from an operator): no crash
-            log.info("worker %s stopped cleanly; restarting it in %.0f s", name, delay)
-            return
         alerts.alert("warning", f"Worker {name} crashed and is being restarted in {delay:.0f} s: {reason}",
                      tags=tags, extra=extra)
 
@@ -170,19 +234,34 @@ class Supervisor:
             registry.mark_worker_dead(conn, worker_id)
         housekeeping.rescue_now(self.db, self.settings)
 
+    def _at_cap(self, slot: SlotState) -> bool:
+        with self.db.connect() as conn:
+            return registry.restarts_in_last_hour(conn, self.host, slot.config.slot) >= \
+                self.settings.max_restarts_per_hour
+
     # --- starting and stopping ---
 
     def _maybe_start(self, slot: SlotState, now: float) -> None:
         if slot.at_cap:
-            with self.db.connect() as conn:  # an operator may have reset it meanwhile
-                slot.at_cap = registry.restarts_in_last_hour(conn, self.host, slot.config.slot) >= \
-                    self.settings.max_restarts_per_hour
+            try:  # an operator may have reset it meanwhile
+                slot.at_cap = self._at_cap(slot)
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                outage.failed(exc, "reading restart counts")
             if slot.at_cap:
                 return
             log.info("worker %s was reset; starting it again", slot.config.slot)
             slot.consecutive_failures = 0
-        if now >= slot.next_start:
-            self._start(slot)
+        if now < slot.next_start:
+            return
+        if slot.old_group is not None:
+            if survivors := kill_group(slot.old_group, self.settings.kill_grace):
+                log.error("worker %s is not started again: processes %s of its previous group are still alive",
+                          slot.config.slot, survivors)
+                return
+            slot.old_group = None
+        self._start(slot)
 
     def _start(self, slot: SlotState) -> None:
         config = slot.config
@@ -193,7 +272,8 @@ class Supervisor:
                    "--worker-id", slot.worker_id]
         slot.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(slot.log_path, "ab") as log_file:
-            # A session of its own: a terminal's Ctrl-C reaches the watchdog, which drains workers.
+            # A session, and so a process group, of its own: a terminal's Ctrl-C reaches the
+            # watchdog, which drains workers; and the group is what a kill takes down.
             slot.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         slot.started_at = time.monotonic()
@@ -209,17 +289,10 @@ class Supervisor:
                 slot.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("worker %s did not drain in time; killing it", slot.config.slot)
-            kill_tree(slot.process.pid, self.settings.kill_grace)  # EngineCore children included
+            kill_group(slot.process.pid, self.settings.kill_grace)  # EngineCore children included
             slot.process.wait()
             log.info("worker %s stopped (%s)", slot.config.slot, describe_exit(slot.process.returncode))
             slot.process = None
-
-
-def _is_worker_process(pid: int) -> bool:
-    try:
-        return "core.batch_app.worker" in " ".join(psutil.Process(pid).cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def _process_status(pid: int) -> str:

@@ -22,6 +22,7 @@ from ..engines import load_engine
 from ..engines.base import EngineSpec
 from ..logs import configure_logging, worker_log_stem
 from ..models import resolve_model
+from ..outage import outage
 from .runner import Runner, RunnerOptions
 
 log = logging.getLogger("core.batch_app.worker")
@@ -56,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
     db = open_database(database_url(settings), pool_size=4)  # engine loop, writer, heartbeat, wake-ups
     worker_id = args.worker_id or str(uuid.uuid4())
-    with db.begin() as conn:
-        registry.register_worker(conn, worker_id=worker_id, slot=slot.slot, host=socket.gethostname(),
-                                 pid=os.getpid(), model=spec.served_name, gpu_ids=slot.gpus)
+
+    def register() -> None:
+        with db.begin() as conn:
+            registry.register_worker(conn, worker_id=worker_id, slot=slot.slot, host=socket.gethostname(),
+                                     pid=os.getpid(), model=spec.served_name, gpu_ids=slot.gpus)
+
+    outage.retry(register, "registering this worker")
     log.info("worker %s (slot %s, pid %d) loading %s from %s with engine %s",
              worker_id, slot.slot, os.getpid(), spec.served_name, spec.model_path, spec.kind)
     runner = Runner(db, settings, worker_id, spec.served_name, RunnerOptions(shutdown_grace=settings.shutdown_grace))
@@ -73,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("model %s loaded in %.1f s; serving with up to %d requests in flight",
              spec.served_name, time.monotonic() - started, engine.max_in_flight)
-    runner.run(engine)
+    try:
+        runner.run(engine)
+    except Exception as exc:  # the watchdog restarts this worker; what it held is rescued
+        log.critical("worker loop failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return 1
     engine.close()
     return 0
 

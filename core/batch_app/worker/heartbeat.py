@@ -1,7 +1,9 @@
 """The worker's heartbeat: a thread of its own, so a busy or hung engine never silences it.
 
 Every interval it writes `last_seen`, the worker status and the engine's progress counters; the
-watchdog tells a hung engine (counters frozen while requests are held) from a busy one.
+watchdog tells a hung engine (counters frozen while requests are held) from a busy one. While
+the database is unreachable it keeps trying every interval; nobody judges that silence (see
+outage.Outage.quiet_for).
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from ..database import Database
 from ..domain import registry
 from ..domain.statuses import WorkerStatus
 from ..engines.base import EngineProgress
+from ..outage import describe, is_unreachable, outage
+from ..shutdown import FENCED_EXIT_CODE
 
 log = logging.getLogger(__name__)
-
-# Exit code of a worker that learns it was declared dead: its work has been handed to others.
-FENCED_EXIT_CODE = 75
 
 
 class Heartbeat(threading.Thread):
@@ -48,9 +49,13 @@ class Heartbeat(threading.Thread):
                                         requests_done=progress.requests_finished,
                                         tokens_done=progress.tokens_generated,
                                         progressed=progress.steps != self._steps_reported)
-        except Exception as exc:  # a database blip must not kill the thread; the next beat retries
-            log.error("heartbeat failed: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:  # nothing may end this thread; the next beat retries
+            if is_unreachable(exc):
+                outage.failed(exc, "writing the heartbeat")
+            else:
+                log.error("heartbeat failed: %s", describe(exc))
             return
+        outage.reached()
         self._steps_reported = progress.steps
         if not alive:
             log.critical("this worker was declared dead and its requests were handed back; exiting")

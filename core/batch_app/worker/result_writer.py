@@ -2,6 +2,11 @@
 
 Grouping (up to `max_group` results or `max_delay` seconds) keeps the database from becoming the
 bottleneck at thousands of results a second; the engine thread never waits on a write.
+
+Nothing ends this thread: while the database is unreachable it keeps every result in memory
+and retries (the worker stops claiming once `backlog` is large); any other failure, in storing
+or in finalizing a batch, is logged with its type and message and retried. Should the thread
+stop all the same, the worker loop sees it (`is_alive`) and exits, to be restarted.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import queue as stdlib_queue
 import threading
 import time
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from ..database import Database
 from ..domain import finalize, queue
 from ..domain.queue import Completion
+from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)
 
 
 # Handed in to end the group being gathered and write it without waiting out max_delay.
 _WRITE_NOW = object()
+# Seconds between retries of a failure that is not an outage (a bug, a full disk).
+_FAILURE_RETRY = 5.0
 
 
 class ResultWriter(threading.Thread):
@@ -33,9 +41,22 @@ class ResultWriter(threading.Thread):
         self.max_group = max_group
         self.max_delay = max_delay
         self._pending: stdlib_queue.Queue[Completion | object | None] = stdlib_queue.Queue()
+        self._unstored: set[int] = set()  # ids of results handed in and not yet stored
+        self._lock = threading.Lock()
 
     def put(self, completion: Completion) -> None:
+        with self._lock:
+            self._unstored.add(completion.id)
         self._pending.put(completion)
+
+    @property
+    def backlog(self) -> int:
+        """Results handed in and not yet stored."""
+        return len(self._unstored)
+
+    def unstored_ids(self) -> set[int]:
+        with self._lock:
+            return set(self._unstored)
 
     def write_now(self) -> None:
         """Write what was handed in so far without waiting for more (the engine has run dry)."""
@@ -72,36 +93,64 @@ class ResultWriter(threading.Thread):
 
     def _write(self, group: list[Completion]) -> None:
         accepted = self._store(group)
+        with self._lock:
+            self._unstored.difference_update(completion.id for completion in group)
         if len(accepted) < len(group):
             log.warning("%d results refused: those requests are no longer this worker's",
                         len(group) - len(accepted))
-        for batch_id in finalize.finalize_ready(self.db, sorted(set(accepted.values()))):
-            log.info("batch %s finalized", batch_id)
+        self._finalize(sorted(set(accepted.values())))
 
     def _store(self, group: list[Completion]) -> dict[int, str]:
         """Store a group; retry while the database is unreachable, isolate results it refuses."""
         while True:
             try:
                 with self.db.begin() as conn:
-                    return queue.complete(conn, self.worker_id, group)
-            except OperationalError as exc:  # connection trouble: keep the results and retry
-                log.error("writing %d results failed, retrying: %s: %s", len(group), type(exc.orig or exc).__name__,
-                          exc.orig or exc)
-                time.sleep(1.0)
-            except DBAPIError as exc:
+                    accepted = queue.complete(conn, self.worker_id, group)
+                outage.reached()
+                return accepted
+            except Exception as exc:
+                if is_unreachable(exc):  # keep the results and retry
+                    time.sleep(outage.failed(exc, f"storing {len(group)} results"))
+                    continue
+                if not isinstance(exc, DBAPIError):  # not the data: a bug or the machine; retry
+                    log.error("storing %d results failed, retrying in %.0f s: %s", len(group), _FAILURE_RETRY,
+                              describe(exc), exc_info=exc)
+                    time.sleep(_FAILURE_RETRY)
+                    continue
                 if len(group) == 1:
                     return self._store([_unstorable(group[0], exc)])
-                log.error("the database refused a group of %d results (%s: %s); writing them one by one",
-                          len(group), type(exc.orig or exc).__name__, exc.orig or exc)
+                log.error("the database refused a group of %d results (%s); writing them one by one",
+                          len(group), describe(exc))
                 accepted: dict[int, str] = {}
                 for completion in group:
                     accepted.update(self._store([completion]))
                 return accepted
 
+    def _finalize(self, batch_ids: list[str]) -> None:
+        """Finalize the batches that these results finished; retried until it succeeds (a batch
+        moved to `finalizing` here is ours to finish, and housekeeping's after a grace period)."""
+        to_finish: list[str] = []
+        while True:
+            try:
+                if batch_ids:
+                    to_finish, batch_ids = finalize.start_finalizing(self.db, batch_ids), []
+                while to_finish:
+                    finalize.finish(self.db, to_finish[0])
+                    log.info("batch %s finalized", to_finish.pop(0))
+                outage.reached()
+                return
+            except Exception as exc:
+                if is_unreachable(exc):
+                    time.sleep(outage.failed(exc, "finalizing batches"))
+                else:
+                    log.error("finalizing batches %s failed, retrying in %.0f s: %s",
+                              ", ".join(batch_ids or to_finish), _FAILURE_RETRY, describe(exc), exc_info=exc)
+                    time.sleep(_FAILURE_RETRY)
+
 
 def _unstorable(completion: Completion, exc: DBAPIError) -> Completion:
     """The request ends as an error line rather than blocking the worker or vanishing."""
-    message = f"The result could not be stored: {type(exc.orig or exc).__name__}: {exc.orig or exc}"
+    message = f"The result could not be stored: {describe(exc)}"
     log.error("request %d: %s", completion.id, message)
     return dataclasses.replace(completion, status_code=500, response={"error": {
         "message": message, "type": "server_error", "param": None, "code": "result_not_stored"}})

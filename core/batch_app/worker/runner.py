@@ -1,7 +1,13 @@
 """The worker loop: keep the engine's in-flight window full from the queue, hand results on.
 
-One thread drives the engine (claim -> add -> step); the heartbeat and the result writer run
-beside it, so neither a slow database write nor a long step ever silences the other.
+One thread drives the engine (claim -> add -> step); the heartbeat, the result writer and
+housekeeping run beside it, so neither a slow database write nor a long step ever silences
+the other, and no file build runs on the engine's thread.
+
+While the database is unreachable the engine goes on with what it holds, results wait in the
+writer, and claims resume when it is back. A claim whose answer was lost with the connection
+may have committed: after every outage the worker hands back whatever the database says it
+runs that it does not hold (`_reconcile`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from dataclasses import dataclass
 
 from ..config import Settings
 from ..database import Database
-from ..domain import housekeeping, queue
+from ..domain import queue
+from ..domain.housekeeping import Housekeeper
 from ..domain.queue import ClaimedRequest, Completion
 from ..domain.statuses import WorkerStatus
 from ..engines.base import RETRY_STATUS, Engine, EngineProgress, EngineRequest, EngineResult
+from ..outage import is_unreachable, outage
 from ..shutdown import stop_on_signals
 from .heartbeat import Heartbeat
 from .result_writer import ResultWriter
@@ -31,6 +39,8 @@ class RunnerOptions:
     ownership_check: float = 0.5  # seconds between looks for cancelled/expired in-flight work
     # Seconds between ownership queries when no notification said work was taken (see work_signal).
     ownership_recheck: float = 30.0
+    # Results waiting to be stored (the database is unreachable) past which the worker stops claiming.
+    max_unstored: int = 10_000
     throughput_log_interval: float = 10.0
     shutdown_grace: float = 30.0
 
@@ -47,9 +57,11 @@ class Runner:
         self.status = WorkerStatus.LOADING
         self.in_flight: dict[str, ClaimedRequest] = {}
         self._last_ownership_query = 0.0
+        self._reconciled_at = time.monotonic()
         self.stopping = threading.Event()
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
         self.writer = ResultWriter(db, worker_id)
+        self.housekeeper = Housekeeper(db, settings)
         self.work_signal = WorkSignal(db)
 
     def _sample(self) -> tuple[WorkerStatus, int, EngineProgress]:
@@ -66,19 +78,29 @@ class Runner:
         """Serve until asked to stop, then drain within the grace period and release the rest."""
         self.engine = engine
         self.writer.start()
+        self.housekeeper.start()
         self._set_status(WorkerStatus.IDLE)
-        last_ownership = last_housekeeping = last_log = time.monotonic()
+        last_ownership = last_log = time.monotonic()
         logged_requests, logged_tokens = 0, 0
         idle_until = 0.0
         while not self.stopping.is_set():
+            if not self.writer.is_alive():
+                raise RuntimeError("the result writer stopped: nothing would store this worker's results")
             now = time.monotonic()
+            if outage.ended_at > self._reconciled_at:
+                self._reconcile()
             if now < idle_until and self.work_signal.pending():
                 idle_until = now  # requests were queued meanwhile
             free = engine.max_in_flight - engine.in_flight()
-            if (now >= idle_until and not self._running_a_suspect()
+            if (now >= idle_until and not self._running_a_suspect() and self.writer.backlog < self.options.max_unstored
                     and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight)):
-                if not self._refill(free):
-                    idle_until = now + self.options.idle_poll
+                try:
+                    if not self._refill(free):
+                        idle_until = now + self.options.idle_poll
+                except Exception as exc:
+                    if not is_unreachable(exc):
+                        raise
+                    idle_until = now + outage.failed(exc, "claiming requests")
             if self.in_flight:
                 self._set_status(WorkerStatus.BUSY)
                 self._collect(engine.step())
@@ -90,9 +112,6 @@ class Runner:
             if now - last_ownership >= self.options.ownership_check:
                 self._drop_taken_requests()
                 last_ownership = now
-            if now - last_housekeeping >= self.settings.housekeeping_interval:
-                self._housekeeping()
-                last_housekeeping = now
             if now - last_log >= self.options.throughput_log_interval:
                 done, tokens = engine.progress.requests_finished, engine.progress.tokens_generated
                 if done != logged_requests:
@@ -110,6 +129,7 @@ class Runner:
         """Claim up to `free` requests into the engine; False when the queue had none."""
         with self.db.begin() as conn:
             claimed = queue.claim(conn, self.worker_id, self.model, free, engine_idle=not self.in_flight)
+        outage.reached()
         if not claimed:
             return False
         log.info("claimed %d requests (batches %s)", len(claimed), ", ".join(sorted({c.batch_id for c in claimed})))
@@ -154,8 +174,13 @@ class Runner:
         log.warning("handing back %d requests the engine could not serve, e.g. %s (custom_id %s): %s: %s",
                     len(unserved), request.id, request.custom_id, error.get("type") or "error",
                     error.get("message") or "(no message)")
-        with self.db.begin() as conn:
-            queue.release(conn, self.worker_id, [request.id for request, _ in unserved])
+        try:
+            with self.db.begin() as conn:
+                queue.release(conn, self.worker_id, [request.id for request, _ in unserved])
+        except Exception as exc:  # they stay running under this worker: _reconcile hands them back
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, "handing back requests")
 
     def _drop_taken_requests(self) -> None:
         """Abort in-flight requests that were cancelled, expired or handed to another worker.
@@ -169,8 +194,15 @@ class Runner:
         if not self.work_signal.work_taken() and now - self._last_ownership_query < self.options.ownership_recheck:
             return
         self._last_ownership_query = now
-        with self.db.connect() as conn:
-            taken = queue.no_longer_owned(conn, self.worker_id, [r.id for r in self.in_flight.values()])
+        try:
+            with self.db.connect() as conn:
+                taken = queue.no_longer_owned(conn, self.worker_id, [r.id for r in self.in_flight.values()])
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, "checking which requests are still this worker's")
+            self._last_ownership_query = 0.0  # ask again as soon as it is back
+            return
         if taken:
             keys = [str(request_id) for request_id in taken]
             self.engine.abort(keys)
@@ -178,11 +210,24 @@ class Runner:
                 self.in_flight.pop(key, None)
             log.info("aborted %d in-flight requests that are no longer this worker's", len(keys))
 
-    def _housekeeping(self) -> None:
+    def _reconcile(self) -> None:
+        """Hand back what the database says this worker runs but it does not hold (a claim that
+        committed although its answer was lost, a hand-back that did not reach the database)."""
         try:
-            housekeeping.run_once(self.db, self.settings)
-        except Exception as exc:  # repairs are retried next round; serving goes on
-            log.error("housekeeping failed: %s: %s", type(exc).__name__, exc)
+            with self.db.connect() as conn:
+                recorded = set(queue.held_by(conn, self.worker_id))
+            # Read after the database: a result stored meanwhile is no longer running there.
+            strays = recorded - {request.id for request in self.in_flight.values()} - self.writer.unstored_ids()
+            if strays:
+                with self.db.begin() as conn:
+                    released = queue.release(conn, self.worker_id, sorted(strays))
+                log.warning("handed back %d requests recorded as this worker's that it does not hold", released)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, "reconciling the requests this worker holds")
+            return
+        self._reconciled_at = time.monotonic()
 
     def _drain(self) -> None:
         self._set_status(WorkerStatus.DRAINING)
@@ -192,10 +237,16 @@ class Runner:
         if self.in_flight:
             keys = list(self.in_flight)
             self.engine.abort(keys)
-            with self.db.begin() as conn:
-                released = queue.release(conn, self.worker_id, [self.in_flight[k].id for k in keys])
-            log.warning("grace period over: released %d unfinished requests back to the queue", released)
+            try:
+                with self.db.begin() as conn:
+                    released = queue.release(conn, self.worker_id, [self.in_flight[k].id for k in keys])
+                log.warning("grace period over: released %d unfinished requests back to the queue", released)
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                outage.failed(exc, "handing back requests at shutdown")  # rescued once declared dead
             self.in_flight.clear()
+        self.housekeeper.stop()
         self.writer.close()
         self.work_signal.close()
         self.status = WorkerStatus.STOPPED
