@@ -71,3 +71,22 @@ class PoisonEngine(EchoEngine):
         if "poison" in str(request.body.get("messages")):
             os._exit(139)
         return super().add(request)
+
+
+class FullDiskEngine(EchoEngine):
+    """Echoes, and makes the first FAIL_FINALIZING builds of a batch's files in this worker fail as
+    a full disk would, to show the result writer survives a failure at finalizing."""
+
+    def __init__(self, spec: EngineSpec):
+        super().__init__(spec)
+        from core.batch_app.domain import finalize
+
+        build, failures = finalize._build_files, [int(os.environ.get("FAIL_FINALIZING", "1"))]
+
+        def failing_build(conn, batch_id: str):
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise OSError(28, "No space left on device")
+            return build(conn, batch_id)
+
+        finalize._build_files = failing_build

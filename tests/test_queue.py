@@ -205,3 +205,33 @@ def test_expiry_keeps_what_finished(client, db, own_model):
     assert [e["custom_id"] for e in errors] == ["r1", "r2"]
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert len(client.files.content(expired.output_file_id).text.splitlines()) == 1
+
+
+def test_a_claim_never_waits_for_a_batch_row_that_a_cancel_holds(client, db, own_model):
+    """Cancel and expiry lock the batch, then its requests; a claim locks requests, then marks the
+    batch in progress. Were the claim to wait for the batch here, the two would deadlock."""
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
+    worker = new_worker(db, own_model)
+    claimed: list = []
+    with db.connect() as canceller:
+        with canceller.begin():
+            canceller.execute(sa.text("SELECT id FROM batches WHERE id = :b FOR UPDATE"), {"b": batch.id})
+            claiming = threading.Thread(target=lambda: claimed.extend(claim(db, worker, own_model, 3)))
+            claiming.start()
+            claiming.join(10)
+            assert not claiming.is_alive() and len(claimed) == 3  # it took the requests without waiting
+            assert queue.start_cancel(canceller, batch.id)  # and the cancel goes on, taking them too
+    assert statuses(db, batch.id) == {"cancelled": 3}
+    assert complete(db, worker, [answer(claimed[0])]) == {}  # the claim's late result is refused
+    finalize.finish(db, batch.id)
+
+
+def test_a_batch_left_in_progress_with_nothing_to_run_is_finalized_by_housekeeping(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(2)])
+    worker = new_worker(db, own_model)
+    # Stored as a worker does, but its process died before finalizing.
+    complete(db, worker, [answer(request) for request in claim(db, worker, own_model, 2)])
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    housekeeping.run_once(db, Settings())
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 2 and done.output_file_id

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 import time
 
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -182,3 +185,93 @@ def test_sigterm_drains_and_leaves_no_process_and_a_new_watchdog_cleans_leftover
         assert replacement.pid != orphan.pid
     finally:
         assert successor.stop() == 0
+
+
+def test_a_slot_at_its_cap_stays_stopped_across_watchdog_restarts(database, data_dir, db):
+    slot = "capped-0"
+    with db.begin() as conn:
+        for _ in range(2):
+            conn.execute(sa.text("INSERT INTO worker_restarts (slot, host, reason) VALUES (:s, :h, 'crashed')"),
+                         {"s": slot, "h": socket.gethostname()})
+    for round_ in range(3):
+        watchdog = start_watchdog(database, data_dir, f"watchdog-capped-{round_}", [echo_slot(slot)],
+                                  MAX_RESTARTS_PER_HOUR="2", **FAST_LIVENESS)
+        try:
+            wait_for(lambda: "stays stopped" in (watchdog.log_dir / "watchdog.log").read_text(), 30,
+                     message="the watchdog reading the cap")
+            time.sleep(2)  # several rounds of checks: nothing starts
+        finally:
+            assert watchdog.stop() == 0
+        with db.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM workers WHERE slot = :s"), {"s": slot}).scalar() == 0
+    reset = batchctl(watchdog.env, "worker", "reset", slot)  # the one way out
+    assert reset.returncode == 0, reset.stderr
+    again = start_watchdog(database, data_dir, "watchdog-capped-reset", [echo_slot(slot)], MAX_RESTARTS_PER_HOUR="2",
+                           **FAST_LIVENESS)
+    try:
+        wait_for(lambda: live_worker(db, slot), 60, message="the reset slot started")
+    finally:
+        assert again.stop() == 0
+
+
+def test_a_writer_failing_at_finalizing_retries_and_the_batch_completes(database, data_dir, db, client):
+    slot = "full-disk-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-full-disk", [echo_slot(slot, "FullDiskEngine")],
+                              FAIL_FINALIZING="2", **FAST_LIVENESS)
+    try:
+        worker = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        batch = submit(client, [request_line(f"r{i}", slot) for i in range(20)])
+        done = wait_for_batch(client, batch.id, 60)
+        assert done.status == "completed" and done.request_counts.completed == 20
+        assert_each_custom_id_once(client, done, {f"r{i}" for i in range(20)})
+        log = (watchdog.log_dir / f"worker-{slot}.log").read_text()
+        assert log.count("OSError: [Errno 28] No space left on device") >= 2 and "retrying in" in log
+        assert live_worker(db, slot).pid == worker.pid and restarts(db, slot) == []  # recovered in place
+    finally:
+        assert watchdog.stop() == 0
+
+
+def test_cancel_and_expiry_while_workers_claim_never_deadlock(database, data_dir, db, client):
+    model = "race"
+    slots = [{"slot": f"race-{i}", "model": f"/models/{model}", "served_name": model,
+              "engine": "tests.engines:EchoEngine"} for i in range(2)]
+    watchdog = start_watchdog(database, data_dir, "watchdog-race", slots, ECHO_STEP_SECONDS="0.01",
+                              HOUSEKEEPING_INTERVAL="0.2", **FAST_LIVENESS)
+    try:
+        for entry in slots:
+            wait_for(lambda: live_worker(db, entry["slot"]), 60, message="workers up")
+        batches = []
+        for round_ in range(30):  # each batch is cancelled, or expires, while the workers claim from it
+            cancelled = submit(client, [request_line(f"c{i}", model) for i in range(40)])
+            expiring = submit(client, [request_line(f"e{i}", model) for i in range(400)], completion_window="1s")
+            threading.Thread(target=client.batches.cancel, args=(cancelled.id,)).start()
+            batches += [cancelled, expiring]
+        ended = [wait_for_batch(client, batch.id, 120) for batch in batches]
+        assert {batch.status for batch in ended} <= {"cancelled", "expired", "completed"}
+        assert any(batch.status == "expired" for batch in ended) and any(b.status == "cancelled" for b in ended)
+    finally:
+        assert watchdog.stop() == 0
+    logs = [*watchdog.log_dir.glob("*.log"), data_dir / "postgres" / "log"]
+    assert not [path for path in logs if "deadlock" in path.read_text(errors="replace").lower()]
+
+
+@pytest.mark.vllm
+def test_a_killed_worker_leaves_no_engine_core_behind(database, data_dir, db):
+    """vLLM in multiprocess mode, as on a GPU: its EngineCore child holds the device's memory and
+    outlives a SIGKILLed parent unless the watchdog kills the worker's whole group."""
+    slot = "multiprocess-0"
+    watchdog = start_watchdog(database, data_dir, "watchdog-multiprocess", [{"slot": slot, "model": "demo"}],
+                              VLLM_ENABLE_V1_MULTIPROCESSING="1", RESTART_BACKOFF_MIN="0.5", KILL_GRACE="2")
+    try:
+        victim = wait_for(lambda: live_worker(db, slot), 600, interval=1, message="multiprocess worker loaded")
+        children = psutil.Process(victim.pid).children(recursive=True)
+        assert children, "vLLM started no engine process"
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: restarts(db, slot), 30, interval=0.2, message="the kill detected")
+        wait_for(lambda: all(gone(child.pid) for child in children), 30, message="the EngineCore gone")
+        replacement = wait_for(lambda: (w := live_worker(db, slot)) and w.pid != victim.pid and w, 600, interval=1,
+                               message="a replacement loaded")
+        assert replacement and all(gone(child.pid) for child in children)
+    finally:
+        assert watchdog.stop() == 0
+    assert all(gone(child.pid) for child in children)

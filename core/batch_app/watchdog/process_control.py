@@ -46,13 +46,14 @@ def kill_group(pgid: int, grace: float) -> list[int]:
 
 
 def is_worker_group(pgid: int) -> bool:
-    """Whether the group still holds a worker of ours or what it started (EngineCore)."""
+    """Whether the group still holds a worker of ours or what it started (vLLM titles its
+    EngineCore and worker processes `VLLM::...`)."""
     for process in group_members(pgid):
         try:
             command = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if "core.batch_app.worker" in command or "EngineCore" in command or "multiprocessing" in command:
+        if "core.batch_app.worker" in command or "VLLM::" in command or "multiprocessing" in command:
             return True
     return False
 

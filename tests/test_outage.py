@@ -1,0 +1,102 @@
+"""A database outage ends no process: the embedded PostgreSQL of the test session is stopped with
+the project's own command mid-batch, for far longer than the heartbeat timeout, and started again.
+
+Workers run the echo test engine (a real worker process, a stand-in for vLLM's generation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from .conftest import REPO, batchctl, live_worker, start_watchdog, wait_for, wait_for_batch
+from .jsonl import request_line, submit
+
+MODEL = "outage-echo"
+SLOTS = [{"slot": f"outage-{i}", "model": f"/models/{MODEL}", "served_name": MODEL, "engine": "tests.engines:EchoEngine"}
+         for i in range(2)]
+OUTAGE_SECONDS = 15
+
+
+def database_command(data_dir, action: str) -> None:
+    """`python -m core.batch_app.database stop|start` on the session's embedded server."""
+    env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": "", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "core.batch_app.database", action], env=env, cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def embedded_database(data_dir):
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("TEST_DATABASE_URL names a server this test cannot stop and start")
+    yield data_dir
+    database_command(data_dir, "start")  # whatever happened, the rest of the session has its database
+
+
+def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
+        embedded_database, database, data_dir, db, api, client):
+    watchdog = start_watchdog(database, data_dir, "watchdog-outage", SLOTS, HEARTBEAT_INTERVAL="0.5",
+                              HEARTBEAT_TIMEOUT="3", STALL_TIMEOUT="3", ECHO_STEP_SECONDS="0.1",
+                              HOUSEKEEPING_INTERVAL="1")
+    try:
+        workers = [wait_for(lambda: live_worker(db, slot["slot"]), 60, message="worker up") for slot in SLOTS]
+        batch = submit(client, [request_line(f"r{i}", MODEL) for i in range(1500)])
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 300, 60, message="progress")
+
+        database_command(data_dir, "stop")
+        down_at = time.monotonic()
+        time.sleep(OUTAGE_SECONDS)
+        create_during = api.client().with_options(max_retries=0)
+        with pytest.raises(Exception) as refused:
+            create_during.batches.retrieve(batch.id)
+        assert getattr(refused.value, "status_code", None) == 503  # a clear 503, not a 500 or a reset
+        assert watchdog.process.poll() is None and all(not _gone(w.pid) for w in workers)
+        database_command(data_dir, "start")
+        print(f"\ndatabase down for {time.monotonic() - down_at:.1f} s")
+
+        done = wait_for_batch(client, batch.id, 180)
+        assert done.status == "completed" and done.request_counts.completed == 1500
+        lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        custom_ids = [line["custom_id"] for line in lines]
+        assert len(custom_ids) == len(set(custom_ids)) == 1500
+        with db.connect() as conn:
+            attempts = conn.execute(sa.text("SELECT max(attempt) FROM batch_requests WHERE batch_id = :b"),
+                                    {"b": batch.id}).scalar()
+            restarts = conn.execute(sa.text("SELECT count(*) FROM worker_restarts WHERE slot = ANY(:s)"),
+                                    {"s": [slot["slot"] for slot in SLOTS]}).scalar()
+        assert attempts == 1  # no request was charged an attempt
+        assert restarts == 0  # and no worker a restart
+        assert watchdog.process.poll() is None  # the same watchdog
+        assert [live_worker(db, slot["slot"]).pid for slot in SLOTS] == [w.pid for w in workers]  # the same workers
+
+        after = wait_for_batch(client, submit(client, [request_line(f"n{i}", MODEL) for i in range(50)]).id, 60)
+        assert after.status == "completed" and after.request_counts.completed == 50
+
+        table = batchctl(watchdog.env, "workers")
+        assert table.returncode == 0, table.stderr
+        rows = [[cell.strip() for cell in line.split("│")] for line in table.stdout.splitlines() if "outage-" in line]
+        header = [cell.strip() for cell in next(line for line in table.stdout.splitlines() if "restarts" in line)
+                  .replace("┃", "│").split("│")]  # rich draws the header's rules heavier
+        column = header.index("restarts (1 h)")
+        assert len(rows) == 2 and [row[column] for row in rows] == ["0", "0"], table.stdout
+        log = (watchdog.log_dir / "watchdog.log").read_text()
+        assert log.count("database unreachable while") == 1 and "database reachable again after" in log
+        for slot in SLOTS:
+            worker_log = (watchdog.log_dir / f"worker-{slot['slot']}.log").read_text()
+            assert "database unreachable while" in worker_log and "database reachable again after" in worker_log
+    finally:
+        assert watchdog.stop() == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
