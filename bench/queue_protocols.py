@@ -125,11 +125,12 @@ def main() -> int:
             with db.begin() as conn:
                 registry.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
                                       gpu_ids="")
-                claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True)
+                claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True, max_attempts=3)
             completions = [Completion(id=r.id, attempt=r.attempt, status_code=200, response=chat_response(i),
                                       prompt_tokens=30, completion_tokens=85) for i, r in enumerate(claimed)]
             groups = [completions[i:i + GROUP_SIZE] for i in range(0, len(completions), GROUP_SIZE)]
-            claims = [lambda conn: queue.claim(conn, worker_id, MODEL, CLAIM_SIZE, engine_idle=False)] * 20
+            claims = [lambda conn: queue.claim(conn, worker_id, MODEL, CLAIM_SIZE, engine_idle=False,
+                                               max_attempts=3)] * 20
             contenders = {
                 "claim": {"ours": lambda: measured(db, claims),
                           "baseline": lambda: measured(db, claims, before="DROP INDEX batch_requests_suspects")},

@@ -84,7 +84,8 @@ def stack_env(database: str, data_dir: Path, name: str, **overrides: str) -> dic
     """The environment of one process of a test stack; its logs go to DATA_DIR/logs/<name>/."""
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL")}
     env.update(DATABASE_URL=database, DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs" / name),
-               PYTHONPATH=str(REPO), API_KEY=API_KEY)
+               PYTHONPATH=str(REPO), API_KEY=API_KEY,
+               MIN_COMPLETION_WINDOW="1")  # tests expire batches in seconds, not the default minute
     env.update(overrides)
     Path(env["LOG_DIR"]).mkdir(parents=True, exist_ok=True)
     return env

@@ -16,9 +16,9 @@ def new_worker(db, model: str) -> str:
     return worker_id
 
 
-def claim(db, worker_id: str, model: str, limit: int, idle: bool = True):
+def claim(db, worker_id: str, model: str, limit: int, idle: bool = True, max_attempts: int = 3):
     with db.begin() as conn:
-        return queue.claim(conn, worker_id, model, limit, engine_idle=idle)
+        return queue.claim(conn, worker_id, model, limit, engine_idle=idle, max_attempts=max_attempts)
 
 
 def answer(request, text: str = "ok") -> Completion:

@@ -6,7 +6,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import API_KEY
+from core.batch_app.domain.keys import seed_key
+
+from .conftest import API_KEY, start_api
 from .jsonl import request_line, submit, upload
 
 
@@ -60,3 +62,21 @@ def test_health_and_ready(api):
     health = httpx.get(f"{api.base_url}/health").json()
     assert health["status"] == "healthy" and health["service"] == "batch-api" and health["database"] == "connected"
     assert httpx.get(f"{api.base_url}/ready").status_code == 200
+
+
+def test_a_new_api_key_retires_the_one_it_seeded_before(database, data_dir, db):
+    first, second = "sk-rotation-first", "sk-rotation-second"
+    try:
+        for key in (first, second):
+            server = start_api(database, data_dir, "api-rotation", API_KEY=key)
+            try:
+                assert server.client(key).batches.list() is not None
+                if key == second:
+                    with pytest.raises(openai.AuthenticationError):
+                        server.client(first).batches.list()
+                    assert "API_KEY changed" in server.log_path.read_text()
+            finally:
+                server.stop()
+    finally:
+        with db.begin() as conn:  # the session's own API seeded API_KEY: it stays the seeded key
+            seed_key(conn, API_KEY)

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 
+import openai
 import pytest
 from alembic.script import ScriptDirectory
 
@@ -136,3 +137,20 @@ def test_diagnose_names_a_dead_worker_that_nobody_restarts(database, data_dir, d
     # An orphan is reaped by PID 1, which in some containers never reaps: a zombie is named as such.
     assert (f"worker {slot} (pid {orphan.pid}): its process is gone but it is recorded as {orphan.status}: "
             f"it was killed or crashed" in problems) or f"worker {slot} (pid {orphan.pid}): process is zombie" in problems
+
+
+def test_keys_are_listed_without_their_secret_and_a_revoked_key_is_refused(echo_stack, api):
+    _, env, _ = echo_stack
+    key = batchctl(env, "keys", "create", "--project", "revoked-project", "--name", "leaked").stdout.strip()
+    assert api.client(key).batches.list().data == []
+    listing = batchctl(env, "keys", "list")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if "leaked" in line)
+    assert "revoked-project" in row and key not in listing.stdout
+    key_id = row.split("│")[1].strip()
+    revoked = batchctl(env, "keys", "revoke", key_id)
+    assert revoked.returncode == 0 and f"key {key_id} revoked" in revoked.stdout, revoked.stderr
+    with pytest.raises(openai.AuthenticationError):
+        api.client(key).batches.list()
+    again = batchctl(env, "keys", "revoke", key_id)
+    assert again.returncode == 1 and f"no API key with id {key_id}" in again.stderr

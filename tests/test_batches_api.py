@@ -219,3 +219,38 @@ def test_offline_model_is_queued_when_live_worker_not_required(database, data_di
 
 def test_live_models_are_listed(client, live_model):
     assert live_model in [model.id for model in client.models.list()]
+
+
+def test_retrieving_a_batch_costs_the_same_whatever_its_size(project_client, live_model, db):
+    from core.batch_app.domain.batches import get_batch
+
+    from .simulated_worker import answer, claim, complete, new_worker
+
+    worker = new_worker(db, live_model)
+    sizes = {}
+    for size in (5, 5000):
+        batch = submit(project_client, [request_line(f"r{i}", live_model) for i in range(size)])
+        while claimed := claim(db, worker, live_model, 1000):
+            complete(db, worker, [answer(request) for request in claimed])
+        sizes[size] = batch.id
+    with db.connect() as conn:
+        project = conn.execute(sa.text("SELECT project FROM batches WHERE id = :b"), {"b": sizes[5]}).scalar()
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    per_size = {}
+    sa.event.listen(db, "before_cursor_execute", record)
+    try:
+        for size, batch_id in sizes.items():
+            statements.clear()
+            with db.connect() as conn:
+                body = get_batch(conn, project, batch_id)
+            assert body["request_counts"] == {"total": size, "completed": size, "failed": 0}
+            assert body["usage"]["output_tokens"] == 2 * size
+            per_size[size] = list(statements)
+    finally:
+        sa.event.remove(db, "before_cursor_execute", record)
+    assert len(per_size[5]) == len(per_size[5000])
+    assert not [s for s in per_size[5000] if "batch_requests" in s]  # no request row is counted

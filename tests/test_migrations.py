@@ -90,3 +90,27 @@ def test_status_checks_apply_to_a_database_holding_every_status(database):
         with engine.begin() as conn:  # and off again
             conn.execute(sa.text("UPDATE workers SET status = 'asleep'"))
         engine.dispose()
+
+
+def test_progress_counts_are_carried_over_from_stored_results(database):
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), "0003")
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        worker = str(uuid.uuid4())
+        with engine.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
+                VALUES ('batch_old', 'p', '/v1/chat/completions', 'file-x', '24h', 'in_progress')"""))
+            for line, (status, tokens) in enumerate([("succeeded", 3), ("succeeded", 4), ("failed", 5),
+                                                     ("queued", 0), ("cancelled", 0)], 1):
+                conn.execute(sa.text("""
+                    INSERT INTO batch_requests (batch_id, line, custom_id, model, body, status, worker_id,
+                                                prompt_tokens, completion_tokens)
+                    VALUES ('batch_old', :line, :line, 'm', '{}', :status, :worker, :tokens, 2 * :tokens)"""),
+                    {"line": line, "status": status, "worker": worker if tokens else None, "tokens": tokens})
+        migrate(url)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT * FROM batch_progress")).one()
+        assert (row.batch_id, str(row.worker_id), row.completed, row.failed, row.input_tokens, row.output_tokens) == \
+            ("batch_old", worker, 2, 1, 12, 24)
+        engine.dispose()

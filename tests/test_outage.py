@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 import sqlalchemy as sa
 
 from .conftest import REPO, batchctl, live_worker, start_watchdog, wait_for, wait_for_batch
-from .jsonl import request_line, submit
+from .jsonl import jsonl, request_line, submit, upload
 
 MODEL = "outage-echo"
 SLOTS = [{"slot": f"outage-{i}", "model": f"/models/{MODEL}", "served_name": MODEL, "engine": "tests.engines:EchoEngine"}
@@ -47,15 +48,16 @@ def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
     try:
         workers = [wait_for(lambda: live_worker(db, slot["slot"]), 60, message="worker up") for slot in SLOTS]
         batch = submit(client, [request_line(f"r{i}", MODEL) for i in range(1500)])
+        later = upload(client, jsonl([request_line("later", MODEL)]))
         wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 300, 60, message="progress")
 
         database_command(data_dir, "stop")
         down_at = time.monotonic()
         time.sleep(OUTAGE_SECONDS)
-        create_during = api.client().with_options(max_retries=0)
-        with pytest.raises(Exception) as refused:
-            create_during.batches.retrieve(batch.id)
-        assert getattr(refused.value, "status_code", None) == 503  # a clear 503, not a 500 or a reset
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.batches.create(input_file_id=later.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert refused.value.status_code == 503  # a clear 503, not a 500 or a reset
+        assert refused.value.body["code"] == "database_unavailable" and "unreachable" in refused.value.body["message"]
         assert watchdog.process.poll() is None and all(not _gone(w.pid) for w in workers)
         database_command(data_dir, "start")
         print(f"\ndatabase down for {time.monotonic() - down_at:.1f} s")

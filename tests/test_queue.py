@@ -109,7 +109,7 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
     settings = Settings(max_attempts=2, heartbeat_timeout=60)
     for attempt in (1, 2):
         worker = new_worker(db, own_model)
-        claimed = claim(db, worker, own_model, 1)
+        claimed = claim(db, worker, own_model, 1, max_attempts=2)
         assert [(r.custom_id, r.attempt) for r in claimed] == [("poison", attempt)]
         with db.begin() as conn:
             registry.mark_worker_dead(conn, worker)
@@ -118,7 +118,7 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
     assert statuses(db, batch.id) == {"failed": 1, "queued": 1}
 
     survivor = new_worker(db, own_model)
-    [fine] = claim(db, survivor, own_model, 5)
+    [fine] = claim(db, survivor, own_model, 5, max_attempts=2)
     complete(db, survivor, [answer(fine)])
     finalize.finalize_ready(db, [batch.id])
     done = client.batches.retrieve(batch.id)
@@ -128,7 +128,7 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
     assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
 
 
-def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client, db, own_model):
+def test_crash_survivors_on_their_last_attempt_run_alone_so_bystanders_are_not_charged(client, db, own_model):
     batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
     crashed = new_worker(db, own_model)
     assert len(claim(db, crashed, own_model, 10)) == 3
@@ -138,12 +138,12 @@ def test_crash_survivors_are_retried_alone_so_bystanders_are_not_charged(client,
     fresh = submit(client, [request_line("new", own_model)])
 
     worker = new_worker(db, own_model)
-    assert claim(db, worker, own_model, 10, idle=False) == []  # a busy engine drains first
+    assert claim(db, worker, own_model, 10, idle=False, max_attempts=2) == []  # a busy engine drains first
     for expected in ("r0", "r1", "r2"):  # then each survivor runs alone, ahead of fresh work
-        [suspect] = claim(db, worker, own_model, 10)
-        assert (suspect.custom_id, suspect.attempt) == (expected, 2)
+        [suspect] = claim(db, worker, own_model, 10, max_attempts=2)
+        assert (suspect.custom_id, suspect.attempt) == (expected, 2) and suspect.is_last_attempt(2)
         complete(db, worker, [answer(suspect)])
-    assert [r.custom_id for r in claim(db, worker, own_model, 10)] == ["new"]
+    assert [r.custom_id for r in claim(db, worker, own_model, 10, max_attempts=2)] == ["new"]
     assert client.batches.retrieve(batch.id).request_counts.completed == 3
     client.batches.cancel(fresh.id)
 
@@ -235,3 +235,23 @@ def test_a_batch_left_in_progress_with_nothing_to_run_is_finalized_by_housekeepi
     housekeeping.run_once(db, Settings())
     done = client.batches.retrieve(batch.id)
     assert done.status == "completed" and done.request_counts.completed == 2 and done.output_file_id
+
+
+def test_crash_survivors_before_their_last_attempt_run_in_ordinary_groups(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(4)])
+    settings = Settings(max_attempts=3)
+    for crash in (1, 2):
+        crashed = new_worker(db, own_model)
+        claimed = claim(db, crashed, own_model, 10, max_attempts=3)
+        # After one crash all four run together again; after two, each is on its last attempt.
+        assert [r.attempt for r in claimed] == ([1, 1, 1, 1] if crash == 1 else [2, 2, 2, 2])
+        with db.begin() as conn:
+            registry.mark_worker_dead(conn, crashed)
+        housekeeping.rescue_now(db, settings)
+    worker = new_worker(db, own_model)
+    for expected in ("r0", "r1", "r2", "r3"):
+        [suspect] = claim(db, worker, own_model, 10, max_attempts=3)
+        assert (suspect.custom_id, suspect.attempt) == (expected, 3) and suspect.is_last_attempt(3)
+        complete(db, worker, [answer(suspect)])
+    finalize.finalize_ready(db, [batch.id])
+    assert client.batches.retrieve(batch.id).request_counts.completed == 4

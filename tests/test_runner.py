@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from core.batch_app.config import Settings
@@ -115,3 +116,15 @@ def test_a_request_the_engine_could_not_serve_is_queued_again_uncharged(client, 
         attempts = conn.execute(sa.text("SELECT custom_id, attempt FROM batch_requests WHERE batch_id = :b"),
                                 {"b": batch.id}).all()
     assert sorted(attempts) == [(f"u{i}", 1) for i in range(5)]  # the hand-back cost no attempt
+
+
+def test_a_worker_whose_result_writer_stopped_exits_instead_of_generating_for_nobody(db, database, data_dir,
+                                                                                     own_model):
+    runner = Runner(db, Settings(data_dir=data_dir, database_url=database, housekeeping_interval=3600),
+                    new_worker(db, own_model), own_model, RunnerOptions(idle_poll=0.2))
+    runner.writer.run = lambda: None  # the thread ends at once, as if it had died
+    try:
+        with pytest.raises(RuntimeError, match="result writer stopped"):
+            runner.run(EchoEngine(EngineSpec(kind="echo", model_path="", served_name=own_model)))
+    finally:
+        runner.work_signal.close()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from .alerts import init_sentry
 from .config import get_settings
 from .api.app import create_app
 from .database import database_url, migrate, open_database
-from .domain.keys import DEFAULT_PROJECT, add_key
+from .domain.keys import seed_key
 from .logs import configure_logging
 from .outage import outage
+
+
+log = logging.getLogger("core.batch_app.api_server")
 
 
 def main() -> None:
@@ -21,11 +26,12 @@ def main() -> None:
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
     db = open_database(url, pool_size=10)
     if settings.api_key:
-        def seed_key() -> None:
+        def seed() -> None:
             with db.begin() as conn:
-                add_key(conn, settings.api_key, DEFAULT_PROJECT, name="API_KEY")
+                if seed_key(conn, settings.api_key):
+                    log.warning("API_KEY changed: the key it seeded before no longer works")
 
-        outage.retry(seed_key, "seeding API_KEY")
+        outage.retry(seed, "seeding API_KEY")
     uvicorn.run(create_app(settings, db), host=settings.api_host, port=settings.api_port,
                 log_level="info", log_config=None, timeout_graceful_shutdown=10)
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     max_file_bytes: int = 200 * 1024 * 1024
     max_file_lines: int = 50_000
     max_line_bytes: int = 4 * 1024 * 1024
+    max_choices: int = 128  # `n` of one request (OpenAI's limit)
+    max_inputs: int = 2048  # items of one list-valued `prompt` or `input` (OpenAI's limit for embeddings)
+    min_completion_window: int = 60  # seconds
+    max_completion_window: int = 30 * 24 * 3600
 
     # Liveness and supervision.
     heartbeat_interval: float = 5.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from .. import __version__
 from ..config import Settings
@@ -13,13 +13,9 @@ from ..database import Database
 from . import batches, files, metrics, status_page, system
 from .batch_endings import BatchEndings
 from .database_probe import DatabaseProbe
-from .errors import error_response, install_error_handlers
+from .errors import RefuseNulBytes, install_error_handlers
 
 log = logging.getLogger(__name__)
-
-# Room for the multipart envelope around the file itself.
-_MULTIPART_OVERHEAD = 64 * 1024
-
 
 def create_app(settings: Settings, db: Database) -> FastAPI:
     batch_endings = BatchEndings(db)
@@ -39,16 +35,7 @@ def create_app(settings: Settings, db: Database) -> FastAPI:
     app.state.database_probe = database_probe
     app.state.metrics_registry = metrics.metrics_registry(db)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def refuse_oversize_uploads(request: Request, call_next):
-        # Refuse before the multipart body is read at all, from the declared length.
-        length = request.headers.get("content-length")
-        if (request.method == "POST" and request.url.path == "/v1/files" and length and length.isdigit()
-                and int(length) > settings.max_file_bytes + _MULTIPART_OVERHEAD):
-            return error_response(413, f"File exceeds the maximum size of {settings.max_file_bytes} bytes.",
-                                  "invalid_request_error", "file", "file_too_large")
-        return await call_next(request)
+    app.add_middleware(RefuseNulBytes)
 
     app.include_router(files.router)
     app.include_router(batches.router)

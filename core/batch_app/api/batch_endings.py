@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psycopg
 
 from ..database import Database
+from ..outage import describe, is_unreachable, outage
 from ..domain.queue import BATCH_ENDED_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class BatchEndings:
                     async for notify in conn.notifies():
                         self._wake([notify.payload])
             except Exception as exc:
-                log.warning("cannot listen for batch endings (%s: %s); held retrieves re-read every %.0f s",
-                            type(exc).__name__, exc, RECHECK)
+                if is_unreachable(exc):  # logged once for the whole outage
+                    outage.failed(exc, "listening for batch endings")
+                else:
+                    log.warning("cannot listen for batch endings (%s); held retrieves re-read every %.0f s",
+                                describe(exc), RECHECK)
                 await asyncio.sleep(RECHECK)
 
     def _wake(self, batch_ids: list[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..database import Database
 from ..domain import batches, finalize
@@ -30,7 +30,16 @@ class BatchCreate(BaseModel):
     completion_window: str
     metadata: dict[str, str] | None = None
     # Not in OpenAI's API: orders work between batches (higher first); send it as an extra body field.
-    priority: int = 0
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = 0
+
+    @field_validator("input_file_id", "endpoint", "completion_window", "metadata")
+    @classmethod
+    def _no_nul(cls, value):
+        """PostgreSQL text cannot hold NUL: refused as a 400 naming the field, not a 500."""
+        texts = [value] if isinstance(value, str) else [*value.keys(), *value.values()] if value else []
+        if any("\x00" in text for text in texts):
+            raise ValueError("must not contain a NUL byte")
+        return value
 
 
 @router.post("")

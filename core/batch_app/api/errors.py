@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,3 +84,24 @@ def install_error_handlers(app: FastAPI) -> None:
                                   "service_unavailable_error", None, "database_unavailable")
         log.exception("unhandled error: %s: %s", type(exc).__name__, exc)
         return error_response(500, f"Internal server error ({type(exc).__name__}).", "server_error")
+
+
+class RefuseNulBytes:
+    """ASGI middleware: a NUL byte in the path or a query parameter is a 400 for every route at
+    once. PostgreSQL text cannot hold one, so it would otherwise surface as a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            query = scope.get("query_string", b"").decode("latin-1")
+            if "\x00" in scope["path"] or "%00" in query:
+                names = [name for name, value in parse_qsl(query, keep_blank_values=True)
+                         if "\x00" in name or "\x00" in value]
+                param = names[0][:80].replace("\x00", "") if names else None
+                where = f"query parameter '{param}'" if names else "the URL path"
+                await error_response(400, f"The {where} contains a NUL byte.", "invalid_request_error", param,
+                                     "invalid_value")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Annotated, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 
-from ..domain.errors import NotFound
-from ..domain.storage import delete_file, iter_chunks, store_stream
+from ..domain.errors import InvalidRequest, NotFound, TooLarge
+from ..domain.storage import FileWriter, delete_file, iter_chunks
 from .deps import DB, AppSettings, Project
-from .errors import APIError
+from .uploads import MultipartUpload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -31,18 +32,38 @@ def _get_file_row(conn, project: str, file_id: str):
     return row
 
 
+# Room for the multipart envelope around the file itself.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
 @router.post("")
-def upload_file(db: DB, settings: AppSettings, project: Project,
-                file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
-    if purpose != "batch":
-        raise APIError(400, f"Unsupported purpose '{purpose}'; this server accepts 'batch'.",
-                       param="purpose", code="invalid_value")
-    filename = file.filename or "upload.jsonl"
-    if not filename.endswith(".jsonl"):
-        raise APIError(400, f"File '{filename}' must be a .jsonl file.", param="file", code="invalid_file_format")
+def upload_file(request: Request, db: DB, settings: AppSettings, project: Project) -> dict:
+    """Multipart fields `file` (a .jsonl file) and `purpose` ("batch"), read only once the key is
+    known good, and written to the database as they arrive (see uploads.py)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_file_bytes + _MULTIPART_OVERHEAD:
+        raise TooLarge(f"File exceeds the maximum size of {settings.max_file_bytes} bytes.", param="file",
+                       code="file_too_large")
     with db.begin() as conn:
-        row = store_stream(conn, file.file, project=project, purpose=purpose, filename=filename,
-                           max_bytes=settings.max_file_bytes)
+        def open_writer(filename: str) -> FileWriter:
+            if not filename.endswith(".jsonl"):
+                raise InvalidRequest(f"File '{filename[:200]}' must be a .jsonl file.", param="file",
+                                     code="invalid_file_format")
+            return FileWriter(conn, project=project, purpose="batch", filename=filename,
+                              max_bytes=settings.max_file_bytes)
+
+        upload = MultipartUpload(request, open_writer)
+        upload.read()
+        purpose = upload.fields.get("purpose")
+        if purpose != "batch":
+            raise InvalidRequest(f"Unsupported purpose '{(purpose or '')[:40]}'; this server accepts 'batch'."
+                                 if purpose is not None else "The form field 'purpose' is required.",
+                                 param="purpose", code="invalid_value" if purpose is not None
+                                 else "missing_required_parameter")
+        if upload.writer is None:
+            raise InvalidRequest("The form field 'file' is required.", param="file",
+                                 code="missing_required_parameter")
+        row = upload.writer.close()
     return file_object(row)
 
 
@@ -76,7 +97,13 @@ def download_file(file_id: str, db: DB, project: Project) -> StreamingResponse:
         row = _get_file_row(conn, project, file_id)
     return StreamingResponse(iter_chunks(db, file_id), media_type="application/jsonl",
                              headers={"Content-Length": str(row["bytes"]),
-                                      "Content-Disposition": f'attachment; filename="{row["filename"]}"'})
+                                      "Content-Disposition": content_disposition(row["filename"])})
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII fallback for old clients, and the name itself as UTF-8 in `filename*`."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/{file_id}")

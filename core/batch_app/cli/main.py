@@ -134,6 +134,18 @@ def keys_create(project: Annotated[str, typer.Option()] = "default",
     print(operator_commands.create_api_key(operator_commands.connect(get_settings()), project, name))
 
 
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys: id, project, name, created, and the start of the stored hash (never the key)."""
+    operator_commands.keys_table(operator_commands.connect(get_settings()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="the id from batchctl keys list")]) -> None:
+    """Revoke an API key at once."""
+    operator_commands.revoke(operator_commands.connect(get_settings()), key_id)
+
+
 @worker_app.command("reset")
 def worker_reset(name: str, host: Annotated[Optional[str], typer.Option(help="(default: this host)")] = None) -> None:
     """Clear a worker stopped at the restart cap; the watchdog starts it again."""

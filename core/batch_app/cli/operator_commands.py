@@ -10,7 +10,7 @@ from rich.table import Column, Table
 from ..config import Settings
 from ..database import Database, database_url, embedded_pgdata, embedded_running, open_database
 from ..domain import overview
-from ..domain.keys import create_key
+from ..domain.keys import create_key, list_keys, revoke_key
 from ..domain.overview import describe_age
 from ..domain.registry import reset_restarts, slot_has_run
 from ..domain.statuses import WorkerStatus
@@ -49,6 +49,26 @@ def workers_table(db: Database) -> None:
 def create_api_key(db: Database, project: str, name: str) -> str:
     with db.begin() as conn:
         return create_key(conn, project, name)
+
+
+def keys_table(db: Database) -> None:
+    with db.connect() as conn:
+        rows = list_keys(conn)
+    if not rows:
+        console.print("no API keys: the API is open to anyone who reaches it (set API_KEY or batchctl keys create)")
+        return
+    table = Table(Column("id", no_wrap=True), "project", "name", "created", Column("hash starts", no_wrap=True))
+    for row in rows:
+        table.add_row(str(row.id), row.project, row.name, row.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                      row.hash_prefix)
+    console.print(table)
+
+
+def revoke(db: Database, key_id: int) -> None:
+    with db.begin() as conn:
+        if not revoke_key(conn, key_id):
+            raise CommandError(f"no API key with id {key_id} (see batchctl keys list)")
+    console.print(f"key {key_id} revoked: requests presenting it are refused from now on")
 
 
 def reset_worker(db: Database, slot: str, host: str | None) -> None:

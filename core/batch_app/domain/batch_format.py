@@ -26,6 +26,9 @@ FINAL_STATUSES = FINAL_BATCH_STATUSES
 
 # Fields every input line has, with their JSON types.
 INPUT_FIELDS = (("custom_id", str), ("method", str), ("url", str), ("body", dict))
+# The only `chat_template_kwargs` a line may pass to the model's chat template (switches that
+# templates of reasoning models read); anything else, a template of its own included, is refused.
+CHAT_TEMPLATE_KWARGS = ("enable_thinking", "thinking", "reasoning_effort")
 # A failed batch reports at most this many line errors.
 MAX_REPORTED_ERRORS = 100
 # OpenAI's limits on batch metadata.

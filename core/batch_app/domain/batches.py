@@ -17,8 +17,8 @@ from .errors import InvalidRequest, NoLiveWorker, NotFound
 from .ids import new_id
 from .ingest import IngestLimits, ingest_lines
 from .registry import model_liveness
-from .statuses import BatchStatus, RequestStatus
-from .storage import iter_chunks, iter_lines
+from .statuses import BatchStatus
+from .storage import iter_lines, read_chunks
 
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -26,14 +26,17 @@ TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "co
               "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
 
-def window_seconds(completion_window: str) -> int:
-    """OpenAI's `24h`, or any `<n>s|m|h` window (short windows help tests and urgent work)."""
+def window_seconds(completion_window: str, settings: Settings) -> int:
+    """OpenAI's `24h`, or any `<n>s|m|h` window within the configured bounds (short windows help
+    tests and urgent work)."""
     match = _WINDOW.match(completion_window or "")
-    if not match or int(match.group(1)) <= 0:
-        raise InvalidRequest(f"Invalid completion_window '{completion_window}': use '24h' "
-                             "(or another duration such as '30m').", param="completion_window",
-                             code="invalid_value")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0
+    if not settings.min_completion_window <= seconds <= settings.max_completion_window:
+        raise InvalidRequest(f"Invalid completion_window '{completion_window[:40]}': use '24h', or another "
+                             f"duration from {settings.min_completion_window} s to "
+                             f"{settings.max_completion_window // 3600} h such as '30m'.",
+                             param="completion_window", code="invalid_value")
+    return seconds
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> None:
@@ -58,7 +61,7 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"Unsupported endpoint '{endpoint}'; use one of {', '.join(ENDPOINTS)}.",
                              param="endpoint", code="invalid_value")
-    window = window_seconds(completion_window)
+    window = window_seconds(completion_window, settings)
     check_metadata(metadata)
     batch_id = new_id("batch_")
     with db.begin() as conn:
@@ -78,9 +81,12 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
              "window": completion_window, "status": BatchStatus.VALIDATING, "priority": priority, "seconds": window,
              "metadata": json.dumps(metadata) if metadata is not None else None})
         requests = conn.begin_nested()
-        result = ingest_lines(conn, iter_lines(iter_chunks(db, input_file_id)), batch_id=batch_id,
-                              endpoint=endpoint, priority=priority,
-                              limits=IngestLimits(settings.max_file_lines, settings.max_line_bytes))
+        # The file is read on this transaction's own connection: a create holds one connection, never
+        # one while waiting for a second (which, under many creates at once, would drain the pool).
+        result = ingest_lines(conn, iter_lines(read_chunks(conn, input_file_id), settings.max_line_bytes),
+                              batch_id=batch_id, endpoint=endpoint, priority=priority,
+                              limits=IngestLimits(settings.max_file_lines, settings.max_line_bytes,
+                                                  settings.max_choices, settings.max_inputs))
         errors = result.errors or _model_errors(conn, settings, result.model, result.model_line)
         if errors:
             requests.rollback()
@@ -110,19 +116,10 @@ def _model_errors(conn: Connection, settings: Settings, model: str | None,
     return []
 
 
-_COUNTS = text(f"""
-SELECT batch_id,
-       count(*) FILTER (WHERE status = '{RequestStatus.SUCCEEDED}') AS completed,
-       count(*) FILTER (WHERE status = '{RequestStatus.FAILED}') AS failed,
-       coalesce(sum(prompt_tokens), 0) AS input_tokens,
-       coalesce(sum(completion_tokens), 0) AS output_tokens
-FROM batch_requests WHERE batch_id = ANY(:ids) GROUP BY batch_id
-""")
-
-
 def batch_objects(conn: Connection, rows: list) -> list[dict[str, Any]]:
-    """Batch rows as OpenAI Batch objects, with live counts and usage from one grouped query."""
-    counts = {row.batch_id: row for row in conn.execute(_COUNTS, {"ids": [r.id for r in rows]})}
+    """Batch rows as OpenAI Batch objects, with counts and usage kept as results are stored: one
+    small query whatever the batches' sizes."""
+    counts = queue.progress(conn, [row.id for row in rows])
     return [_batch_object(row, counts.get(row.id)) for row in rows]
 
 

@@ -7,14 +7,20 @@ fails the batch with the collected errors, each naming its line.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
-from .batch_format import ENDPOINTS, INPUT_FIELDS, MAX_REPORTED_ERRORS, LineError
+from .batch_format import CHAT_TEMPLATE_KWARGS, ENDPOINTS, INPUT_FIELDS, MAX_REPORTED_ERRORS, LineError
+from .storage import Line
 
 _COPY_SQL = "COPY batch_requests (batch_id, line, custom_id, model, priority, body) FROM STDIN"
+# Rows a COPY takes at a time: the file's next chunk is read, on the same connection, between two.
+_COPY_GROUP = 5_000
+# A JSON escape of half a surrogate pair: json.loads takes a lone one, which no UTF-8 can store.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -29,44 +35,61 @@ class IngestResult:
 class IngestLimits:
     max_lines: int
     max_line_bytes: int
+    max_choices: int  # `n`
+    max_inputs: int  # items of a list-valued `prompt` or `input`
 
 
-def ingest_lines(conn: Connection, lines: Iterable[tuple[int, bytes, bool]], *, batch_id: str,
-                 endpoint: str, priority: int, limits: IngestLimits) -> IngestResult:
-    """Parse (number, bytes, ended-by-newline) lines, COPYing good ones until the first error."""
+def ingest_lines(conn: Connection, lines: Iterable[Line], *, batch_id: str, endpoint: str, priority: int,
+                 limits: IngestLimits) -> IngestResult:
+    """Parse lines, COPYing good ones until the first error."""
     result = IngestResult()
     first_line_of: dict[str, int] = {}
-    cursor = conn.connection.dbapi_connection.cursor()
-    with cursor.copy(_COPY_SQL) as copy:
-        for number, raw, ended in lines:
-            if number > limits.max_lines:
-                result.errors.append(LineError(
-                    "too_many_tasks",
-                    f"The file has more than {limits.max_lines} requests, the most one batch may hold.",
-                    number))
+    rows: list[tuple] = []
+    for line in lines:
+        number = line.number
+        if number > limits.max_lines:
+            result.errors.append(LineError(
+                "too_many_tasks",
+                f"The file has more than {limits.max_lines} requests, the most one batch may hold.",
+                number))
+            break
+        request, error = _parse_line(line, endpoint, limits)
+        if error is None:
+            error = _check_unique_and_model(number, request, first_line_of, result)
+        if error is not None:
+            result.errors.append(error)
+            if len(result.errors) >= MAX_REPORTED_ERRORS:
                 break
-            request, error = _parse_line(number, raw, ended, endpoint, limits.max_line_bytes)
-            if error is None:
-                error = _check_unique_and_model(number, request, first_line_of, result)
-            if error is not None:
-                result.errors.append(error)
-                if len(result.errors) >= MAX_REPORTED_ERRORS:
-                    break
-                continue
-            result.total += 1
-            if not result.errors:
-                copy.write_row((batch_id, number, request["custom_id"], request["body"]["model"],
-                                priority, json.dumps(request["body"], ensure_ascii=False)))
+            continue
+        result.total += 1
+        if not result.errors:
+            rows.append((batch_id, number, request["custom_id"], request["body"]["model"], priority,
+                         json.dumps(request["body"], ensure_ascii=False)))
+            if len(rows) >= _COPY_GROUP:
+                _copy(conn, rows)
+    if rows and not result.errors:
+        _copy(conn, rows)
     if result.total == 0 and not result.errors:
         result.errors.append(LineError("empty_file", "The input file contains no requests."))
     return result
 
 
-def _parse_line(number: int, raw: bytes, ended: bool, endpoint: str,
-                max_line_bytes: int) -> tuple[dict | None, LineError | None]:
-    if len(raw) > max_line_bytes:
-        return None, LineError("line_too_long",
-                               f"Line {number} is {len(raw)} bytes long; the limit is {max_line_bytes}.", number)
+def _copy(conn: Connection, rows: list[tuple]) -> None:
+    with conn.connection.dbapi_connection.cursor().copy(_COPY_SQL) as copy:
+        for row in rows:
+            copy.write_row(row)
+    rows.clear()
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_line(line: Line, endpoint: str, limits: IngestLimits) -> tuple[dict | None, LineError | None]:
+    number, raw, ended = line.number, line.data, line.ended
+    if line.length > limits.max_line_bytes:
+        return None, LineError("line_too_long", f"Line {number} is {line.length} bytes long; the limit is "
+                                                f"{limits.max_line_bytes}.", number)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -79,13 +102,24 @@ def _parse_line(number: int, raw: bytes, ended: bool, endpoint: str,
         return None, LineError("invalid_json_line",
                                f"Line {number} is blank; each line must hold one JSON request.", number)
     try:
-        request = json.loads(text)
+        request = json.loads(text, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
     except ValueError as exc:
         hint = " (the last line has no newline: was the file cut short?)" if not ended else ""
         return None, LineError("invalid_json_line", f"Line {number} is not valid JSON{hint}: {exc}.", number)
     if not isinstance(request, dict):
         return None, LineError("invalid_json_line", f"Line {number} is not a JSON object.", number)
-    return request, _check_fields(number, request, endpoint)
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(request):
+        return None, LineError("invalid_json_line", f"Line {number} contains half of a UTF-16 surrogate pair "
+                                                    "(such as \\ud800 alone), which is no character.", number)
+    return request, _check_fields(number, request, endpoint) or _check_body(number, request["body"], limits)
+
+
+def _encodable(request: dict) -> bool:
+    try:
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _check_fields(number: int, request: dict, endpoint: str) -> LineError | None:
@@ -110,6 +144,35 @@ def _check_fields(number: int, request: dict, endpoint: str) -> LineError | None
     if not isinstance(model, str) or not model:
         return LineError("missing_required_parameter",
                          f"Line {number}: 'body.model' must name the model.", number, "body.model")
+    return None
+
+
+def _check_body(number: int, body: dict, limits: IngestLimits) -> LineError | None:
+    """Parameters refused before anything runs: a template of the caller's own (a program the
+    worker would run), and fan-out past the limits (one line becoming thousands of requests)."""
+    if "chat_template" in body:
+        return LineError("invalid_value", f"Line {number}: 'body.chat_template' is not accepted; the model's own "
+                                          "chat template is used.", number, "body.chat_template")
+    template_kwargs = body.get("chat_template_kwargs")
+    if template_kwargs is not None:
+        if not isinstance(template_kwargs, dict):
+            return LineError("invalid_type", f"Line {number}: 'body.chat_template_kwargs' must be an object.",
+                             number, "body.chat_template_kwargs")
+        for name, value in template_kwargs.items():
+            if name not in CHAT_TEMPLATE_KWARGS or not isinstance(value, (str, bool, int, float)):
+                return LineError("invalid_value", f"Line {number}: 'body.chat_template_kwargs.{name[:80]}' is not "
+                                                  f"accepted; allowed are {', '.join(CHAT_TEMPLATE_KWARGS)}, each a "
+                                                  "string, number or boolean.", number,
+                                 f"body.chat_template_kwargs.{name[:80]}")
+    choices = body.get("n")
+    if choices is not None and (type(choices) is not int or not 1 <= choices <= limits.max_choices):
+        return LineError("invalid_value", f"Line {number}: 'body.n' must be an integer from 1 to "
+                                          f"{limits.max_choices}.", number, "body.n")
+    for name in ("prompt", "input"):
+        items = body.get(name)
+        if isinstance(items, list) and len(items) > limits.max_inputs and not all(type(i) is int for i in items):
+            return LineError("invalid_value", f"Line {number}: 'body.{name}' holds {len(items)} items; at most "
+                                              f"{limits.max_inputs} per request.", number, f"body.{name}")
     return None
 
 

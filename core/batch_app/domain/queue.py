@@ -48,6 +48,10 @@ class ClaimedRequest:
     body: dict[str, Any]
     attempt: int
 
+    def is_last_attempt(self, max_attempts: int) -> bool:
+        """A crash survivor on its last attempt: it runs alone (see _PICK)."""
+        return self.attempt > 1 and self.attempt >= max_attempts
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -59,12 +63,15 @@ class Completion:
     completion_tokens: int
 
 
-# Requests with attempt > 0 were in flight on a worker that died ("suspects"). They run one at a
-# time on an otherwise idle engine, so a request that crashes workers is caught alone and its
-# neighbours are never charged with its crashes.
+# A request queued with attempt > 0 was in flight on a worker that died. One about to start its
+# last attempt (attempt = MAX_ATTEMPTS - 1) is a "suspect": were it to crash a worker once more
+# it would fail as poison, so it runs alone on an otherwise idle engine, and a request that
+# crashes workers is caught alone while its neighbours are never failed for its crashes. Before
+# their last attempt, crash survivors run in ordinary groups, so one crash does not slow a
+# whole batch down to one request at a time.
 _PICK = f"""
     SELECT id FROM batch_requests
-    WHERE status = '{_QUEUED}' AND model = :model AND attempt {{suspect}}
+    WHERE status = '{_QUEUED}' AND model = :model AND {{attempts}}
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -78,10 +85,12 @@ WHERE r.id = picked.id AND b.id = r.batch_id
 RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority
 """
 
-_CLAIM_FRESH = text(f"WITH picked AS ({_PICK.format(suspect='= 0')}) {_TAKE}")
-_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK.format(suspect='> 0')}) {_TAKE}")
+# `attempt > 0` spelled out lets the suspects' partial index serve the suspect statements.
+_SUSPECT = "attempt > 0 AND attempt >= :last_attempt - 1"
+_CLAIM_ORDINARY = text(f"WITH picked AS ({_PICK.format(attempts='attempt < :last_attempt - 1')}) {_TAKE}")
+_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK.format(attempts=_SUSPECT)}) {_TAKE}")
 _SUSPECTS_WAITING = text(f"""
-SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND attempt > 0)
+SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
 """)
 
 # Skips a batch whose row someone holds: a cancel or an expiry about to end it, or another claim
@@ -93,28 +102,44 @@ WHERE id IN (SELECT id FROM batches WHERE id = ANY(:batch_ids) AND status = '{Ba
 """)
 
 
-def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle: bool) -> list[ClaimedRequest]:
+def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle: bool,
+          max_attempts: int) -> list[ClaimedRequest]:
     """Take up to `limit` queued requests for `model`, in priority then age order.
 
     While suspects wait, a busy engine takes nothing new (it drains), and an idle one takes a
-    single suspect; `ClaimedRequest.attempt > 1` tells the worker to run it alone.
+    single suspect; `is_last_attempt` tells the worker to run it alone.
     """
     if limit <= 0:
         return []
-    params = {"worker_id": worker_id, "model": model}
+    params = {"worker_id": worker_id, "model": model, "last_attempt": max_attempts}
     rows = []
     if conn.execute(_SUSPECTS_WAITING, params).scalar():
         if not engine_idle:
             return []
         rows = conn.execute(_CLAIM_SUSPECT, {**params, "limit": 1}).all()
     if not rows:  # no suspect, or another worker took the last one
-        rows = conn.execute(_CLAIM_FRESH, {**params, "limit": limit}).all()
+        rows = conn.execute(_CLAIM_ORDINARY, {**params, "limit": limit}).all()
     if rows:
         conn.execute(_MARK_IN_PROGRESS, {"batch_ids": sorted({row.batch_id for row in rows})})
     # UPDATE ... RETURNING has no order: hand requests to the engine in claim order.
     return [ClaimedRequest(row.id, row.batch_id, row.endpoint, row.custom_id, row.body, row.attempt)
             for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
 
+
+# Counts what the `done` rows of a statement finished into batch_progress (a batch's
+# request_counts and usage), a row per batch and worker, upserted in key order: the rows a
+# statement locks last, after its requests (see the lock order above).
+_SUCCEEDED, _FAILED = RequestStatus.SUCCEEDED, RequestStatus.FAILED
+_COUNT = f"""counted AS (
+    INSERT INTO batch_progress AS p (batch_id, worker_id, completed, failed, input_tokens, output_tokens)
+    SELECT batch_id, worker_id, count(*) FILTER (WHERE status = '{_SUCCEEDED}'),
+           count(*) FILTER (WHERE status = '{_FAILED}'), sum(prompt_tokens), sum(completion_tokens)
+    FROM done WHERE status IN ('{_SUCCEEDED}', '{_FAILED}')
+    GROUP BY batch_id, worker_id ORDER BY batch_id, worker_id
+    ON CONFLICT (batch_id, worker_id) DO UPDATE
+    SET completed = p.completed + excluded.completed, failed = p.failed + excluded.failed,
+        input_tokens = p.input_tokens + excluded.input_tokens, output_tokens = p.output_tokens + excluded.output_tokens)"""
+_DONE_COLUMNS = "r.id, r.batch_id, r.worker_id, r.status, r.prompt_tokens, r.completion_tokens"
 
 # One statement for a whole group of results; rows this worker no longer owns are skipped. The
 # rows are locked in id order first (see the lock order above).
@@ -123,14 +148,16 @@ WITH u AS (SELECT * FROM json_to_recordset(CAST(:results AS json))
      AS u(id bigint, attempt int, status_code int, response text, prompt_tokens int, completion_tokens int)),
 owned AS (SELECT r.id FROM batch_requests r JOIN u ON u.id = r.id
           WHERE r.worker_id = :worker_id AND r.attempt = u.attempt AND r.status = '{_RUNNING}'
-          ORDER BY r.id FOR UPDATE OF r)
-UPDATE batch_requests r
-SET status = CASE WHEN u.status_code = 200 THEN '{RequestStatus.SUCCEEDED}' ELSE '{RequestStatus.FAILED}' END,
-    status_code = u.status_code, response = u.response,
-    prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
-FROM owned, u
-WHERE r.id = owned.id AND u.id = owned.id
-RETURNING r.id, r.batch_id
+          ORDER BY r.id FOR UPDATE OF r),
+done AS (UPDATE batch_requests r
+    SET status = CASE WHEN u.status_code = 200 THEN '{_SUCCEEDED}' ELSE '{_FAILED}' END,
+        status_code = u.status_code, response = u.response,
+        prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
+    FROM owned, u
+    WHERE r.id = owned.id AND u.id = owned.id
+    RETURNING {_DONE_COLUMNS}),
+{_COUNT}
+SELECT id, batch_id FROM done
 """)
 
 
@@ -175,6 +202,18 @@ WHERE r.id IS NULL
 """)
 
 
+_PROGRESS = text("""
+SELECT batch_id, sum(completed) AS completed, sum(failed) AS failed,
+       sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens
+FROM batch_progress WHERE batch_id = ANY(:ids) GROUP BY batch_id
+""")
+
+
+def progress(conn: Connection, batch_ids: list[str]) -> dict[str, Any]:
+    """{batch id: its completed, failed, input_tokens, output_tokens} (batches with any finished)."""
+    return {row.batch_id: row for row in conn.execute(_PROGRESS, {"ids": batch_ids})}
+
+
 _HELD_BY = text(f"SELECT id FROM batch_requests WHERE worker_id = :worker_id AND status = '{_RUNNING}'")
 
 
@@ -195,19 +234,21 @@ def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) ->
 _RESCUE = text(f"""
 WITH orphaned AS (SELECT r.id FROM batch_requests r JOIN workers w ON w.id = r.worker_id
                   WHERE r.status = '{_RUNNING}' AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
-                  ORDER BY r.id FOR UPDATE OF r)
-UPDATE batch_requests r
-SET status = CASE WHEN r.attempt >= :max_attempts THEN '{RequestStatus.FAILED}' ELSE '{_QUEUED}' END,
-    error = CASE WHEN r.attempt >= :max_attempts THEN jsonb_build_object(
-        'code', 'poison_request',
-        'message', format('This request was in flight on %s workers that died; it is not retried again.',
-                          r.attempt))
-        END,
-    finished_at = CASE WHEN r.attempt >= :max_attempts THEN now() END,
-    worker_id = CASE WHEN r.attempt >= :max_attempts THEN r.worker_id END
-FROM orphaned
-WHERE r.id = orphaned.id
-RETURNING r.id, r.batch_id, r.status
+                  ORDER BY r.id FOR UPDATE OF r),
+done AS (UPDATE batch_requests r
+    SET status = CASE WHEN r.attempt >= :max_attempts THEN '{_FAILED}' ELSE '{_QUEUED}' END,
+        error = CASE WHEN r.attempt >= :max_attempts THEN jsonb_build_object(
+            'code', 'poison_request',
+            'message', format('This request was in flight on %s workers that died; it is not retried again.',
+                              r.attempt))
+            END,
+        finished_at = CASE WHEN r.attempt >= :max_attempts THEN now() END,
+        worker_id = CASE WHEN r.attempt >= :max_attempts THEN r.worker_id END
+    FROM orphaned
+    WHERE r.id = orphaned.id
+    RETURNING {_DONE_COLUMNS}),
+{_COUNT}
+SELECT id, batch_id, status FROM done
 """)
 
 

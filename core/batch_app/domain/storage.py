@@ -1,13 +1,16 @@
 """File contents kept in the database in ordered chunks, so every host sees the same bytes.
 
-Nothing here holds a whole file in memory: uploads are written chunk by chunk, and reads
-stream one chunk at a time through a server-side cursor.
+Nothing here holds a whole file in memory: uploads are written chunk by chunk, and reads take
+one chunk a statement, so a reader holds no cursor open between chunks: a slow download borrows
+a pooled connection only while it fetches, and ingest reads its file on the connection that
+writes the requests.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -72,39 +75,61 @@ class FileWriter:
         return dict(row)
 
 
-def store_stream(conn: Connection, stream: BinaryIO, *, project: str, purpose: str,
-                 filename: str, max_bytes: int) -> dict:
-    writer = FileWriter(conn, project=project, purpose=purpose, filename=filename, max_bytes=max_bytes)
-    while data := stream.read(CHUNK_BYTES):
-        writer.write(data)
-    return writer.close()
+_CHUNK = sa.select(file_chunks.c.data).where(file_chunks.c.file_id == sa.bindparam("file_id"),
+                                             file_chunks.c.seq == sa.bindparam("seq"))
+
+
+def read_chunks(conn: Connection, file_id: str) -> Iterator[bytes]:
+    """A file's bytes chunk by chunk, one statement each, on the caller's connection."""
+    for seq in itertools.count():
+        data = conn.execute(_CHUNK, {"file_id": file_id, "seq": seq}).scalar()
+        if data is None:
+            return
+        yield bytes(data)
 
 
 def iter_chunks(db: Database, file_id: str) -> Iterator[bytes]:
-    """Yield a file's bytes chunk by chunk, on a connection of its own (for streaming responses)."""
-    with db.connect() as conn:
-        result = conn.execute(
-            sa.select(file_chunks.c.data).where(file_chunks.c.file_id == file_id)
-            .order_by(file_chunks.c.seq).execution_options(stream_results=True, yield_per=1)
-        )
-        for (data,) in result:
-            yield bytes(data)
+    """A file's bytes chunk by chunk, each fetched on a pooled connection given back at once
+    (for streaming responses, which last as long as the client takes)."""
+    for seq in itertools.count():
+        with db.connect() as conn:
+            data = conn.execute(_CHUNK, {"file_id": file_id, "seq": seq}).scalar()
+        if data is None:
+            return
+        yield bytes(data)
 
 
-def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes, bool]]:
-    """Split a byte stream into (1-based line number, line without newline, ended by newline)."""
-    pending = b""
-    number = 0
+@dataclass(frozen=True)
+class Line:
+    number: int  # 1-based
+    data: bytes  # without its newline; only the first `max_bytes + 1` bytes of a longer line
+    ended: bool  # by a newline (the last line of a file may not be)
+    length: int  # its real length in bytes
+
+
+def iter_lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[Line]:
+    """Split a byte stream into lines. A line longer than `max_bytes` is kept only in part, so a
+    file without newlines costs no more memory than one line at the limit, and no quadratic
+    re-scan."""
+    pending, dropped, number = bytearray(), 0, 0
     for chunk in chunks:
-        pending += chunk
         start = 0
-        while (end := pending.find(b"\n", start)) != -1:
+        while (end := chunk.find(b"\n", start)) != -1:
             number += 1
-            yield number, pending[start:end], True
+            length = len(pending) + dropped + end - start
+            if pending or dropped:
+                pending += chunk[start:min(end, start + max_bytes + 1 - len(pending))]
+                yield Line(number, bytes(pending), True, length)
+                pending.clear()
+                dropped = 0
+            else:
+                yield Line(number, chunk[start:min(end, start + max_bytes + 1)], True, length)
             start = end + 1
-        pending = pending[start:]
-    if pending:
-        yield number + 1, pending, False
+        room = max(0, max_bytes + 1 - len(pending))
+        pending += chunk[start:start + room]
+        dropped += max(0, len(chunk) - start - room)
+    if pending or dropped:
+        yield Line(number + 1, bytes(pending), False, len(pending) + dropped)
 
 
 def delete_file(conn: Connection, file_id: str) -> None:

@@ -144,6 +144,20 @@ batch_requests = Table(
     _status_check("batch_requests", RequestStatus),
 )
 
+# A batch's finished requests counted as they are stored, a row per worker that stored some, so
+# reading a batch's request_counts and usage costs the same whatever its size, and no two
+# workers write the same row (see queue._COUNT).
+batch_progress = Table(
+    "batch_progress",
+    metadata,
+    Column("batch_id", Text, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("worker_id", UUID(as_uuid=False), primary_key=True),
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("input_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("output_tokens", BigInteger, nullable=False, server_default="0"),
+)
+
 # One row per worker process start (a fresh UUID each time, never the hostname).
 workers = Table(
     "workers",

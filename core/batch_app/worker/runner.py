@@ -91,16 +91,8 @@ class Runner:
                 self._reconcile()
             if now < idle_until and self.work_signal.pending():
                 idle_until = now  # requests were queued meanwhile
-            free = engine.max_in_flight - engine.in_flight()
-            if (now >= idle_until and not self._running_a_suspect() and self.writer.backlog < self.options.max_unstored
-                    and (free >= max(1, engine.max_in_flight // 4) or not self.in_flight)):
-                try:
-                    if not self._refill(free):
-                        idle_until = now + self.options.idle_poll
-                except Exception as exc:
-                    if not is_unreachable(exc):
-                        raise
-                    idle_until = now + outage.failed(exc, "claiming requests")
+            if now >= idle_until and self._may_claim():
+                idle_until = self._claim(now)
             if self.in_flight:
                 self._set_status(WorkerStatus.BUSY)
                 self._collect(engine.step())
@@ -121,14 +113,34 @@ class Runner:
                 logged_requests, logged_tokens, last_log = done, tokens, now
         self._drain()
 
+    def _may_claim(self) -> bool:
+        """Claim when a quarter of the window is free (or nothing runs), unless a suspect runs
+        alone or too many results wait to be stored."""
+        free = self.engine.max_in_flight - self.engine.in_flight()
+        return (not self._running_a_suspect() and self.writer.backlog < self.options.max_unstored
+                and (free >= max(1, self.engine.max_in_flight // 4) or not self.in_flight))
+
+    def _claim(self, now: float) -> float:
+        """Fill the engine's free slots; returns until when to wait before claiming again."""
+        try:
+            if self._refill(self.engine.max_in_flight - self.engine.in_flight()):
+                return now
+            return now + self.options.idle_poll
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            return now + outage.failed(exc, "claiming requests")
+
     def _running_a_suspect(self) -> bool:
-        """A request retried after a crash runs alone (see queue.claim)."""
-        return len(self.in_flight) == 1 and next(iter(self.in_flight.values())).attempt > 1
+        """A crash survivor on its last attempt runs alone (see queue.claim)."""
+        return len(self.in_flight) == 1 and next(iter(self.in_flight.values())).is_last_attempt(
+            self.settings.max_attempts)
 
     def _refill(self, free: int) -> bool:
         """Claim up to `free` requests into the engine; False when the queue had none."""
         with self.db.begin() as conn:
-            claimed = queue.claim(conn, self.worker_id, self.model, free, engine_idle=not self.in_flight)
+            claimed = queue.claim(conn, self.worker_id, self.model, free, engine_idle=not self.in_flight,
+                                  max_attempts=self.settings.max_attempts)
         outage.reached()
         if not claimed:
             return False
@@ -157,9 +169,9 @@ class Runner:
             self.writer.put(Completion(id=request.id, attempt=request.attempt, status_code=result.status_code,
                                        response=result.body, prompt_tokens=result.prompt_tokens,
                                        completion_tokens=result.completion_tokens))
-            if request.attempt > 1:
-                # A crash survivor's result must be stored before the next suspect runs, or a
-                # crash in that one would charge this one too.
+            if request.is_last_attempt(self.settings.max_attempts):
+                # A suspect's result must be stored before the next suspect runs, or a crash in
+                # that one would charge this one too.
                 self.writer.flush()
         if unserved:
             self._hand_back(unserved)

@@ -14,6 +14,7 @@ import logging
 import time
 
 from ..database import Database
+from ..outage import describe, is_unreachable, outage
 from ..domain.queue import BATCH_ENDED_CHANNEL, WORK_CHANNEL, WORK_TAKEN_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ class WorkSignal:
                 self._pooled = pooled
                 self._work_taken = True  # whatever happened before listening went unheard
             except Exception as exc:
-                log.warning("cannot listen for wake-ups (%s: %s); polling instead", type(exc).__name__, exc)
+                if is_unreachable(exc):  # logged once for the whole outage
+                    outage.failed(exc, "listening for wake-ups")
+                else:
+                    log.warning("cannot listen for wake-ups (%s); polling instead", describe(exc))
                 self._retry_at = time.monotonic() + _RETRY_INTERVAL
         return None if self._pooled is None else self._pooled.driver_connection
 

@@ -1,0 +1,190 @@
+"""A chaos run anyone can repeat: a stack with two real vLLM chat workers runs one large batch
+while its workers are SIGKILLed (each time the whole process group, EngineCore included) at
+random moments and its PostgreSQL is stopped twice for 10 to 30 s. At the end it prints what a
+user and an operator care about:
+
+    kills, outages, restarts charged, requests lost, requests duplicated, error lines, wall time
+
+    .venv/bin/python bench/chaos.py [--requests 5000] [--kills 20] [--outages 2] [--seed N]
+                                    [--max-attempts 3]
+
+Target: 0 lost, 0 duplicated, 0 error lines, and every restart charged to a kill (none to an
+outage). HEARTBEAT_TIMEOUT is 10 s here, so each outage outlasts it: the run shows that an outage
+is not mistaken for hung workers. Every loop is bounded in count and time; all traffic stays on
+this machine (the stack listens on 127.0.0.1, PostgreSQL on a Unix socket).
+
+A request in flight on MAX_ATTEMPTS workers that died, the last time running alone, fails as a
+poison request, since that is how a request that crashes workers looks. Kills at random, this
+often, look the same to a few unlucky requests: `--max-attempts` (MAX_ATTEMPTS, 3 by default)
+sets how much evidence counts, and error lines are broken down by code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import sqlalchemy as sa  # noqa: E402
+
+from core.batch_app.config import Settings  # noqa: E402
+from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from core.batch_app.domain.batch_format import FINAL_STATUSES  # noqa: E402
+from tests.conftest import live_worker, start_api, start_watchdog, wait_for  # noqa: E402
+
+SLOTS = [{"slot": f"chat-{i}", "model": "demo", "max_in_flight": 128} for i in range(2)]
+LIVENESS = dict(HEARTBEAT_INTERVAL="2", HEARTBEAT_TIMEOUT="10", MAX_RESTARTS_PER_HOUR="1000",
+                RESTART_BACKOFF_MIN="0.5", RESTART_BACKOFF_MAX="2", API_KEY="")
+# Longest the whole run may take, chaos and the batch's end included.
+TIME_LIMIT = 3600
+
+
+def write_requests(path: Path, count: int, max_tokens: int) -> None:
+    with open(path, "w") as file:
+        for i in range(count):
+            file.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+                "model": "demo-tiny-llama", "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": f"Tell me about item {i}."}]}}) + "\n")
+
+
+def database(data_dir: Path, action: str) -> None:
+    """The project's own command, as an operator would stop and start the embedded server."""
+    env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": ""}
+    subprocess.run([sys.executable, "-m", "core.batch_app.database", action], env=env, cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+
+
+def chaos_plan(rng: random.Random, kills: int, outages: int) -> list[str]:
+    """The order of events: kills with the outages at random places among them."""
+    plan = ["kill"] * kills
+    for _ in range(outages):
+        plan.insert(rng.randrange(1, len(plan)), "outage")
+    return plan
+
+
+def kill_a_worker(rng: random.Random, db) -> str | None:
+    """SIGKILL the process group of a random serving worker; its slot, or None if none serves."""
+    serving = [row for slot in SLOTS if (row := live_worker(db, slot["slot"]))]
+    if not serving:
+        return None
+    victim = rng.choice(serving)
+    try:
+        os.killpg(victim.pid, signal.SIGKILL)  # the worker leads its own group: EngineCore goes too
+    except ProcessLookupError:
+        return None
+    return f"{victim.pid}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--outages", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-attempts", type=int, default=3)
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"chaos: {args.requests} chat requests (max_tokens {args.max_tokens}), two vLLM workers, "
+          f"{args.kills} kills, {args.outages} outages of 10-30 s, MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        root = Path(tmp)
+        data_dir = root / "data"
+        settings = Settings(data_dir=data_dir, database_url="")
+        url = database_url(settings)
+        migrate(url)
+        db = open_database(url, pool_size=2)
+        api = start_api(url, data_dir, "api", API_KEY="")
+        watchdog = start_watchdog(url, data_dir, "watchdog", SLOTS, MAX_ATTEMPTS=str(args.max_attempts), **LIVENESS)
+        try:
+            for slot in SLOTS:
+                wait_for(lambda: live_worker(db, slot["slot"]), 600, interval=1, message=f"{slot['slot']} loaded")
+            client = api.client().with_options(max_retries=5)
+            requests = root / "requests.jsonl"
+            write_requests(requests, args.requests, args.max_tokens)
+            started = time.monotonic()
+            with open(requests, "rb") as source:
+                file = client.files.create(file=("chaos.jsonl", source), purpose="batch")
+            batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            kills, outages = 0, []
+            for event in chaos_plan(rng, args.kills, args.outages):
+                time.sleep(rng.uniform(2, 8))
+                if time.monotonic() - started > TIME_LIMIT:
+                    break
+                if event == "kill":
+                    victim = wait_for(lambda: kill_a_worker(rng, db), 600, interval=0.5, message="a serving worker")
+                    kills += 1
+                    print(f"  {time.monotonic() - started:6.1f} s: kill {kills} (pid {victim})", flush=True)
+                else:
+                    seconds = rng.uniform(10, 30)
+                    database(data_dir, "stop")
+                    print(f"  {time.monotonic() - started:6.1f} s: database stopped for {seconds:.0f} s", flush=True)
+                    time.sleep(seconds)
+                    database(data_dir, "start")
+                    outages.append(seconds)
+            done = wait_for(lambda: (b := _retrieve(client, batch.id)) and b.status in FINAL_STATUSES and b,
+                            TIME_LIMIT, interval=2, message="the batch to end")
+            wall = time.monotonic() - started
+            report(client, db, done, args.requests, kills, outages, wall, watchdog.log_dir)
+        finally:
+            watchdog.stop()
+            api.stop()
+            db.dispose()
+            stop_embedded(settings)
+    return 0
+
+
+def _retrieve(client, batch_id: str):
+    try:
+        return client.batches.retrieve(batch_id)
+    except Exception:  # the API answers 503 while the database is down
+        return None
+
+
+def report(client, db, batch, total: int, kills: int, outages: list[float], wall: float, log_dir: Path) -> None:
+    lines = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            lines += [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+    seen = [line["custom_id"] for line in lines]
+    lost = total - len(set(seen))
+    duplicated = len(seen) - len(set(seen))
+    errors = Counter((line["error"] or {}).get("code") or f"HTTP {line['response']['status_code']}"
+                     for line in lines if line["error"] or line["response"]["status_code"] != 200)
+    with db.connect() as conn:
+        charged = conn.execute(sa.text("SELECT count(*) FROM worker_restarts WHERE reason <> 'reset'")).scalar()
+        reruns = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND attempt > 1"),
+                              {"b": batch.id}).scalar()
+    log_errors = [line for path in sorted(log_dir.glob("*.log")) for line in path.read_text(errors="replace").splitlines()
+                  if re.search(r" (ERROR|CRITICAL) ", line) and "database unreachable while" not in line]
+    print(f"batch {batch.status}: {batch.request_counts.completed} completed, {batch.request_counts.failed} failed")
+    print(f"kills                 {kills}")
+    print(f"outages               {len(outages)} ({', '.join(f'{s:.0f} s' for s in outages) or 'none'})")
+    print(f"restarts charged      {charged} (to kills: {min(charged, kills)}, beyond the kills: {max(0, charged - kills)})")
+    print(f"requests run again    {reruns}")
+    print(f"requests lost         {lost}")
+    print(f"requests duplicated   {duplicated}")
+    print(f"error lines           {sum(errors.values())}"
+          + (f" ({', '.join(f'{code}: {n}' for code, n in errors.most_common())})" if errors else ""))
+    print(f"log lines at ERROR    {len(log_errors)} (besides the outages' own notices)")
+    for line in log_errors[:10]:
+        print(f"    {line[:200]}")
+    print(f"wall time             {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
