@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from core.batch_app.domain import finalize, housekeeping, queue, registry
@@ -255,3 +256,19 @@ def test_crash_survivors_before_their_last_attempt_run_in_ordinary_groups(client
         complete(db, worker, [answer(suspect)])
     finalize.finalize_ready(db, [batch.id])
     assert client.batches.retrieve(batch.id).request_counts.completed == 4
+
+
+def test_a_result_holding_nan_becomes_an_error_line_of_valid_json(client, db, own_model):
+    batch = submit(client, [request_line("nan", own_model), request_line("fine", own_model)])
+    worker = new_worker(db, own_model)
+    nan, fine = claim(db, worker, own_model, 2)
+    bad = Completion(id=nan.id, attempt=nan.attempt, status_code=200, prompt_tokens=1, completion_tokens=0,
+                     response={"object": "list", "data": [{"embedding": [float("nan"), float("inf")]}]})
+    complete(db, worker, [bad, answer(fine)])
+    finalize.finalize_ready(db, [batch.id])
+    done = client.batches.retrieve(batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in an output line")}
+    [line] = [json.loads(text, **strict) for text in client.files.content(done.error_file_id).text.splitlines()]
+    assert line["custom_id"] == "nan" and line["response"]["status_code"] == 500
+    assert line["response"]["body"]["error"]["code"] == "result_not_json"

@@ -246,6 +246,16 @@ def test_n_gives_that_many_choices(engine):
     assert completion.usage.completion_tokens == result.completion_tokens <= 12
 
 
+def test_the_window_counts_every_sequence_a_request_fans_out_to(engine):
+    fan_out = EngineRequest("fan", COMPLETIONS, {"prompt": [PROMPT, PROMPT, PROMPT], "n": 4, "max_tokens": 4,
+                                                 "temperature": 1.0, "seed": 1})
+    assert engine.add(fan_out) is None and engine.in_flight() == 12  # 3 prompts x 4 choices
+    results = []
+    while engine.in_flight():
+        results += engine.step()
+    assert [result.key for result in results] == ["fan"] and len(results[0].body["choices"]) == 12
+
+
 def test_seed_makes_sampling_repeatable(engine):
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 42}
     first, second = (text_of(run_one(engine, COMPLETIONS, body)) for _ in range(2))
@@ -326,6 +336,7 @@ def test_too_long_prompt_is_rejected_alone(engine):
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),  # past the context
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "seed": 2**70}, "seed"),
     (CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0]"),

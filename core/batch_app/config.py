@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     log_max_bytes: int = 50 * 1024 * 1024  # each process's log is rotated at this size
     log_backups: int = 5
     api_key: str = ""
+    api_database_pool: int = 10  # connections the API keeps; as many again may open under load
     status_page_public: bool = False  # true: the status page at / is readable without a key
     sentry_dsn: str = ""
 

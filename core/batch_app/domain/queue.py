@@ -168,9 +168,7 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
     # One JSON document rather than a text[] of responses: psycopg escapes every quote of a
     # text array element in Python, which cost more CPU than the rest of the write together.
     results = json.dumps([{
-        "id": c.id, "attempt": c.attempt, "status_code": c.status_code,
-        # ASCII-escaped: characters such as U+2028 would split a line for many JSONL readers.
-        "response": json.dumps(c.response),
+        "id": c.id, "attempt": c.attempt, **_answer(c),
         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
     } for c in completions])
     rows = conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all()
@@ -200,6 +198,18 @@ SELECT u.id FROM unnest(CAST(:ids AS bigint[])) AS u(id)
 LEFT JOIN batch_requests r ON r.id = u.id AND r.worker_id = :worker_id AND r.status = '{_RUNNING}'
 WHERE r.id IS NULL
 """)
+
+
+def _answer(completion: Completion) -> dict[str, Any]:
+    """Its status code and response as JSON text; NaN or Infinity, which JSON cannot carry, make
+    it an error rather than an output line no JSON reader would accept."""
+    try:
+        # ASCII-escaped: characters such as U+2028 would split a line for many JSONL readers.
+        return {"status_code": completion.status_code, "response": json.dumps(completion.response, allow_nan=False)}
+    except ValueError:
+        return {"status_code": 500, "response": json.dumps({"error": {
+            "message": "The engine answered with NaN or Infinity, which JSON cannot carry.", "type": "server_error",
+            "param": None, "code": "result_not_json"}})}
 
 
 _PROGRESS = text("""

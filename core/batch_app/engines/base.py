@@ -67,7 +67,9 @@ class Engine(Protocol):
     def abort(self, keys: list[str]) -> None:
         """Drop in-flight requests (cancelled batches, shutdown); no result is returned for them."""
 
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Sequences in flight, which the worker's window counts: a request that fans out (`n`
+        choices, a list of prompts) counts once per sequence."""
 
     def close(self) -> None: ...
 

@@ -101,6 +101,7 @@ class _InFlight:
     part_ids: list[str]
     created: int
     parts_left: int = 0  # engine requests not finished yet
+    sequences: int = 0  # sequences it runs: its prompts times its choices (`n`)
     top_logprobs: int | None = None  # chat: how many alternatives to report per token
     decode_once: bool = False  # text is decoded when the request finishes (see _decoded_text)
     encoding_format: str = "float"  # embeddings
@@ -138,7 +139,9 @@ class VllmEngine:
         # still find a full batch waiting between refills.
         scheduler_batch = self._engine.vllm_config.scheduler_config.max_num_seqs
         self.max_in_flight = spec.max_in_flight or 2 * scheduler_batch
+        self._context = model_config.max_model_len
         self.progress = EngineProgress()
+        self._sequences = 0  # of the requests in flight, which is what the window counts
         self._in_flight: dict[str, _InFlight] = {}
         self._request_of_part: dict[str, _InFlight] = {}
 
@@ -172,6 +175,7 @@ class VllmEngine:
             return error_result(request.key, f"the engine could not start this request: {message}",
                                 code="engine_error", status_code=500, error_type="server_error")
         self._in_flight[request.key] = in_flight
+        self._sequences += in_flight.sequences
         for part_id in in_flight.part_ids:
             self._request_of_part[part_id] = in_flight
         return None
@@ -206,7 +210,7 @@ class VllmEngine:
             self._engine.abort_request(part_ids)
 
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._sequences
 
     def close(self) -> None:
         self.abort(list(self._in_flight))
@@ -244,6 +248,7 @@ class VllmEngine:
         # "#" then a number, parsed from the right, keeps part ids unique across keys.
         in_flight.part_ids = [f"{request.key}#{index}" for index in range(len(prompts))]
         in_flight.parts_left = len(prompts)
+        in_flight.sequences = len(prompts) * getattr(params, "n", 1)
         return prompts, params, in_flight
 
     def _chat_prompt(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +322,9 @@ class VllmEngine:
             raise InvalidRequest("'seed' must fit in a signed 64-bit integer", "seed")
         if max_tokens is None:
             max_tokens = self._sampling_defaults.get("max_tokens")
+        if max_tokens is not None and max_tokens > self._context:
+            raise InvalidRequest(f"'max_tokens' is {max_tokens}; the model's context holds {self._context} tokens, "
+                                 "prompt included", "max_tokens")
         stop = body.get("stop")
         if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(item, str) for item in stop)
@@ -367,6 +375,7 @@ class VllmEngine:
 
     def _forget(self, in_flight: _InFlight) -> None:
         del self._in_flight[in_flight.key]
+        self._sequences -= in_flight.sequences
         for part_id in in_flight.part_ids:
             self._request_of_part.pop(part_id, None)
 

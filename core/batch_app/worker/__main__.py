@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpus
     spec = engine_spec(slot, settings)
 
-    db = open_database(database_url(settings), pool_size=4)  # engine loop, writer, heartbeat, wake-ups
+    # The engine loop, the result writer, the heartbeat, housekeeping and the wake-up listener.
+    db = open_database(database_url(settings), pool_size=5)
     worker_id = args.worker_id or str(uuid.uuid4())
 
     def register() -> None:
