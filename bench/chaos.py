@@ -1,12 +1,13 @@
 """A chaos run anyone can repeat: a stack with two real vLLM chat workers runs one large batch
 while its workers are SIGKILLed (each time the whole process group, EngineCore included) at
-random moments and its PostgreSQL is stopped twice for 10 to 30 s. At the end it prints what a
+random moments and its PostgreSQL is stopped twice for 10 to 30 s, all drawn uniformly over the
+first `--spread` seconds of the batch (which runs longer than that). At the end it prints what a
 user and an operator care about:
 
     kills, outages, restarts charged, requests lost, requests duplicated, error lines, wall time
 
-    .venv/bin/python bench/chaos.py [--requests 5000] [--kills 20] [--outages 2] [--seed N]
-                                    [--max-attempts 3]
+    .venv/bin/python bench/chaos.py [--requests 5000] [--kills 20] [--outages 2] [--spread 420]
+                                    [--seed N] [--max-attempts 3]
 
 Target: 0 lost, 0 duplicated, 0 error lines, and every restart charged to a kill (none to an
 outage). HEARTBEAT_TIMEOUT is 10 s here, so each outage outlasts it: the run shows that an outage
@@ -66,12 +67,10 @@ def database(data_dir: Path, action: str) -> None:
                    capture_output=True, timeout=120)
 
 
-def chaos_plan(rng: random.Random, kills: int, outages: int) -> list[str]:
-    """The order of events: kills with the outages at random places among them."""
-    plan = ["kill"] * kills
-    for _ in range(outages):
-        plan.insert(rng.randrange(1, len(plan)), "outage")
-    return plan
+def chaos_plan(rng: random.Random, kills: int, outages: int, spread: float) -> list[tuple[float, str]]:
+    """(seconds after the batch was created, event), uniformly over `spread` seconds, in time order."""
+    return sorted([(rng.uniform(5, spread), "kill") for _ in range(kills)]
+                  + [(rng.uniform(5, spread), "outage") for _ in range(outages)])
 
 
 def kill_a_worker(rng: random.Random, db) -> str | None:
@@ -93,13 +92,15 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--outages", type=int, default=2)
+    parser.add_argument("--spread", type=float, default=420.0, help="seconds over which the events are drawn")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-attempts", type=int, default=3)
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"chaos: {args.requests} chat requests (max_tokens {args.max_tokens}), two vLLM workers, "
-          f"{args.kills} kills, {args.outages} outages of 10-30 s, MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
+          f"{args.kills} kills and {args.outages} outages of 10-30 s over {args.spread:.0f} s, "
+          f"MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         root = Path(tmp)
         data_dir = root / "data"
@@ -121,8 +122,8 @@ def main() -> int:
             batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
             kills, outages = 0, []
-            for event in chaos_plan(rng, args.kills, args.outages):
-                time.sleep(rng.uniform(2, 8))
+            for at, event in chaos_plan(rng, args.kills, args.outages, args.spread):
+                time.sleep(max(0.0, at - (time.monotonic() - started)))  # events that fall due together follow at once
                 if time.monotonic() - started > TIME_LIMIT:
                     break
                 if event == "kill":

@@ -30,8 +30,8 @@ def scratch_database(database: str):
         admin.dispose()
 
 
-def check_constraints(engine) -> dict[str, str]:
-    with engine.connect() as conn:
+def check_constraints(db) -> dict[str, str]:
+    with db.connect() as conn:
         return dict(conn.execute(sa.text(
             "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c'")).all())
 
@@ -39,18 +39,18 @@ def check_constraints(engine) -> dict[str, str]:
 def test_empty_database_to_head_without_drift_and_back(database):
     with scratch_database(database) as url, scratch_database(database) as from_tables:
         migrate(url)
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        assert set(sa.inspect(engine).get_table_names()) == set(metadata.tables) | {"alembic_version"}
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        assert set(sa.inspect(scratch).get_table_names()) == set(metadata.tables) | {"alembic_version"}
         command.check(alembic_config(url))  # raises when the revisions and tables.py disagree
         # alembic's check does not compare CHECK constraints: compare them with tables.py's own.
         reference = sa.create_engine(from_tables, poolclass=sa.pool.NullPool)
         metadata.create_all(reference)
-        assert check_constraints(engine) == check_constraints(reference) != {}
+        assert check_constraints(scratch) == check_constraints(reference) != {}
         reference.dispose()
         migrate(url)  # running again is a no-op
         command.downgrade(alembic_config(url), "base")
-        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
-        engine.dispose()
+        assert set(sa.inspect(scratch).get_table_names()) == {"alembic_version"}
+        scratch.dispose()
 
 
 def _insert_every_status(conn) -> None:
@@ -73,31 +73,31 @@ def _insert_every_status(conn) -> None:
 def test_status_checks_apply_to_a_database_holding_every_status(database):
     with scratch_database(database) as url:
         command.upgrade(alembic_config(url), "0002")
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with scratch.begin() as conn:
             _insert_every_status(conn)
         migrate(url)
-        with engine.connect() as conn:
+        with scratch.connect() as conn:
             counts = conn.execute(sa.text("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM "
                                           "batch_requests), (SELECT count(*) FROM workers)")).one()
             assert tuple(counts) == (len(BatchStatus), len(RequestStatus), len(WorkerStatus))
         for table, column_values in (("batches", "status = 'done'"), ("batch_requests", "status = 'done'"),
                                      ("workers", "status = 'asleep'")):
             with pytest.raises(sa.exc.IntegrityError, match=f"{table}_status_known"):
-                with engine.begin() as conn:
+                with scratch.begin() as conn:
                     conn.execute(sa.text(f"UPDATE {table} SET {column_values}"))
         command.downgrade(alembic_config(url), "0002")
-        with engine.begin() as conn:  # and off again
+        with scratch.begin() as conn:  # and off again
             conn.execute(sa.text("UPDATE workers SET status = 'asleep'"))
-        engine.dispose()
+        scratch.dispose()
 
 
 def test_progress_counts_are_carried_over_from_stored_results(database):
     with scratch_database(database) as url:
         command.upgrade(alembic_config(url), "0003")
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
         worker = str(uuid.uuid4())
-        with engine.begin() as conn:
+        with scratch.begin() as conn:
             conn.execute(sa.text("""
                 INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
                 VALUES ('batch_old', 'p', '/v1/chat/completions', 'file-x', '24h', 'in_progress')"""))
@@ -109,8 +109,8 @@ def test_progress_counts_are_carried_over_from_stored_results(database):
                     VALUES ('batch_old', :line, :line, 'm', '{}', :status, :worker, :tokens, 2 * :tokens)"""),
                     {"line": line, "status": status, "worker": worker if tokens else None, "tokens": tokens})
         migrate(url)
-        with engine.connect() as conn:
+        with scratch.connect() as conn:
             row = conn.execute(sa.text("SELECT * FROM batch_progress")).one()
         assert (row.batch_id, str(row.worker_id), row.completed, row.failed, row.input_tokens, row.output_tokens) == \
             ("batch_old", worker, 2, 1, 12, 24)
-        engine.dispose()
+        scratch.dispose()
