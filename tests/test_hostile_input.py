@@ -191,3 +191,17 @@ def test_a_nul_byte_in_a_batch_field_is_a_400(api, project_client, live_model):
                             headers={"Authorization": f"Bearer {API_KEY}"})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == next(iter(fields)), answer.text
     assert_healthy(api)
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data; boundary=9cc6", b"--9cc6\r\nFalse--9cc6--\r\n"),  # found by schemathesis
+    ("multipart/form-data; boundary=9cc6", b"--9cc6\r\nContent-Disposition: form-data; name=\"file\"; "
+                                           b"filename=\"a.jsonl\"\r\n\r\n{}"),  # ends before its body does
+    ("application/json", b'{"purpose": "batch"}'),
+    ("multipart/form-data", b"no boundary at all"),
+])
+def test_a_malformed_upload_is_a_400(api, content_type, body):
+    answer = httpx.post(f"{api.base_url}/v1/files", content=body, timeout=10,
+                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] in ("file", "purpose"), answer.text
+    assert_healthy(api)

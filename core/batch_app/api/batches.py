@@ -17,7 +17,7 @@ from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT
 from ..domain.statuses import BatchStatus
 from .batch_endings import RECHECK
 from .deps import DB, AppSettings, Project
-from .errors import APIError
+from .errors import APIError, documented
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -42,7 +42,13 @@ class BatchCreate(BaseModel):
         return value
 
 
-@router.post("")
+# Where a new batch's id is used next, for OpenAPI clients (and schemathesis' stateful phase).
+_BATCH_LINKS = {200: {"description": "The new batch", "links": {
+    operation: {"operationId": operation, "parameters": {"batch_id": "$response.body#/id"}}
+    for operation in ("retrieveBatch", "cancelBatch")}}}
+
+
+@router.post("", responses={**_BATCH_LINKS, **documented(400, 401, 404, 503)}, operation_id="createBatch")
 def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Project) -> dict:
     batch_id = batches.create_batch(
         db, settings, project=project, input_file_id=body.input_file_id, endpoint=body.endpoint,
@@ -51,14 +57,14 @@ def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Proj
         return batches.get_batch(conn, project, batch_id)
 
 
-@router.get("")
+@router.get("", responses=documented(400, 401, 503), operation_id="listBatches")
 def list_batches(db: DB, project: Project, after: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     with db.connect() as conn:
         return batches.list_batches(conn, project, after, limit)
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", responses=documented(400, 401, 404, 503), operation_id="retrieveBatch")
 async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Request,
                          wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> dict:
     """`wait` (not in OpenAI's API; the SDK sends it with `extra_query`) holds the answer up to
@@ -83,7 +89,7 @@ def _read_batch(db: Database, project: str, batch_id: str) -> dict:
         return batches.get_batch(conn, project, batch_id)
 
 
-@router.post("/{batch_id}/cancel")
+@router.post("/{batch_id}/cancel", responses=documented(400, 401, 404, 409, 503), operation_id="cancelBatch")
 def cancel_batch(batch_id: str, db: DB, project: Project) -> dict:
     with db.connect() as conn:
         status = batches.get_batch(conn, project, batch_id)["status"]

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..domain.errors import Conflict, DomainError, InvalidRequest, NoLiveWorker, NotFound, TooLarge
@@ -25,6 +26,35 @@ _TYPES = {
     413: "invalid_request_error",
     503: "service_unavailable_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the only shape an error leaves this API in."""
+
+    error: ErrorDetail
+
+
+_MEANINGS = {
+    400: "Invalid request: the message names the parameter (`param`)",
+    401: "Missing or incorrect API key",
+    404: "No such object in the caller's project, or no such URL",
+    409: "The object's state does not allow this",
+    413: "The upload is larger than MAX_FILE_BYTES",
+    503: "The database is unreachable, or no live worker serves the model",
+}
+
+
+def documented(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for a route: these statuses, each with the error body's schema. Every
+    route that reads the database can answer 503, and every one behind a key 401 and 400."""
+    return {status: {"model": ErrorResponse, "description": _MEANINGS[status]} for status in statuses}
 
 
 class APIError(Exception):

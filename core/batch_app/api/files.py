@@ -13,6 +13,7 @@ from sqlalchemy import text
 from ..domain.errors import InvalidRequest, NotFound, TooLarge
 from ..domain.storage import FileWriter, delete_file, iter_chunks
 from .deps import DB, AppSettings, Project
+from .errors import documented
 from .uploads import MultipartUpload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -36,7 +37,21 @@ def _get_file_row(conn, project: str, file_id: str):
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
-@router.post("")
+# The upload is parsed by hand (uploads.py), so its form is described here for OpenAPI clients.
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+}}}}}
+
+
+# Where a new file's id is used next, for OpenAPI clients (and schemathesis' stateful phase).
+_FILE_LINKS = {200: {"description": "The new file", "links": {
+    operation: {"operationId": operation, "parameters": {"file_id": "$response.body#/id"}}
+    for operation in ("retrieveFile", "downloadFile", "deleteFile")}}}
+
+
+@router.post("", responses={**_FILE_LINKS, **documented(400, 401, 413, 503)}, openapi_extra=_UPLOAD_FORM,
+             operation_id="createFile")
 def upload_file(request: Request, db: DB, settings: AppSettings, project: Project) -> dict:
     """Multipart fields `file` (a .jsonl file) and `purpose` ("batch"), read only once the key is
     known good, and written to the database as they arrive (see uploads.py)."""
@@ -67,7 +82,7 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
     return file_object(row)
 
 
-@router.get("")
+@router.get("", responses=documented(400, 401, 503), operation_id="listFiles")
 def list_files(db: DB, project: Project, purpose: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
                order: Literal["asc", "desc"] = "desc") -> dict:
@@ -85,13 +100,15 @@ def list_files(db: DB, project: Project, purpose: str | None = None,
             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", responses=documented(400, 401, 404, 503), operation_id="retrieveFile")
 def retrieve_file(file_id: str, db: DB, project: Project) -> dict:
     with db.connect() as conn:
         return file_object(_get_file_row(conn, project, file_id))
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", responses={
+    200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "The file's bytes"},
+    **documented(400, 401, 404, 503)}, response_class=StreamingResponse, operation_id="downloadFile")
 def download_file(file_id: str, db: DB, project: Project) -> StreamingResponse:
     with db.connect() as conn:
         row = _get_file_row(conn, project, file_id)
@@ -106,7 +123,7 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", responses=documented(400, 401, 404, 503), operation_id="deleteFile")
 def remove_file(file_id: str, db: DB, project: Project) -> dict:
     with db.begin() as conn:
         _get_file_row(conn, project, file_id)

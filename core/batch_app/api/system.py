@@ -9,12 +9,12 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..domain.registry import served_models
 from .deps import DB, AppSettings, Project
-from .errors import error_response
+from .errors import documented, error_response
 
 router = APIRouter()
 
 
-@router.get("/v1/models", tags=["models"])
+@router.get("/v1/models", tags=["models"], responses=documented(400, 401, 503))
 def list_models(db: DB, settings: AppSettings, project: Project) -> dict:
     with db.connect() as conn:
         return {"object": "list", "data": served_models(conn, settings.heartbeat_timeout)}
@@ -28,7 +28,7 @@ async def health(request: Request) -> dict:
             "database": request.app.state.database_probe.state}
 
 
-@router.get("/ready", tags=["system"])
+@router.get("/ready", tags=["system"], responses=documented(503))
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the database answers now."""
     state = await run_in_threadpool(request.app.state.database_probe.check)

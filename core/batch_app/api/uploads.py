@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio.from_thread
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -54,9 +55,13 @@ class MultipartUpload:
 
     def read(self) -> None:
         """Read the whole body (from a worker thread: the body arrives on the event loop)."""
-        for chunk in self._chunks():
-            self._parser.write(chunk)
-        self._parser.finalize()
+        try:
+            for chunk in self._chunks():
+                self._parser.write(chunk)
+            self._parser.finalize()
+        except FormParserError as exc:
+            raise InvalidRequest(f"The upload is not well-formed multipart/form-data: {exc}", param="file",
+                                 code="invalid_request") from exc
 
     def _chunks(self) -> Iterator[bytes]:
         stream = self._request.stream()
