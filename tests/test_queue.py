@@ -272,3 +272,22 @@ def test_a_result_holding_nan_becomes_an_error_line_of_valid_json(client, db, ow
     [line] = [json.loads(text, **strict) for text in client.files.content(done.error_file_id).text.splitlines()]
     assert line["custom_id"] == "nan" and line["response"]["status_code"] == 500
     assert line["response"]["body"]["error"]["code"] == "result_not_json"
+
+
+def test_a_high_priority_flood_from_one_project_does_not_stop_another_projects_batch(
+        client, project_client, db, own_model):
+    low = submit(client, [request_line(f"low{i}", own_model) for i in range(5)])
+    flood = [submit(client, [request_line(f"f{b}-{i}", own_model) for i in range(100)], extra_body={"priority": 100})
+             for b in range(3)]
+    other = submit(project_client, [request_line(f"o{i}", own_model) for i in range(10)])  # priority 0
+    worker = new_worker(db, own_model)
+    claims = [claim(db, worker, own_model, 8) for _ in range(3)]
+    # Each claim shares itself between the two projects with queued work, whatever the priorities.
+    assert [sum(r.batch_id == other.id for r in taken) for taken in claims] == [4, 4, 2]
+    assert [len(taken) for taken in claims] == [8, 8, 8]  # the flood takes what the other leaves
+    flooding = [r for taken in claims for r in taken if r.batch_id != other.id]
+    # Within a project, priority then age: the flood's first batch before its low-priority one.
+    assert [r.custom_id for r in flooding] == [f"f0-{i}" for i in range(14)]
+    for batch in (low, *flood):
+        client.batches.cancel(batch.id)
+    project_client.batches.cancel(other.id)

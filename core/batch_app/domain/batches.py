@@ -84,7 +84,7 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         # The file is read on this transaction's own connection: a create holds one connection, never
         # one while waiting for a second (which, under many creates at once, would drain the pool).
         result = ingest_lines(conn, iter_lines(read_chunks(conn, input_file_id), settings.max_line_bytes),
-                              batch_id=batch_id, endpoint=endpoint, priority=priority,
+                              batch_id=batch_id, project=project, endpoint=endpoint, priority=priority,
                               limits=IngestLimits(settings.max_file_lines, settings.max_line_bytes,
                                                   settings.max_choices, settings.max_inputs))
         errors = result.errors or _model_errors(conn, settings, result.model, result.model_line)

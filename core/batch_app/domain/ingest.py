@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from .batch_format import CHAT_TEMPLATE_KWARGS, ENDPOINTS, INPUT_FIELDS, MAX_REPORTED_ERRORS, LineError
 from .storage import Line
 
-_COPY_SQL = "COPY batch_requests (batch_id, line, custom_id, model, priority, body) FROM STDIN"
+_COPY_SQL = "COPY batch_requests (batch_id, project, line, custom_id, model, priority, body) FROM STDIN"
 # Rows a COPY takes at a time: the file's next chunk is read, on the same connection, between two.
 _COPY_GROUP = 5_000
 # A JSON escape of half a surrogate pair: json.loads takes a lone one, which no UTF-8 can store.
@@ -39,8 +39,8 @@ class IngestLimits:
     max_inputs: int  # items of a list-valued `prompt` or `input`
 
 
-def ingest_lines(conn: Connection, lines: Iterable[Line], *, batch_id: str, endpoint: str, priority: int,
-                 limits: IngestLimits) -> IngestResult:
+def ingest_lines(conn: Connection, lines: Iterable[Line], *, batch_id: str, project: str, endpoint: str,
+                 priority: int, limits: IngestLimits) -> IngestResult:
     """Parse lines, COPYing good ones until the first error."""
     result = IngestResult()
     first_line_of: dict[str, int] = {}
@@ -63,7 +63,7 @@ def ingest_lines(conn: Connection, lines: Iterable[Line], *, batch_id: str, endp
             continue
         result.total += 1
         if not result.errors:
-            rows.append((batch_id, number, request["custom_id"], request["body"]["model"], priority,
+            rows.append((batch_id, project, number, request["custom_id"], request["body"]["model"], priority,
                          json.dumps(request["body"], ensure_ascii=False)))
             if len(rows) >= _COPY_GROUP:
                 _copy(conn, rows)

@@ -69,7 +69,7 @@ class Completion:
 # crashes workers is caught alone while its neighbours are never failed for its crashes. Before
 # their last attempt, crash survivors run in ordinary groups, so one crash does not slow a
 # whole batch down to one request at a time.
-_PICK = f"""
+_PICK_SUSPECT = f"""
     SELECT id FROM batch_requests
     WHERE status = '{_QUEUED}' AND model = :model AND {{attempts}}
     ORDER BY priority DESC, id
@@ -77,18 +77,45 @@ _PICK = f"""
     FOR UPDATE SKIP LOCKED
 """
 
+# Workers are shared fairly between projects: priority orders a project's own batches, and a
+# claim takes from every project with queued work in turn (round-robin by rank). `waiting` finds
+# those projects with one index probe each (a loose scan of the claimable index); each then
+# offers up to twice its fair share, so that a project with little work leaves the rest to the
+# others, and the claim keeps the first `limit` by rank.
+def _ordinary(q: str) -> str:
+    """Rows of `q` queued for the model and before their last attempt (those are suspects)."""
+    return f"{q}.status = '{_QUEUED}' AND {q}.model = :model AND {q}.attempt < :last_attempt - 1"
+
+
+_PICK_FAIRLY = f"""
+waiting(project) AS (
+    (SELECT q.project FROM batch_requests q WHERE {_ordinary('q')} ORDER BY q.project LIMIT 1)
+    UNION ALL
+    SELECT (SELECT q.project FROM batch_requests q WHERE {_ordinary('q')} AND q.project > w.project
+            ORDER BY q.project LIMIT 1)
+    FROM waiting w WHERE w.project IS NOT NULL),
+offered AS (
+    SELECT mine.id, w.project, row_number() OVER (PARTITION BY w.project ORDER BY mine.priority DESC, mine.id) AS rank
+    FROM (SELECT project, least(:limit, ceil(2.0 * :limit / count(*) OVER ())) AS share
+          FROM waiting WHERE project IS NOT NULL) w
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.priority FROM batch_requests q
+        WHERE {_ordinary('q')} AND q.project = w.project
+        ORDER BY q.priority DESC, q.id LIMIT w.share FOR UPDATE SKIP LOCKED) mine),
+picked AS (SELECT id FROM offered ORDER BY rank, project LIMIT :limit)"""
+
 _TAKE = f"""
 UPDATE batch_requests r
 SET status = '{_RUNNING}', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
 FROM picked, batches b
 WHERE r.id = picked.id AND b.id = r.batch_id
-RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority
+RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority, r.project
 """
 
 # `attempt > 0` spelled out lets the suspects' partial index serve the suspect statements.
 _SUSPECT = "attempt > 0 AND attempt >= :last_attempt - 1"
-_CLAIM_ORDINARY = text(f"WITH picked AS ({_PICK.format(attempts='attempt < :last_attempt - 1')}) {_TAKE}")
-_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK.format(attempts=_SUSPECT)}) {_TAKE}")
+_CLAIM_ORDINARY = text(f"WITH RECURSIVE {_PICK_FAIRLY} {_TAKE}")
+_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK_SUSPECT.format(attempts=_SUSPECT)}) {_TAKE}")
 _SUSPECTS_WAITING = text(f"""
 SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
 """)

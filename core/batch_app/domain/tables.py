@@ -111,6 +111,7 @@ batch_requests = Table(
     Column("line", Integer, nullable=False),
     Column("custom_id", Text, nullable=False),
     Column("model", Text, nullable=False),
+    Column("project", Text, nullable=False),  # the batch's: claims take from each project in turn
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("body", JSONB, nullable=False),
     Column("status", Text, nullable=False, server_default=RequestStatus.QUEUED.value),
@@ -128,10 +129,12 @@ batch_requests = Table(
     _optional_time("finished_at"),
     Index("batch_requests_batch_line", "batch_id", "line", unique=True),
     Index("batch_requests_batch_status", "batch_id", "status"),
-    # The claim scans only queued rows, in priority then age order, per model.
+    # The claim scans only queued rows: which projects wait for a model, and each one's in priority
+    # then age order.
     Index(
         "batch_requests_claimable",
         "model",
+        "project",
         text("priority DESC"),
         "id",
         postgresql_where=text(f"status = '{RequestStatus.QUEUED}'"),
