@@ -57,3 +57,14 @@ def test_metric_labels_never_carry_ids(api, client, live_model):
         for name, value in labels:
             assert name in ("model", "status", "kind", "slot", "le")
             assert not value.startswith(("batch_", "file-", "/"))
+
+
+def test_metrics_count_the_unfinished_part_of_a_cancelled_batch(api, client, db, own_model):
+    batch = submit(client, [request_line(f"c{i}", own_model) for i in range(3)])
+    worker = new_worker(db, own_model)
+    complete(db, worker, [answer(claim(db, worker, own_model, 1)[0])])
+    client.batches.cancel(batch.id)
+    after = scrape(api)
+    assert after[("batch_requests", (("model", own_model), ("status", "cancelled")))] == 2
+    assert after[("batch_requests", (("model", own_model), ("status", "succeeded")))] == 1
+    assert ("batch_requests", (("model", own_model), ("status", "queued"))) not in after

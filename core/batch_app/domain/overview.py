@@ -6,7 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .registry import RESET_REASON, restarts_in_last_hour_sql
-from .statuses import RequestStatus
+from .statuses import UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
 
 # The newest process of every slot, with what an operator asks first: alive? how long since its
 # last beat? how far has it got? how often, and why last, has it been restarted lately?
@@ -50,11 +50,33 @@ def restart_history(conn: Connection, limit: int = 20) -> list:
 
 # --- Counts for /metrics. Label values come from bounded sets: statuses, served models, slots. ---
 
-_REQUESTS_BY_STATUS = text("SELECT model, status, count(*) AS n FROM batch_requests GROUP BY model, status")
+# Requests by status without reading finished request rows: those still queued or running are
+# counted (live work), the finished from each batch's progress, and what a cancelled or expired
+# batch did not finish from its total.
+_REQUESTS_BY_STATUS = text(f"""
+SELECT model, status, count(*) AS n FROM batch_requests
+WHERE status IN ({sql_list(UNFINISHED_REQUEST_STATUSES)}) GROUP BY model, status
+UNION ALL
+SELECT b.model, s.status, sum(s.n) AS n
+FROM batches b
+JOIN (SELECT batch_id, sum(completed) AS completed, sum(failed) AS failed FROM batch_progress GROUP BY batch_id) p
+  ON p.batch_id = b.id
+CROSS JOIN LATERAL (VALUES ('{RequestStatus.SUCCEEDED}', p.completed), ('{RequestStatus.FAILED}', p.failed)) s(status, n)
+GROUP BY b.model, s.status HAVING sum(s.n) > 0
+UNION ALL
+SELECT b.model, CASE b.status WHEN '{BatchStatus.CANCELLED}' THEN '{RequestStatus.CANCELLED}'
+                ELSE '{RequestStatus.EXPIRED}' END AS status,
+       sum(b.total - coalesce(p.done, 0)) AS n
+FROM batches b
+LEFT JOIN (SELECT batch_id, sum(completed + failed) AS done FROM batch_progress GROUP BY batch_id) p
+  ON p.batch_id = b.id
+WHERE b.status IN ('{BatchStatus.CANCELLED}', '{BatchStatus.EXPIRED}')
+GROUP BY 1, 2 HAVING sum(b.total - coalesce(p.done, 0)) > 0
+""")
 _BATCHES_BY_STATUS = text("SELECT status, count(*) AS n FROM batches GROUP BY status")
-_TOKENS = text(f"""
-SELECT model, coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion
-FROM batch_requests WHERE status IN ('{RequestStatus.SUCCEEDED}', '{RequestStatus.FAILED}') GROUP BY model
+_TOKENS = text("""
+SELECT b.model, sum(p.input_tokens) AS prompt, sum(p.output_tokens) AS completion
+FROM batch_progress p JOIN batches b ON b.id = p.batch_id GROUP BY b.model
 """)
 _RESTARTS_BY_SLOT = text(f"SELECT slot, count(*) AS n FROM worker_restarts WHERE reason <> '{RESET_REASON}' "
                          "GROUP BY slot")

@@ -1,0 +1,222 @@
+"""How fast the API answers while the machine works: N concurrent clients (default 32) call it for
+30 s, once idle and once while a real vLLM worker runs a 3,000-request batch, and in the same run
+a minimal FastAPI app answering one primary-key SELECT on the same PostgreSQL is measured by the
+same load generator, as the ceiling. Then 40 batches are created at once.
+
+    .venv/bin/python bench/api_load.py [--clients 32] [--seconds 30]
+
+Prints requests/s and p50/p99 latency per call: /health, retrieve, list, and upload + create (a
+file of 5 lines, then a batch). On 2 cores the load generator competes with what it measures,
+which is why the minimal app is measured by it too, and ratios are printed. Targets while a
+batch runs: /health p99 under 100 ms, retrieve and list p99 under 300 ms; 40 concurrent creates
+all accepted with no 5xx; idle, retrieve at least half the minimal app's requests/s. All traffic
+goes to 127.0.0.1; every loop stops after `--seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.batch_app.config import Settings  # noqa: E402
+from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
+
+API_KEY = "sk-bench"
+MODEL = "demo-tiny-llama"
+
+# The ceiling: one route, one primary-key SELECT on a pooled connection, nothing else.
+MINIMAL_APP = """
+import sys
+import sqlalchemy as sa
+import uvicorn
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+db = sa.create_engine(sys.argv[1], pool_size=10, max_overflow=10)
+app = FastAPI()
+
+def read(batch_id):
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT id, status FROM batches WHERE id = :id"), {"id": batch_id}).one()._asdict()
+
+@app.get("/v1/batches/{batch_id}")
+async def retrieve(batch_id: str):
+    return await run_in_threadpool(read, batch_id)
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def lines(count: int, max_tokens: int, prefix: str) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": MODEL, "max_tokens": max_tokens,
+                                         "messages": [{"role": "user", "content": f"Tell me about {i}."}]}}).encode()
+                    + b"\n" for i in range(count))
+
+
+class Calls:
+    """The calls a client makes, in turn, against one base URL."""
+
+    def __init__(self, client: httpx.AsyncClient, base: str, batch_id: str, full: bool):
+        self.client, self.base, self.batch_id, self.full = client, base, batch_id, full
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def names(self) -> list[str]:
+        return ["health", "retrieve", "list", "upload + create"] if self.full else ["retrieve"]
+
+    async def call(self, name: str) -> int:
+        if name == "health":
+            return (await self.client.get(f"{self.base}/health")).status_code
+        if name == "retrieve":
+            return (await self.client.get(f"{self.base}/v1/batches/{self.batch_id}", headers=self.headers)).status_code
+        if name == "list":
+            return (await self.client.get(f"{self.base}/v1/batches?limit=20", headers=self.headers)).status_code
+        return await self.create(lines(5, 4, "load"))
+
+    async def create(self, content: bytes) -> int:
+        uploaded = await self.client.post(f"{self.base}/v1/files", headers=self.headers, data={"purpose": "batch"},
+                                          files={"file": ("load.jsonl", io.BytesIO(content))})
+        if uploaded.status_code != 200:
+            return uploaded.status_code
+        created = await self.client.post(f"{self.base}/v1/batches", headers=self.headers, json={
+            "input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        return created.status_code
+
+
+async def load(calls: Calls, clients: int, seconds: float) -> dict[str, dict]:
+    """`clients` loops, each calling the next kind of call in turn, until `seconds` are over."""
+    latencies: dict[str, list[float]] = {name: [] for name in calls.names()}
+    failures: dict[str, int] = {name: 0 for name in calls.names()}
+    deadline = time.monotonic() + seconds
+
+    async def client_loop(offset: int) -> None:
+        names = calls.names()
+        turn = offset
+        while time.monotonic() < deadline:
+            name = names[turn % len(names)]
+            turn += 1
+            started = time.perf_counter()
+            try:
+                status = await calls.call(name)
+            except httpx.HTTPError:
+                status = 0
+            latencies[name].append(time.perf_counter() - started)
+            failures[name] += status != 200
+
+    started = time.monotonic()
+    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    elapsed = time.monotonic() - started
+    return {name: {"rate": len(values) / elapsed, "p50": _percentile(values, 50), "p99": _percentile(values, 99),
+                   "failed": failures[name], "count": len(values)} for name, values in latencies.items()}
+
+
+def _percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) >= 2 else float("nan")
+
+
+def show(title: str, results: dict[str, dict]) -> None:
+    print(title)
+    for name, r in results.items():
+        print(f"  {name:16} {r['rate']:7.1f} requests/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms"
+              f"  ({r['count']} calls, {r['failed']} not 200)")
+
+
+async def creates_at_once(calls: Calls, count: int) -> list[int]:
+    content = lines(5, 4, "burst")
+    return list(await asyncio.gather(*(calls.create(content) for _ in range(count))))
+
+
+async def measure(base: str, minimal_base: str, batch_id: str, args) -> dict:
+    limits = httpx.Limits(max_connections=args.clients * 2, max_keepalive_connections=args.clients * 2)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        ours, minimal = Calls(client, base, batch_id, full=True), Calls(client, minimal_base, batch_id, full=False)
+        return {"ours": await load(ours, args.clients, args.seconds),
+                "minimal": await load(minimal, args.clients, args.seconds)}
+
+
+async def burst(base: str, batch_id: str, count: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=count)) as client:
+        return await creates_at_once(Calls(client, base, batch_id, full=True), count)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--creates", type=int, default=40)
+    args = parser.parse_args()
+    print(f"{args.clients} clients, {args.seconds:.0f} s a phase, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="api-load-") as tmp:
+        data_dir = Path(tmp) / "data"
+        settings = Settings(data_dir=data_dir, database_url="")
+        url = database_url(settings)
+        migrate(url)
+        db = open_database(url, pool_size=1)
+        api = start_api(url, data_dir, "api", API_KEY=API_KEY)
+        watchdog = start_watchdog(url, data_dir, "watchdog", [{"slot": "chat-0", "model": "demo"}], API_KEY=API_KEY)
+        port = free_port()
+        minimal_app = subprocess.Popen([sys.executable, "-c", MINIMAL_APP, url, str(port)])
+        try:
+            wait_for(lambda: live_worker(db, "chat-0"), 600, interval=0.5, message="worker loaded")
+            client = api.client(API_KEY)
+            probe = client.batches.create(input_file_id=client.files.create(
+                file=("probe.jsonl", lines(1, 4, "probe")), purpose="batch").id,
+                endpoint="/v1/chat/completions", completion_window="24h")
+            wait_for(lambda: client.batches.retrieve(probe.id).status == "completed", 120, message="probe batch")
+            minimal_base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _answers(f"{minimal_base}/v1/batches/{probe.id}"), 60, message="minimal app")
+
+            idle = asyncio.run(measure(api.base_url, minimal_base, probe.id, args))
+            show("idle: ours", idle["ours"])
+            show("idle: minimal app (one primary-key SELECT)", idle["minimal"])
+            print(f"  idle retrieve, ours / minimal: {idle['ours']['retrieve']['rate'] / idle['minimal']['retrieve']['rate']:.2f}")
+
+            running = client.batches.create(input_file_id=client.files.create(
+                file=("running.jsonl", lines(3000, 256, "run")), purpose="batch").id,
+                endpoint="/v1/chat/completions", completion_window="24h")
+            wait_for(lambda: client.batches.retrieve(running.id).request_counts.completed > 0, 120,
+                     message="the batch running")
+            busy = asyncio.run(measure(api.base_url, minimal_base, probe.id, args))
+            show("while a 3,000-request batch runs: ours", busy["ours"])
+            show("while a 3,000-request batch runs: minimal app", busy["minimal"])
+            statuses = asyncio.run(burst(api.base_url, probe.id, args.creates))
+            print(f"{args.creates} creates at once while the batch runs: "
+                  f"{sum(s == 200 for s in statuses)} accepted, {sum(s >= 500 for s in statuses)} 5xx, "
+                  f"others {[s for s in statuses if s != 200 and s < 500]}")
+            still_running = client.batches.retrieve(running.id).status
+            print(f"the batch was {still_running} at the end of the busy phase")
+            client.batches.cancel(running.id)
+        finally:
+            minimal_app.terminate()
+            minimal_app.wait(15)
+            watchdog.stop()
+            api.stop()
+            db.dispose()
+            stop_embedded(settings)
+    return 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
