@@ -7,7 +7,7 @@ user and an operator care about:
     kills, outages, restarts charged, requests lost, requests duplicated, error lines, wall time
 
     .venv/bin/python bench/chaos.py [--requests 5000] [--kills 20] [--outages 2] [--spread 420]
-                                    [--seed N] [--max-attempts 3]
+                                    [--in-flight 32] [--seed N] [--max-attempts 3]
 
 Target: 0 lost, 0 duplicated, 0 error lines, and every restart charged to a kill (none to an
 outage). HEARTBEAT_TIMEOUT is 10 s here, so each outage outlasts it: the run shows that an outage
@@ -45,7 +45,7 @@ from core.batch_app.database import database_url, migrate, open_database, stop_e
 from core.batch_app.domain.batch_format import FINAL_STATUSES  # noqa: E402
 from tests.conftest import live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 
-SLOTS = [{"slot": f"chat-{i}", "model": "demo", "max_in_flight": 128} for i in range(2)]
+SLOT_NAMES = ("chat-0", "chat-1")
 LIVENESS = dict(HEARTBEAT_INTERVAL="2", HEARTBEAT_TIMEOUT="10", MAX_RESTARTS_PER_HOUR="1000",
                 RESTART_BACKOFF_MIN="0.5", RESTART_BACKOFF_MAX="2", API_KEY="")
 # Longest the whole run may take, chaos and the batch's end included.
@@ -73,9 +73,10 @@ def chaos_plan(rng: random.Random, kills: int, outages: int, spread: float) -> l
                   + [(rng.uniform(5, spread), "outage") for _ in range(outages)])
 
 
-def kill_a_worker(rng: random.Random, db) -> str | None:
-    """SIGKILL the process group of a random serving worker; its slot, or None if none serves."""
-    serving = [row for slot in SLOTS if (row := live_worker(db, slot["slot"]))]
+def kill_a_worker(rng: random.Random, db, killed: set[int]) -> str | None:
+    """SIGKILL the process group of a random serving worker; its pid, or None if none serves (one
+    killed already but not yet seen dead by the watchdog does not count)."""
+    serving = [row for slot in SLOT_NAMES if (row := live_worker(db, slot)) and row.pid not in killed]
     if not serving:
         return None
     victim = rng.choice(serving)
@@ -83,6 +84,7 @@ def kill_a_worker(rng: random.Random, db) -> str | None:
         os.killpg(victim.pid, signal.SIGKILL)  # the worker leads its own group: EngineCore goes too
     except ProcessLookupError:
         return None
+    killed.add(victim.pid)
     return f"{victim.pid}"
 
 
@@ -95,12 +97,13 @@ def main() -> int:
     parser.add_argument("--spread", type=float, default=420.0, help="seconds over which the events are drawn")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=32, help="requests each worker keeps in its engine")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"chaos: {args.requests} chat requests (max_tokens {args.max_tokens}), two vLLM workers, "
-          f"{args.kills} kills and {args.outages} outages of 10-30 s over {args.spread:.0f} s, "
-          f"MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
+          f"{args.in_flight} in flight each, {args.kills} kills and {args.outages} outages of 10-30 s over "
+          f"{args.spread:.0f} s, MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         root = Path(tmp)
         data_dir = root / "data"
@@ -109,10 +112,11 @@ def main() -> int:
         migrate(url)
         db = open_database(url, pool_size=2)
         api = start_api(url, data_dir, "api", API_KEY="")
-        watchdog = start_watchdog(url, data_dir, "watchdog", SLOTS, MAX_ATTEMPTS=str(args.max_attempts), **LIVENESS)
+        slots = [{"slot": name, "model": "demo", "max_in_flight": args.in_flight} for name in SLOT_NAMES]
+        watchdog = start_watchdog(url, data_dir, "watchdog", slots, MAX_ATTEMPTS=str(args.max_attempts), **LIVENESS)
         try:
-            for slot in SLOTS:
-                wait_for(lambda: live_worker(db, slot["slot"]), 600, interval=1, message=f"{slot['slot']} loaded")
+            for name in SLOT_NAMES:
+                wait_for(lambda: live_worker(db, name), 600, interval=1, message=f"{name} loaded")
             client = api.client().with_options(max_retries=5)
             requests = root / "requests.jsonl"
             write_requests(requests, args.requests, args.max_tokens)
@@ -121,13 +125,14 @@ def main() -> int:
                 file = client.files.create(file=("chaos.jsonl", source), purpose="batch")
             batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
-            kills, outages = 0, []
+            kills, outages, killed = 0, [], set()
             for at, event in chaos_plan(rng, args.kills, args.outages, args.spread):
                 time.sleep(max(0.0, at - (time.monotonic() - started)))  # events that fall due together follow at once
                 if time.monotonic() - started > TIME_LIMIT:
                     break
                 if event == "kill":
-                    victim = wait_for(lambda: kill_a_worker(rng, db), 600, interval=0.5, message="a serving worker")
+                    victim = wait_for(lambda: kill_a_worker(rng, db, killed), 600, interval=0.5,
+                                      message="a serving worker")
                     kills += 1
                     print(f"  {time.monotonic() - started:6.1f} s: kill {kills} (pid {victim})", flush=True)
                 else:
