@@ -205,3 +205,12 @@ def test_a_malformed_upload_is_a_400(api, content_type, body):
                         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type})
     assert answer.status_code == 400 and answer.json()["error"]["param"] in ("file", "purpose"), answer.text
     assert_healthy(api)
+
+
+def test_an_upload_of_endless_small_fields_is_refused(api):
+    fields = b"".join(b"--b0undary\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % i for i in range(40))
+    answer = httpx.post(f"{api.base_url}/v1/files", content=fields + b"--b0undary--\r\n", timeout=10,
+                        headers={"Authorization": f"Bearer {API_KEY}",
+                                 "Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert answer.status_code == 400 and "more than 16 form fields" in answer.json()["error"]["message"]
+    assert_healthy(api)

@@ -248,7 +248,7 @@ def test_crash_survivors_before_their_last_attempt_run_in_ordinary_groups(client
         assert [r.attempt for r in claimed] == ([1, 1, 1, 1] if crash == 1 else [2, 2, 2, 2])
         with db.begin() as conn:
             registry.mark_worker_dead(conn, crashed)
-        housekeeping.rescue_now(db, settings)
+        housekeeping.rescue(db, settings)
     worker = new_worker(db, own_model)
     for expected in ("r0", "r1", "r2", "r3"):
         [suspect] = claim(db, worker, own_model, 10, max_attempts=3)
@@ -291,3 +291,13 @@ def test_a_high_priority_flood_from_one_project_does_not_stop_another_projects_b
     for batch in (low, *flood):
         client.batches.cancel(batch.id)
     project_client.batches.cancel(other.id)
+
+
+def test_with_a_single_attempt_fresh_requests_are_claimed_and_a_crash_fails_them(client, db, own_model):
+    batch = submit(client, [request_line(f"r{i}", own_model) for i in range(2)])
+    crashed = new_worker(db, own_model)
+    assert len(claim(db, crashed, own_model, 10, max_attempts=1)) == 2
+    with db.begin() as conn:
+        registry.mark_worker_dead(conn, crashed)
+    finalize.finalize_ready(db, housekeeping.rescue(db, Settings(max_attempts=1)))
+    assert client.batches.retrieve(batch.id).request_counts.failed == 2

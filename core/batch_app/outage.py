@@ -34,6 +34,15 @@ def is_unreachable(exc: BaseException) -> bool:
                             sqlalchemy.exc.TimeoutError, psycopg.OperationalError, psycopg.InterfaceError))
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """A connection that failed or was cut (SQLSTATE classes 08 and 57P, or none: it never got an
+    answer), as opposed to a statement the database could not complete this time (a deadlock, a
+    timeout, a full disk), which is retried too but says nothing of whether anyone can reach it."""
+    cause = getattr(exc, "orig", None) or exc
+    state = getattr(cause, "sqlstate", None)
+    return state is None or state.startswith(("08", "57P"))
+
+
 def describe(exc: BaseException) -> str:
     """`OperationalError: connection ... failed: No such file or directory`: type and first line."""
     cause = getattr(exc, "orig", None) or exc
@@ -58,7 +67,12 @@ class Outage:
         return self._since is None and time.monotonic() - self.ended_at >= seconds
 
     def failed(self, exc: BaseException, doing: str) -> float:
-        """Record a failure to reach the database; returns how long to wait before trying again."""
+        """Record a failure to reach the database; returns how long to wait before trying again.
+        A failed statement on a live connection is logged as such and starts no outage, so it
+        never suspends the judging of heartbeats (`quiet_for`)."""
+        if not _connection_lost(exc):
+            log.warning("the database could not complete a statement while %s (%s); retrying", doing, describe(exc))
+            return FIRST_RETRY
         with self._lock:
             if self._since is None:
                 self._since = time.monotonic()

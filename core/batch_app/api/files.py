@@ -14,7 +14,7 @@ from ..domain.errors import InvalidRequest, NotFound, TooLarge
 from ..domain.storage import FileWriter, delete_file, iter_chunks
 from .deps import DB, AppSettings, Project
 from .errors import documented
-from .uploads import MultipartUpload
+from .uploads import ENVELOPE_BYTES, MultipartUpload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -31,10 +31,6 @@ def _get_file_row(conn, project: str, file_id: str):
     if row is None:
         raise NotFound("file", file_id, "file_id")
     return row
-
-
-# Room for the multipart envelope around the file itself.
-_MULTIPART_OVERHEAD = 64 * 1024
 
 
 # The upload is parsed by hand (uploads.py), so its form is described here for OpenAPI clients.
@@ -56,7 +52,7 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
     """Multipart fields `file` (a .jsonl file) and `purpose` ("batch"), read only once the key is
     known good, and written to the database as they arrive (see uploads.py)."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > settings.max_file_bytes + _MULTIPART_OVERHEAD:
+    if length.isdigit() and int(length) > settings.max_file_bytes + ENVELOPE_BYTES:
         raise TooLarge(f"File exceeds the maximum size of {settings.max_file_bytes} bytes.", param="file",
                        code="file_too_large")
     with db.begin() as conn:
@@ -67,7 +63,7 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
             return FileWriter(conn, project=project, purpose="batch", filename=filename,
                               max_bytes=settings.max_file_bytes)
 
-        upload = MultipartUpload(request, open_writer)
+        upload = MultipartUpload(request, open_writer, settings.max_file_bytes)
         upload.read()
         purpose = upload.fields.get("purpose")
         if purpose != "batch":

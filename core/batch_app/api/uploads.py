@@ -16,11 +16,14 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from ..domain.errors import InvalidRequest
+from ..domain.errors import InvalidRequest, TooLarge
 from ..domain.storage import FileWriter
 
-# Form fields other than the file are small (`purpose`); one that is not is refused.
+# Form fields other than the file are few and small (`purpose`); more or longer ones are refused.
 MAX_FIELD_BYTES = 1024
+MAX_FIELDS = 16
+# Room for the multipart envelope and the small fields around the file itself.
+ENVELOPE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -33,13 +36,14 @@ class _Part:
 class MultipartUpload:
     """Feeds a request body through the parser; the file part into `writer` once it is named."""
 
-    def __init__(self, request: Request, open_writer):
+    def __init__(self, request: Request, open_writer, max_file_bytes: int):
         content_type, options = parse_options_header(request.headers.get("content-type", ""))
         boundary = options.get(b"boundary")
         if content_type != b"multipart/form-data" or not boundary:
             raise InvalidRequest("Upload the file as multipart/form-data with fields 'file' and 'purpose'.",
                                  param="file", code="invalid_request")
         self._request = request
+        self._max_body = max_file_bytes + ENVELOPE_BYTES  # a body without Content-Length is cut off here
         self._open_writer = open_writer  # filename -> FileWriter, called once the file part's name is known
         self.fields: dict[str, str] = {}
         self.writer: FileWriter | None = None
@@ -65,6 +69,7 @@ class MultipartUpload:
 
     def _chunks(self) -> Iterator[bytes]:
         stream = self._request.stream()
+        read = 0
         while True:
             try:
                 chunk = anyio.from_thread.run(_next_or_none, stream)
@@ -73,12 +78,19 @@ class MultipartUpload:
                                      code="incomplete_upload") from exc
             if chunk is None:
                 return
+            read += len(chunk)
+            if read > self._max_body:
+                raise TooLarge(f"The upload exceeds the maximum size of {self._max_body - ENVELOPE_BYTES} bytes.",
+                               param="file", code="file_too_large")
             if chunk:
                 yield chunk
 
     # --- parser callbacks ---
 
     def _part_begin(self) -> None:
+        if len(self.fields) >= MAX_FIELDS:
+            raise InvalidRequest(f"The upload has more than {MAX_FIELDS} form fields.", param="file",
+                                 code="invalid_request")
         self._part, self._headers = _Part(), {}
 
     def _header_field_data(self, data: bytes, start: int, end: int) -> None:

@@ -65,7 +65,8 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
     check_metadata(metadata)
     batch_id = new_id("batch_")
     with db.begin() as conn:
-        purpose = conn.execute(text("SELECT purpose FROM files WHERE id = :id AND project = :project"),
+        # Held until the batch is made: a delete of the file waits rather than cut the ingest short.
+        purpose = conn.execute(text("SELECT purpose FROM files WHERE id = :id AND project = :project FOR KEY SHARE"),
                                {"id": input_file_id, "project": project}).scalar()
         if purpose is None:
             raise NotFound("file", input_file_id, "input_file_id")

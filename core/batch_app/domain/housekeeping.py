@@ -19,8 +19,9 @@ from . import finalize, queue
 log = logging.getLogger(__name__)
 
 
-def rescue_now(db: Database, settings: Settings) -> None:
-    """Hand requests of dead workers back to the queue; finish batches a poison failure completed.
+def rescue(db: Database, settings: Settings) -> list[str]:
+    """Hand requests of dead workers back to the queue; returns the batches a poison failure may
+    have completed (housekeeping finalizes those, off any caller's thread of supervision).
 
     Workers silent for HEARTBEAT_TIMEOUT count as dead, unless this process itself could not
     reach the database during that time: then nobody could have written a heartbeat.
@@ -31,11 +32,11 @@ def rescue_now(db: Database, settings: Settings) -> None:
     if requeued or poisoned_batches:
         log.warning("rescued %d requests of dead workers; poison requests failed in %s",
                     requeued, ", ".join(poisoned_batches) or "no batch")
-    finalize.finalize_ready(db, poisoned_batches)
+    return poisoned_batches
 
 
 def run_once(db: Database, settings: Settings) -> None:
-    rescue_now(db, settings)
+    finalize.finalize_ready(db, rescue(db, settings))
     for batch_id in finalize.expire_due(db):
         log.warning("batch %s expired: its completion window ended", batch_id)
     with db.connect() as conn:

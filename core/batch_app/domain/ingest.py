@@ -19,6 +19,8 @@ from .storage import Line
 _COPY_SQL = "COPY batch_requests (batch_id, project, line, custom_id, model, priority, body) FROM STDIN"
 # Rows a COPY takes at a time: the file's next chunk is read, on the same connection, between two.
 _COPY_GROUP = 5_000
+# `\u0000` as an escape (an odd number of backslashes before it), not an escaped backslash and text.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # A JSON escape of half a surrogate pair: json.loads takes a lone one, which no UTF-8 can store.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -95,7 +97,7 @@ def _parse_line(line: Line, endpoint: str, limits: IngestLimits) -> tuple[dict |
     except UnicodeDecodeError as exc:
         return None, LineError("invalid_json_line",
                                f"Line {number} is not valid UTF-8 (byte {exc.start}).", number)
-    if "\\u0000" in text:
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         return None, LineError("invalid_json_line",
                                f"Line {number} contains \\u0000 (a NUL character), which cannot be stored.", number)
     if not text.strip():

@@ -9,7 +9,8 @@ can group several steps atomically. The invariants they keep:
 - a batch reaches a final status only through `end_batch`, from the statuses that may lead there.
 
 Lock order, so that no two of these can deadlock: a batch row before any of its requests, and
-requests in id order. Cancel and expiry lock the batch, then its unfinished requests; every
+requests in id order. Batch rows are locked FOR NO KEY UPDATE, which the foreign-key checks of
+rows written after their requests (batch_progress) do not wait for. Cancel and expiry lock the batch, then its unfinished requests; every
 statement that changes several requests locks them `ORDER BY id` first. A claim is the one
 that takes a batch row after requests, and it never waits for one: it marks a batch
 `in_progress` only when nobody holds its row (`_MARK_IN_PROGRESS`), as it takes requests with
@@ -84,7 +85,7 @@ _PICK_SUSPECT = f"""
 # others, and the claim keeps the first `limit` by rank.
 def _ordinary(q: str) -> str:
     """Rows of `q` queued for the model and before their last attempt (those are suspects)."""
-    return f"{q}.status = '{_QUEUED}' AND {q}.model = :model AND {q}.attempt < :last_attempt - 1"
+    return f"{q}.status = '{_QUEUED}' AND {q}.model = :model AND {q}.attempt < greatest(:last_attempt - 1, 1)"
 
 
 _PICK_FAIRLY = f"""
@@ -125,7 +126,7 @@ SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model
 _MARK_IN_PROGRESS = text(f"""
 UPDATE batches SET status = '{BatchStatus.IN_PROGRESS}', in_progress_at = now()
 WHERE id IN (SELECT id FROM batches WHERE id = ANY(:batch_ids) AND status = '{BatchStatus.VALIDATING}'
-             FOR UPDATE SKIP LOCKED)
+             FOR NO KEY UPDATE SKIP LOCKED)
 """)
 
 
@@ -334,7 +335,7 @@ def _notify(conn: Connection, channel: str, batch_id: str) -> None:
 
 _START_FINALIZING = text(f"""
 UPDATE batches b SET status = '{BatchStatus.FINALIZING}', finalizing_at = now()
-WHERE b.id = ANY(:batch_ids) AND b.status = '{BatchStatus.IN_PROGRESS}'
+WHERE b.id = ANY(:batch_ids) AND b.status IN ({sql_list(ACTIVE_BATCH_STATUSES)}) AND b.total > 0
   AND NOT EXISTS (SELECT 1 FROM batch_requests r
                   WHERE r.batch_id = b.id AND r.status IN ({_UNFINISHED}))
 RETURNING b.id
@@ -354,7 +355,7 @@ def start_finalizing(conn: Connection, batch_ids: list[str]) -> list[str]:
 _LOCK_FOR_FILES = text(f"""
 SELECT id, status FROM batches
 WHERE id = :batch_id AND status IN ('{BatchStatus.FINALIZING}', '{BatchStatus.CANCELLING}')
-FOR UPDATE
+FOR NO KEY UPDATE
 """)
 
 _FINAL_STATUS = {BatchStatus.FINALIZING: BatchStatus.COMPLETED, BatchStatus.CANCELLING: BatchStatus.CANCELLED}
@@ -380,14 +381,15 @@ def stranded_batches(conn: Connection, grace_seconds: float) -> list[str]:
 
 _DONE_BUT_IN_PROGRESS = text(f"""
 SELECT b.id FROM batches b
-WHERE b.status = '{BatchStatus.IN_PROGRESS}'
+WHERE b.status IN ({sql_list(ACTIVE_BATCH_STATUSES)}) AND b.total > 0
   AND NOT EXISTS (SELECT 1 FROM batch_requests r WHERE r.batch_id = b.id AND r.status IN ({_UNFINISHED}))
 """)
 
 
 def done_but_in_progress(conn: Connection) -> list[str]:
     """Batches with nothing left to run that never started finalizing (whoever stored their last
-    result died before finalizing, or lost the answer to its write): housekeeping finalizes them."""
+    result died before finalizing, or lost the answer to its write; or a claim skipped marking a
+    batch in progress because a claim that rolled back held it): housekeeping finalizes them."""
     return list(conn.execute(_DONE_BUT_IN_PROGRESS).scalars())
 
 
@@ -424,7 +426,7 @@ SELECT id FROM batches
 WHERE status IN ({sql_list(ACTIVE_BATCH_STATUSES)}) AND expires_at < now()
 ORDER BY expires_at
 LIMIT 1
-FOR UPDATE SKIP LOCKED
+FOR NO KEY UPDATE SKIP LOCKED
 """)
 
 _EXPIRE_REQUESTS = text(f"""

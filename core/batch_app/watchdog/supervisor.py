@@ -180,9 +180,9 @@ class Supervisor:
                 raise
             outage.failed(exc, f"declaring worker {name} dead")
         survivors = kill_group(pid, self.settings.kill_grace)
-        if survivors:
+        if survivors:  # a process stuck in the kernel (a driver call): the slot waits until it is gone
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
-        slot.process.wait()
+        _reap(slot.process)
         slot.process, slot.old_group = None, pid
         slot.unsettled = (reason, exit_code)
         self._settle(slot)
@@ -232,7 +232,7 @@ class Supervisor:
         """Mark the worker dead and hand its running requests back at once (no time-out wait)."""
         with self.db.begin() as conn:
             registry.mark_worker_dead(conn, worker_id)
-        housekeeping.rescue_now(self.db, self.settings)
+        housekeeping.rescue(self.db, self.settings)  # batches it completes are finalized by housekeeping
 
     def _at_cap(self, slot: SlotState) -> bool:
         with self.db.connect() as conn:
@@ -289,10 +289,20 @@ class Supervisor:
                 slot.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("worker %s did not drain in time; killing it", slot.config.slot)
-            kill_group(slot.process.pid, self.settings.kill_grace)  # EngineCore children included
-            slot.process.wait()
-            log.info("worker %s stopped (%s)", slot.config.slot, describe_exit(slot.process.returncode))
+            if survivors := kill_group(slot.process.pid, self.settings.kill_grace):  # EngineCore included
+                log.error("processes %s of worker %s survived SIGKILL", survivors, slot.config.slot)
+            _reap(slot.process)
+            ended = "still alive" if slot.process.returncode is None else describe_exit(slot.process.returncode)
+            log.info("worker %s stopped (%s)", slot.config.slot, ended)
             slot.process = None
+
+
+def _reap(process: subprocess.Popen) -> None:
+    """Collect a killed worker's exit status, without waiting for good on one that survived."""
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _process_status(pid: int) -> str:

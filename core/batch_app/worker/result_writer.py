@@ -4,8 +4,9 @@ Grouping (up to `max_group` results or `max_delay` seconds) keeps the database f
 bottleneck at thousands of results a second; the engine thread never waits on a write.
 
 Nothing ends this thread: while the database is unreachable it keeps every result in memory
-and retries (the worker stops claiming once `backlog` is large); any other failure, in storing
-or in finalizing a batch, is logged with its type and message and retried. Should the thread
+and retries (the worker stops claiming once `backlog` is large); a result that cannot be stored
+is stored as an error line instead; a failure to finalize a batch is logged with its type and
+message and retried, then left to housekeeping. Should the thread
 stop all the same, the worker loop sees it (`is_alive`) and exits, to be restarted.
 """
 
@@ -17,7 +18,6 @@ import queue as stdlib_queue
 import threading
 import time
 
-from sqlalchemy.exc import DBAPIError
 
 from ..database import Database
 from ..domain import finalize, queue
@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 # Handed in to end the group being gathered and write it without waiting out max_delay.
 _WRITE_NOW = object()
-# Seconds between retries of a failure that is not an outage (a bug, a full disk).
+# Seconds between retries of finalizing after a failure that is not an outage (a bug, a full
+# disk), and how many tries before it is left to housekeeping.
 _FAILURE_RETRY = 5.0
+_FINALIZE_TRIES = 3
 
 
 class ResultWriter(threading.Thread):
@@ -100,7 +102,7 @@ class ResultWriter(threading.Thread):
                         len(group) - len(accepted))
         self._finalize(sorted(set(accepted.values())))
 
-    def _store(self, group: list[Completion]) -> dict[int, str]:
+    def _store(self, group: list[Completion], last_resort: bool = False) -> dict[int, str]:
         """Store a group; retry while the database is unreachable, isolate results it refuses."""
         while True:
             try:
@@ -112,14 +114,15 @@ class ResultWriter(threading.Thread):
                 if is_unreachable(exc):  # keep the results and retry
                     time.sleep(outage.failed(exc, f"storing {len(group)} results"))
                     continue
-                if not isinstance(exc, DBAPIError):  # not the data: a bug or the machine; retry
-                    log.error("storing %d results failed, retrying in %.0f s: %s", len(group), _FAILURE_RETRY,
-                              describe(exc), exc_info=exc)
-                    time.sleep(_FAILURE_RETRY)
-                    continue
+                # Refused, or failing before it reached the database (a result that does not
+                # serialize): the same every time, so the culprit is found and stored as an error.
                 if len(group) == 1:
-                    return self._store([_unstorable(group[0], exc)])
-                log.error("the database refused a group of %d results (%s); writing them one by one",
+                    if last_resort:
+                        log.critical("request %d could not be stored even as an error (%s); it runs again "
+                                     "once this worker is gone", group[0].id, describe(exc), exc_info=exc)
+                        return {}
+                    return self._store([_unstorable(group[0], exc)], last_resort=True)
+                log.error("storing a group of %d results failed (%s); writing them one by one",
                           len(group), describe(exc))
                 accepted: dict[int, str] = {}
                 for completion in group:
@@ -127,9 +130,12 @@ class ResultWriter(threading.Thread):
                 return accepted
 
     def _finalize(self, batch_ids: list[str]) -> None:
-        """Finalize the batches that these results finished; retried until it succeeds (a batch
-        moved to `finalizing` here is ours to finish, and housekeeping's after a grace period)."""
+        """Finalize the batches that these results finished, retrying while the database is
+        unreachable and a few times on other failures; then the batch is left to housekeeping
+        (which finishes a `finalizing` batch after a grace period, or finalizes one still in
+        progress), so one batch never holds up this worker's other results."""
         to_finish: list[str] = []
+        failures = 0
         while True:
             try:
                 if batch_ids:
@@ -142,13 +148,19 @@ class ResultWriter(threading.Thread):
             except Exception as exc:
                 if is_unreachable(exc):
                     time.sleep(outage.failed(exc, "finalizing batches"))
-                else:
-                    log.error("finalizing batches %s failed, retrying in %.0f s: %s",
-                              ", ".join(batch_ids or to_finish), _FAILURE_RETRY, describe(exc), exc_info=exc)
-                    time.sleep(_FAILURE_RETRY)
+                    continue
+                failures += 1
+                left = ", ".join(batch_ids or to_finish)
+                if failures >= _FINALIZE_TRIES:
+                    log.error("finalizing batches %s failed %d times (%s); housekeeping will finish them",
+                              left, failures, describe(exc), exc_info=exc)
+                    return
+                log.error("finalizing batches %s failed, retrying in %.0f s: %s", left, _FAILURE_RETRY,
+                          describe(exc), exc_info=exc)
+                time.sleep(_FAILURE_RETRY)
 
 
-def _unstorable(completion: Completion, exc: DBAPIError) -> Completion:
+def _unstorable(completion: Completion, exc: Exception) -> Completion:
     """The request ends as an error line rather than blocking the worker or vanishing."""
     message = f"The result could not be stored: {describe(exc)}"
     log.error("request %d: %s", completion.id, message)
