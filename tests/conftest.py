@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import contextlib
 import re
 import shutil
 import socket
@@ -28,16 +29,20 @@ API_KEY = "sk-test-default-project"
 TEST_MODEL = "api-test-model"
 
 
+def cannot_run(reason: str) -> None:
+    """A test that cannot run here: a skip on a developer's machine, a failure in CI (CI=true),
+    which must have everything the suite needs."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_tool(*names: str, package: str) -> str:
-    """The path of the first of `names` on PATH. Missing: a skip on a developer's machine, a
-    failure in CI (CI=true), where scripts/test.sh installs `package`."""
+    """The path of the first of `names` on PATH (scripts/test.sh installs `package` as root)."""
     for name in names:
         if path := shutil.which(name):
             return path
-    message = f"{names[0]} is not installed (Debian's {package} package; scripts/test.sh installs it as root)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    cannot_run(f"{names[0]} is not installed (Debian's {package} package; scripts/test.sh installs it as root)")
 
 
 def free_port() -> int:
@@ -194,6 +199,16 @@ def start_watchdog(database: str, data_dir: Path, name: str, workers: list[dict]
     env = stack_env(database, data_dir, name, WORKERS=json.dumps(workers), WATCHDOG_CHECK_INTERVAL="0.5",
                     **overrides)
     return Watchdog(env)
+
+
+@contextlib.contextmanager
+def running_watchdog(database: str, data_dir: Path, name: str, workers: list[dict], **overrides: str):
+    """A watchdog for the length of a block, which must then stop cleanly (exit code 0)."""
+    watchdog = start_watchdog(database, data_dir, name, workers, **overrides)
+    try:
+        yield watchdog
+    finally:
+        assert watchdog.stop() == 0
 
 
 def batchctl(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

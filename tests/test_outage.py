@@ -16,12 +16,12 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from .conftest import REPO, batchctl, live_worker, start_watchdog, wait_for, wait_for_batch
+from .conftest import REPO, batchctl, cannot_run, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import jsonl, request_line, submit, upload
 
 MODEL = "outage-echo"
-SLOTS = [{"slot": f"outage-{i}", "model": f"/models/{MODEL}", "served_name": MODEL, "engine": "tests.engines:EchoEngine"}
-         for i in range(2)]
+SLOTS = [{"slot": f"outage-{i}", "model": f"/models/{MODEL}", "served_name": MODEL,
+          "engine": "tests.engines:EchoEngine"} for i in range(2)]
 OUTAGE_SECONDS = 15
 
 
@@ -35,17 +35,16 @@ def database_command(data_dir, action: str) -> None:
 @pytest.fixture
 def embedded_database(data_dir):
     if os.environ.get("TEST_DATABASE_URL"):
-        pytest.skip("TEST_DATABASE_URL names a server this test cannot stop and start")
+        cannot_run("TEST_DATABASE_URL names a server this test cannot stop and start")
     yield data_dir
     database_command(data_dir, "start")  # whatever happened, the rest of the session has its database
 
 
 def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
         embedded_database, database, data_dir, db, api, client):
-    watchdog = start_watchdog(database, data_dir, "watchdog-outage", SLOTS, HEARTBEAT_INTERVAL="0.5",
-                              HEARTBEAT_TIMEOUT="3", STALL_TIMEOUT="3", ECHO_STEP_SECONDS="0.1",
-                              HOUSEKEEPING_INTERVAL="1")
-    try:
+    with running_watchdog(database, data_dir, "watchdog-outage", SLOTS, HEARTBEAT_INTERVAL="0.5",
+                          HEARTBEAT_TIMEOUT="3", STALL_TIMEOUT="3", ECHO_STEP_SECONDS="0.1",
+                          HOUSEKEEPING_INTERVAL="1") as watchdog:
         workers = [wait_for(lambda: live_worker(db, slot["slot"]), 60, message="worker up") for slot in SLOTS]
         batch = submit(client, [request_line(f"r{i}", MODEL) for i in range(1500)])
         later = upload(client, jsonl([request_line("later", MODEL)]))
@@ -92,8 +91,6 @@ def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
         for slot in SLOTS:
             worker_log = (watchdog.log_dir / f"worker-{slot['slot']}.log").read_text()
             assert "database unreachable while" in worker_log and "database reachable again after" in worker_log
-    finally:
-        assert watchdog.stop() == 0
 
 
 def _gone(pid: int) -> bool:

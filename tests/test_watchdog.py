@@ -19,7 +19,8 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from .conftest import batchctl, echo_slot, gone, live_worker, rerun, start_watchdog, wait_for, wait_for_batch
+from .conftest import (batchctl, echo_slot, gone, live_worker, rerun, running_watchdog, start_watchdog, wait_for,
+                       wait_for_batch)
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -50,9 +51,8 @@ def assert_each_custom_id_once(client, batch, expected: set[str]) -> None:
 
 def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db, client, sentry):
     slot = "kill-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-kill", [echo_slot(slot)], SENTRY_DSN=sentry.dsn,
-                              ECHO_STEP_SECONDS="0.02", **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-kill", [echo_slot(slot)], SENTRY_DSN=sentry.dsn,
+                          ECHO_STEP_SECONDS="0.02", **FAST_LIVENESS):
         first = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(400)])
         wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 50, 60, message="progress")
@@ -72,15 +72,12 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
         assert warning["tags"]["slot"] == slot and warning["tags"]["worker_id"] == str(first.id)
         assert "SIGKILL" in warning["message"] or "SIGKILL" in str(warning.get("logentry"))
         assert warning["extra"]["last_log_lines"]
-    finally:
-        assert watchdog.stop() == 0
 
 
 def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir, db, client):
     slot = "stop-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-stop", [echo_slot(slot)], ECHO_STEP_SECONDS="0.2",
-                              **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-stop", [echo_slot(slot)], ECHO_STEP_SECONDS="0.2",
+                          **FAST_LIVENESS):
         first = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(100)])
         wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 60, message="progress")
@@ -94,15 +91,12 @@ def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir
         assert done.status == "completed"
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(100)})
         assert rerun(db, batch.id)  # what the stopped worker held ran again
-    finally:
-        assert watchdog.stop() == 0
 
 
 def test_engine_hang_behind_a_live_heartbeat_is_caught_by_the_progress_check(database, data_dir, db, client):
     slot = "stall-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-stall", [echo_slot(slot, "HangingEngine")],
-                              **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-stall", [echo_slot(slot, "HangingEngine")],
+                          **FAST_LIVENESS):
         wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line("r0", slot)])
         hung_at = time.monotonic()
@@ -110,44 +104,35 @@ def test_engine_hang_behind_a_live_heartbeat_is_caught_by_the_progress_check(dat
         print(f"\nstall detection latency: {time.monotonic() - hung_at:.2f} s (stall timeout 3 s)")
         assert "stalled" in restart.reason
         client.batches.cancel(batch.id)
-    finally:
-        assert watchdog.stop() == 0
 
 
 @pytest.mark.vllm
 def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, data_dir, db, sentry):
     slot = "broken-0"
     bad = {"slot": slot, "model": "/nonexistent/model", "engine": "vllm"}  # the real engine, a bad path
-    watchdog = start_watchdog(database, data_dir, "watchdog-cap", [bad], SENTRY_DSN=sentry.dsn,
-                              MAX_RESTARTS_PER_HOUR="3", RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5")
-    try:
+    with running_watchdog(database, data_dir, "watchdog-cap", [bad], SENTRY_DSN=sentry.dsn,
+                          MAX_RESTARTS_PER_HOUR="3", RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5"):
         wait_for(lambda: sentry.messages("error"), 300, message="error event")
         time.sleep(2)  # nothing more happens once the cap is reached
         assert len(restarts(db, slot)) == 3
         assert len(sentry.messages("error")) == 1
         assert len(sentry.messages("warning")) == 3
         assert "reached 3 restarts" in sentry.messages("error")[0]["message"]
-    finally:
-        assert watchdog.stop() == 0
 
     # A new watchdog keeps the count: the slot stays stopped until an operator resets it.
-    again = start_watchdog(database, data_dir, "watchdog-cap-2", [bad], MAX_RESTARTS_PER_HOUR="3",
-                           RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5")
-    try:
+    with running_watchdog(database, data_dir, "watchdog-cap-2", [bad], MAX_RESTARTS_PER_HOUR="3",
+                          RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5") as again:
         time.sleep(4)
         assert len(restarts(db, slot)) == 3
         reset = batchctl(again.env, "worker", "reset", slot)
         assert reset.returncode == 0 and f"worker {slot}" in reset.stdout, reset.stderr
         wait_for(lambda: len(restarts(db, slot)) > 3, 120, message="restarts after reset")
-    finally:
-        assert again.stop() == 0
 
 
 def test_poison_request_fails_alone_and_the_rest_completes(database, data_dir, db, client):
     slot = "poison-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-poison", [echo_slot(slot, "PoisonEngine")],
-                              MAX_ATTEMPTS="2", **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-poison", [echo_slot(slot, "PoisonEngine")],
+                          MAX_ATTEMPTS="2", **FAST_LIVENESS):
         wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         lines = [request_line(f"r{i}", slot) for i in range(20)]
         lines[5] = request_line("bad", slot, messages=[{"role": "user", "content": "poison"}])
@@ -158,8 +143,6 @@ def test_poison_request_fails_alone_and_the_rest_completes(database, data_dir, d
         [error] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
         assert error["custom_id"] == "bad" and error["error"]["code"] == "poison_request"
         assert len(restarts(db, slot)) == 2
-    finally:
-        assert watchdog.stop() == 0
 
 
 def test_sigterm_drains_and_leaves_no_process_and_a_new_watchdog_cleans_leftovers(database, data_dir, db):
@@ -178,13 +161,10 @@ def test_sigterm_drains_and_leaves_no_process_and_a_new_watchdog_cleans_leftover
     crashed.process.kill()
     crashed.process.wait()
     assert not gone(orphan.pid)
-    successor = start_watchdog(database, data_dir, "watchdog-successor", [echo_slot(slot)], **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-successor", [echo_slot(slot)], **FAST_LIVENESS):
         wait_for(lambda: gone(orphan.pid), 30, message="orphan killed")
         replacement = wait_for(lambda: live_worker(db, slot), 60, message="replacement up")
         assert replacement.pid != orphan.pid
-    finally:
-        assert successor.stop() == 0
 
 
 def test_a_slot_at_its_cap_stays_stopped_across_watchdog_restarts(database, data_dir, db):
@@ -194,31 +174,24 @@ def test_a_slot_at_its_cap_stays_stopped_across_watchdog_restarts(database, data
             conn.execute(sa.text("INSERT INTO worker_restarts (slot, host, reason) VALUES (:s, :h, 'crashed')"),
                          {"s": slot, "h": socket.gethostname()})
     for round_ in range(3):
-        watchdog = start_watchdog(database, data_dir, f"watchdog-capped-{round_}", [echo_slot(slot)],
-                                  MAX_RESTARTS_PER_HOUR="2", **FAST_LIVENESS)
-        try:
+        with running_watchdog(database, data_dir, f"watchdog-capped-{round_}", [echo_slot(slot)],
+                              MAX_RESTARTS_PER_HOUR="2", **FAST_LIVENESS) as watchdog:
             wait_for(lambda: "stays stopped" in (watchdog.log_dir / "watchdog.log").read_text(), 30,
                      message="the watchdog reading the cap")
             time.sleep(2)  # several rounds of checks: nothing starts
-        finally:
-            assert watchdog.stop() == 0
         with db.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM workers WHERE slot = :s"), {"s": slot}).scalar() == 0
     reset = batchctl(watchdog.env, "worker", "reset", slot)  # the one way out
     assert reset.returncode == 0, reset.stderr
-    again = start_watchdog(database, data_dir, "watchdog-capped-reset", [echo_slot(slot)], MAX_RESTARTS_PER_HOUR="2",
-                           **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-capped-reset", [echo_slot(slot)], MAX_RESTARTS_PER_HOUR="2",
+                          **FAST_LIVENESS):
         wait_for(lambda: live_worker(db, slot), 60, message="the reset slot started")
-    finally:
-        assert again.stop() == 0
 
 
 def test_a_writer_failing_at_finalizing_retries_and_the_batch_completes(database, data_dir, db, client):
     slot = "full-disk-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-full-disk", [echo_slot(slot, "FullDiskEngine")],
-                              FAIL_FINALIZING="2", **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-full-disk", [echo_slot(slot, "FullDiskEngine")],
+                          FAIL_FINALIZING="2", **FAST_LIVENESS) as watchdog:
         worker = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(20)])
         done = wait_for_batch(client, batch.id, 60)
@@ -227,17 +200,14 @@ def test_a_writer_failing_at_finalizing_retries_and_the_batch_completes(database
         log = (watchdog.log_dir / f"worker-{slot}.log").read_text()
         assert log.count("OSError: [Errno 28] No space left on device") >= 2 and "retrying in" in log
         assert live_worker(db, slot).pid == worker.pid and restarts(db, slot) == []  # recovered in place
-    finally:
-        assert watchdog.stop() == 0
 
 
 def test_cancel_and_expiry_while_workers_claim_never_deadlock(database, data_dir, db, client):
     model = "race"
     slots = [{"slot": f"race-{i}", "model": f"/models/{model}", "served_name": model,
               "engine": "tests.engines:EchoEngine"} for i in range(2)]
-    watchdog = start_watchdog(database, data_dir, "watchdog-race", slots, ECHO_STEP_SECONDS="0.01",
-                              HOUSEKEEPING_INTERVAL="0.2", **FAST_LIVENESS)
-    try:
+    with running_watchdog(database, data_dir, "watchdog-race", slots, ECHO_STEP_SECONDS="0.01",
+                          HOUSEKEEPING_INTERVAL="0.2", **FAST_LIVENESS) as watchdog:
         for entry in slots:
             wait_for(lambda: live_worker(db, entry["slot"]), 60, message="workers up")
         batches = []
@@ -249,8 +219,6 @@ def test_cancel_and_expiry_while_workers_claim_never_deadlock(database, data_dir
         ended = [wait_for_batch(client, batch.id, 120) for batch in batches]
         assert {batch.status for batch in ended} <= {"cancelled", "expired", "completed"}
         assert any(batch.status == "expired" for batch in ended) and any(b.status == "cancelled" for b in ended)
-    finally:
-        assert watchdog.stop() == 0
     logs = [*watchdog.log_dir.glob("*.log"), data_dir / "postgres" / "log"]
     assert not [path for path in logs if "deadlock" in path.read_text(errors="replace").lower()]
 
@@ -260,9 +228,8 @@ def test_a_killed_worker_leaves_no_engine_core_behind(database, data_dir, db):
     """vLLM in multiprocess mode, as on a GPU: its EngineCore child holds the device's memory and
     outlives a SIGKILLed parent unless the watchdog kills the worker's whole group."""
     slot = "multiprocess-0"
-    watchdog = start_watchdog(database, data_dir, "watchdog-multiprocess", [{"slot": slot, "model": "demo"}],
-                              VLLM_ENABLE_V1_MULTIPROCESSING="1", RESTART_BACKOFF_MIN="0.5", KILL_GRACE="2")
-    try:
+    with running_watchdog(database, data_dir, "watchdog-multiprocess", [{"slot": slot, "model": "demo"}],
+                          VLLM_ENABLE_V1_MULTIPROCESSING="1", RESTART_BACKOFF_MIN="0.5", KILL_GRACE="2"):
         victim = wait_for(lambda: live_worker(db, slot), 600, interval=1, message="multiprocess worker loaded")
         children = psutil.Process(victim.pid).children(recursive=True)
         assert children, "vLLM started no engine process"
@@ -272,6 +239,4 @@ def test_a_killed_worker_leaves_no_engine_core_behind(database, data_dir, db):
         replacement = wait_for(lambda: (w := live_worker(db, slot)) and w.pid != victim.pid and w, 600, interval=1,
                                message="a replacement loaded")
         assert replacement and all(gone(child.pid) for child in children)
-    finally:
-        assert watchdog.stop() == 0
     assert all(gone(child.pid) for child in children)
