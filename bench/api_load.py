@@ -1,16 +1,25 @@
-"""How fast the API answers while the machine works: N concurrent clients (default 32) call it for
-30 s, once idle and once while a real vLLM worker runs a 3,000-request batch, and in the same run
-a minimal FastAPI app answering one primary-key SELECT on the same PostgreSQL is measured by the
-same load generator, as the ceiling. Then 40 batches are created at once.
+"""How fast the API answers while the machine works, against a minimal app on the same machine.
 
-    .venv/bin/python bench/api_load.py [--clients 32] [--seconds 30]
+    .venv/bin/python bench/api_load.py [--clients 32] [--creators 4] [--seconds 30] [--rounds 3] [--pace 0.5]
 
-Prints requests/s and p50/p99 latency per call: /health, retrieve, list, and upload + create (a
-file of 5 lines, then a batch). On 2 cores the load generator competes with what it measures,
-which is why the minimal app is measured by it too, and ratios are printed. Targets while a
-batch runs: /health p99 under 100 ms, retrieve and list p99 under 300 ms; 40 concurrent creates
-all accepted with no 5xx; idle, retrieve at least half the minimal app's requests/s. All traffic
-goes to 127.0.0.1; every loop stops after `--seconds`.
+Phases, each `--seconds` long:
+- idle, retrieve only: `--clients` loops retrieving one batch, against a minimal FastAPI app
+  answering one primary-key SELECT on the same PostgreSQL with the same load generator (the
+  ceiling), in alternating rounds (`--rounds`, each side a third of the phase);
+- idle, then while a real vLLM worker runs a 3,000-request batch: `--clients` readers, each
+  calling /health, retrieve and list (20) in turn, while `--creators` loops upload a 5-line file
+  and create a batch of it, again and again, each client calling again as soon as it has its
+  answer (a closed loop: the API is saturated, and every call waits its turn);
+- while the batch runs, the same clients paced: each calls once every `--pace` seconds (0.5 by
+  default: 64 reads and 8 creates a second offered), so latency is that of a busy API, not of
+  one saturated by the load generator;
+- then 40 batches are created at once while the batch still runs.
+
+Prints requests/s and p50/p99 latency per call. Targets while the batch runs: /health p99 under
+100 ms, retrieve and list p99 under 300 ms; 40 concurrent creates all accepted with no 5xx; idle
+retrieve at least half the minimal app's requests/s. On 2 cores the load generator competes with
+what it measures, which is why the minimal app is measured by the same generator. All traffic
+goes to 127.0.0.1; every loop stops after its phase's seconds.
 """
 
 from __future__ import annotations
@@ -70,14 +79,11 @@ def lines(count: int, max_tokens: int, prefix: str) -> bytes:
 
 
 class Calls:
-    """The calls a client makes, in turn, against one base URL."""
+    """The calls clients make against one base URL."""
 
-    def __init__(self, client: httpx.AsyncClient, base: str, batch_id: str, full: bool):
-        self.client, self.base, self.batch_id, self.full = client, base, batch_id, full
+    def __init__(self, client: httpx.AsyncClient, base: str, batch_id: str):
+        self.client, self.base, self.batch_id = client, base, batch_id
         self.headers = {"Authorization": f"Bearer {API_KEY}"}
-
-    def names(self) -> list[str]:
-        return ["health", "retrieve", "list", "upload + create"] if self.full else ["retrieve"]
 
     async def call(self, name: str) -> int:
         if name == "health":
@@ -98,17 +104,23 @@ class Calls:
         return created.status_code
 
 
-async def load(calls: Calls, clients: int, seconds: float) -> dict[str, dict]:
-    """`clients` loops, each calling the next kind of call in turn, until `seconds` are over."""
-    latencies: dict[str, list[float]] = {name: [] for name in calls.names()}
-    failures: dict[str, int] = {name: 0 for name in calls.names()}
+READS = ["health", "retrieve", "list"]
+
+
+async def load(calls: Calls, loops: list[list[str]], seconds: float, pace: float = 0.0) -> dict[str, dict]:
+    """One client per entry of `loops`, each calling its kinds of call in turn until `seconds` are
+    over: at once after the last answer (pace 0, a closed loop that saturates the API), or one
+    call every `pace` seconds (at once when the last took longer)."""
+    names = sorted({name for kinds in loops for name in kinds}, key=(READS + ["upload + create"]).index)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    failures: dict[str, int] = {name: 0 for name in names}
     deadline = time.monotonic() + seconds
 
-    async def client_loop(offset: int) -> None:
-        names = calls.names()
+    async def client_loop(kinds: list[str], offset: int) -> None:
         turn = offset
+        await asyncio.sleep(pace * offset / len(loops))  # paced clients spread over the interval
         while time.monotonic() < deadline:
-            name = names[turn % len(names)]
+            name = kinds[turn % len(kinds)]
             turn += 1
             started = time.perf_counter()
             try:
@@ -117,9 +129,10 @@ async def load(calls: Calls, clients: int, seconds: float) -> dict[str, dict]:
                 status = 0
             latencies[name].append(time.perf_counter() - started)
             failures[name] += status != 200
+            await asyncio.sleep(max(0.0, pace - (time.perf_counter() - started)))
 
     started = time.monotonic()
-    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    await asyncio.gather(*(client_loop(kinds, i) for i, kinds in enumerate(loops)))
     elapsed = time.monotonic() - started
     return {name: {"rate": len(values) / elapsed, "p50": _percentile(values, 50), "p99": _percentile(values, 99),
                    "failed": failures[name], "count": len(values)} for name, values in latencies.items()}
@@ -136,22 +149,33 @@ def show(title: str, results: dict[str, dict]) -> None:
               f"  ({r['count']} calls, {r['failed']} not 200)")
 
 
-async def creates_at_once(calls: Calls, count: int) -> list[int]:
-    content = lines(5, 4, "burst")
-    return list(await asyncio.gather(*(calls.create(content) for _ in range(count))))
+def _client(connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=connections,
+                                                              max_keepalive_connections=connections))
 
 
-async def measure(base: str, minimal_base: str, batch_id: str, args) -> dict:
-    limits = httpx.Limits(max_connections=args.clients * 2, max_keepalive_connections=args.clients * 2)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        ours, minimal = Calls(client, base, batch_id, full=True), Calls(client, minimal_base, batch_id, full=False)
-        return {"ours": await load(ours, args.clients, args.seconds),
-                "minimal": await load(minimal, args.clients, args.seconds)}
+async def retrieve_rounds(base: str, minimal_base: str, batch_id: str, args) -> tuple[list[dict], list[dict]]:
+    """Retrieve-only load on ours and on the minimal app, in alternating rounds."""
+    ours, minimal = [], []
+    async with _client(args.clients) as client:
+        for _ in range(args.rounds):
+            for side, url in ((ours, base), (minimal, minimal_base)):
+                side.append((await load(Calls(client, url, batch_id), [["retrieve"]] * args.clients,
+                                        args.seconds / args.rounds))["retrieve"])
+    return ours, minimal
+
+
+async def mixed(base: str, batch_id: str, args, pace: float = 0.0) -> dict[str, dict]:
+    loops = [READS] * args.clients + [["upload + create"]] * args.creators
+    async with _client(args.clients + args.creators) as client:
+        return await load(Calls(client, base, batch_id), loops, args.seconds, pace)
 
 
 async def burst(base: str, batch_id: str, count: int) -> list[int]:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=count)) as client:
-        return await creates_at_once(Calls(client, base, batch_id, full=True), count)
+    async with _client(count) as client:
+        calls = Calls(client, base, batch_id)
+        content = lines(5, 4, "burst")
+        return list(await asyncio.gather(*(calls.create(content) for _ in range(count))))
 
 
 def main() -> int:
@@ -159,8 +183,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--creates", type=int, default=40)
+    parser.add_argument("--creators", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pace", type=float, default=0.5, help="seconds between a paced client's calls")
     args = parser.parse_args()
-    print(f"{args.clients} clients, {args.seconds:.0f} s a phase, {os.cpu_count()} CPUs")
+    print(f"{args.clients} readers and {args.creators} creators, {args.seconds:.0f} s a phase, "
+          f"{os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="api-load-") as tmp:
         data_dir = Path(tmp) / "data"
         settings = Settings(data_dir=data_dir, database_url="")
@@ -181,19 +209,23 @@ def main() -> int:
             minimal_base = f"http://127.0.0.1:{port}"
             wait_for(lambda: _answers(f"{minimal_base}/v1/batches/{probe.id}"), 60, message="minimal app")
 
-            idle = asyncio.run(measure(api.base_url, minimal_base, probe.id, args))
-            show("idle: ours", idle["ours"])
-            show("idle: minimal app (one primary-key SELECT)", idle["minimal"])
-            print(f"  idle retrieve, ours / minimal: {idle['ours']['retrieve']['rate'] / idle['minimal']['retrieve']['rate']:.2f}")
+            ours, minimal = asyncio.run(retrieve_rounds(api.base_url, minimal_base, probe.id, args))
+            print("idle, retrieve only, alternating rounds (requests/s, p99):")
+            for round_, (a, b) in enumerate(zip(ours, minimal), 1):
+                print(f"  round {round_}: ours {a['rate']:7.1f} ({a['p99']:6.1f} ms)   minimal app {b['rate']:7.1f} "
+                      f"({b['p99']:6.1f} ms)   ratio {a['rate'] / b['rate']:.2f}")
+            print(f"  median ratio, ours / minimal: "
+                  f"{statistics.median(a['rate'] / b['rate'] for a, b in zip(ours, minimal)):.2f}")
+            show("idle, readers and creators", asyncio.run(mixed(api.base_url, probe.id, args)))
 
             running = client.batches.create(input_file_id=client.files.create(
                 file=("running.jsonl", lines(3000, 256, "run")), purpose="batch").id,
                 endpoint="/v1/chat/completions", completion_window="24h")
             wait_for(lambda: client.batches.retrieve(running.id).request_counts.completed > 0, 120,
                      message="the batch running")
-            busy = asyncio.run(measure(api.base_url, minimal_base, probe.id, args))
-            show("while a 3,000-request batch runs: ours", busy["ours"])
-            show("while a 3,000-request batch runs: minimal app", busy["minimal"])
+            show("while a 3,000-request batch runs, readers and creators", asyncio.run(mixed(api.base_url, probe.id, args)))
+            show(f"while it runs, the same clients paced at one call every {args.pace:g} s each",
+                 asyncio.run(mixed(api.base_url, probe.id, args, args.pace)))
             statuses = asyncio.run(burst(api.base_url, probe.id, args.creates))
             print(f"{args.creates} creates at once while the batch runs: "
                   f"{sum(s == 200 for s in statuses)} accepted, {sum(s >= 500 for s in statuses)} 5xx, "

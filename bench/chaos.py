@@ -14,10 +14,11 @@ outage). HEARTBEAT_TIMEOUT is 10 s here, so each outage outlasts it: the run sho
 is not mistaken for hung workers. Every loop is bounded in count and time; all traffic stays on
 this machine (the stack listens on 127.0.0.1, PostgreSQL on a Unix socket).
 
-A request in flight on MAX_ATTEMPTS workers that died, the last time running alone, fails as a
-poison request, since that is how a request that crashes workers looks. Kills at random, this
-often, look the same to a few unlucky requests: `--max-attempts` (MAX_ATTEMPTS, 3 by default)
-sets how much evidence counts, and error lines are broken down by code.
+A request in flight on MAX_ATTEMPTS workers that crashed, the last time running alone, fails as
+a poison request. The kills here are SIGKILLs from outside with no OOM kill, which say nothing of
+the requests: those run again (`requests run again`) without being charged a crash (`requests
+charged a crash` counts the ones that were). `--max-attempts` sets MAX_ATTEMPTS (3 by default);
+error lines are broken down by code.
 """
 
 from __future__ import annotations
@@ -173,15 +174,16 @@ def report(client, db, batch, total: int, kills: int, outages: list[float], wall
                      for line in lines if line["error"] or line["response"]["status_code"] != 200)
     with db.connect() as conn:
         charged = conn.execute(sa.text("SELECT count(*) FROM worker_restarts WHERE reason <> 'reset'")).scalar()
-        reruns = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND attempt > 1"),
-                              {"b": batch.id}).scalar()
+        reruns, charged_a_crash = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE attempt > 1), count(*) FILTER (WHERE crashes > 0) "
+            "FROM batch_requests WHERE batch_id = :b"), {"b": batch.id}).one()
     log_errors = [line for path in sorted(log_dir.glob("*.log")) for line in path.read_text(errors="replace").splitlines()
                   if re.search(r" (ERROR|CRITICAL) ", line) and "database unreachable while" not in line]
     print(f"batch {batch.status}: {batch.request_counts.completed} completed, {batch.request_counts.failed} failed")
     print(f"kills                 {kills}")
     print(f"outages               {len(outages)} ({', '.join(f'{s:.0f} s' for s in outages) or 'none'})")
     print(f"restarts charged      {charged} (to kills: {min(charged, kills)}, beyond the kills: {max(0, charged - kills)})")
-    print(f"requests run again    {reruns}")
+    print(f"requests run again    {reruns} (charged a crash: {charged_a_crash})")
     print(f"requests lost         {lost}")
     print(f"requests duplicated   {duplicated}")
     print(f"error lines           {sum(errors.values())}"

@@ -2,8 +2,10 @@
 
   (a) raw vLLM in one process at its best settings (LLM.chat over all prompts at once; the
       in-process and multiprocess engine cores are both run and the better one is kept),
-  (b) `python -m vllm.entrypoints.openai.run_batch` on the same JSONL (its own start-up included,
-      as a user running it pays it on every file),
+  (b) `python -m vllm.entrypoints.openai.run_batch` on the same JSONL, printed with its own
+      start-up (as a user running it pays it on every file) and without it: its start-up is
+      timed by a second run on a file of one request, and taken off. The (c)/(b) target uses
+      (b) without start-up, the figure least kind to us,
   (c) our server end to end: upload -> batch -> output file downloaded, with a worker already
       loaded (as in production, where workers stay up between batches), the client waiting
       for the batch with held retrieves (see wait_until_completed).
@@ -272,9 +274,14 @@ def main() -> int:
         results = {"a": max(best_mode, key=rate), "c": max((r["c"] for r in rounds), key=rate)}
         if not args.skip_run_batch:
             results["b"] = run_batch(root, requests, model)
+            first_line = root / "one-request.jsonl"
+            first_line.write_text(requests.read_text().splitlines()[0] + "\n")
+            start_up = run_batch(root, first_line, model)["seconds"]
+            results["b0"] = {"tokens": results["b"]["tokens"], "seconds": results["b"]["seconds"] - start_up}
 
     labels = {"a": f"raw vLLM, LLM.chat ({results['a']['setting']}), best round",
-              "b": "vllm run_batch (incl. start-up)", "c": "our server, upload -> output file, best round"}
+              "b": "vllm run_batch (incl. start-up)", "b0": "vllm run_batch, its start-up (a 1-request run) taken off",
+              "c": "our server, upload -> output file, best round"}
     for name in sorted(results):
         print(f"({name}) {labels[name]:62s} {results[name]['tokens']:8d} tokens {results[name]['seconds']:7.2f} s "
               f"{rate(results[name]):8.0f} tokens/s")
@@ -286,7 +293,8 @@ def main() -> int:
           f"against the faster mode of each round {statistics.median(strict):.2f}; "
           f"best against best {rate(results['c']) / rate(results['a']):.2f}")
     if "b" in results:
-        print(f"(c)/(b) = {rate(results['c']) / rate(results['b']):.2f}   (target >= 1.0)")
+        print(f"(c)/(b) = {rate(results['c']) / rate(results['b0']):.2f} against run_batch without its start-up "
+              f"(target >= 1.0); {rate(results['c']) / rate(results['b']):.2f} against run_batch with it")
     return 0
 
 

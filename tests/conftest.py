@@ -245,13 +245,14 @@ def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 300):
                     interval=0.5, message=f"batch {batch_id} to end")
 
 
-def rerun(db, batch_id: str) -> list[str]:
+def rerun(db, batch_id: str) -> dict[str, int]:
     """The custom_ids of a batch that ran again after a worker holding them died (attempt above 1)
-    and then succeeded. Empty when the killed worker held nothing of the batch."""
+    and then succeeded, with the crashes charged to each. Empty when the killed worker held
+    nothing of the batch."""
     with db.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT custom_id FROM batch_requests WHERE batch_id = :b AND attempt > 1 AND status = 'succeeded'"),
-            {"b": batch_id}).scalars().all()
+        return dict(conn.execute(sa.text(
+            "SELECT custom_id, crashes FROM batch_requests WHERE batch_id = :b AND attempt > 1 "
+            "AND status = 'succeeded'"), {"b": batch_id}).all())
 
 
 def live_worker(db, slot: str, statuses=("idle", "busy")):

@@ -4,6 +4,8 @@ accepted."""
 
 from __future__ import annotations
 
+import socket
+import time
 import urllib.parse
 
 import httpx
@@ -214,3 +216,32 @@ def test_an_upload_of_endless_small_fields_is_refused(api):
                                  "Content-Type": "multipart/form-data; boundary=b0undary"})
     assert answer.status_code == 400 and "more than 16 form fields" in answer.json()["error"]["message"]
     assert_healthy(api)
+
+
+def test_slow_uploads_never_take_the_connections_other_calls_need(database, data_dir):
+    """With a pool of 2 (4 connections under load) six uploads stall mid-body; the API still
+    answers, since at most half the pool serves uploads at once."""
+    server = start_api(database, data_dir, "api-slow-uploads", API_DATABASE_POOL="2")
+    host, port = urllib.parse.urlsplit(server.base_url).netloc.split(":")
+    head = ("--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    stalled = []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+                         + b"\r\nContent-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: 100000\r\n\r\n"
+                         + head + b"{\"custom_id\": ")
+            stalled.append(sock)
+        time.sleep(1)  # every stalled upload reached the server and waits for more of its body
+        listed = httpx.get(f"{server.base_url}/v1/files", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+        assert listed.status_code == 200
+        for sock in stalled:
+            sock.close()
+        uploaded = server.client(API_KEY).files.create(file=("after.jsonl", b'{"a": 1}\n'), purpose="batch")
+        assert uploaded.bytes == 9
+        assert_healthy(server)
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()

@@ -53,6 +53,10 @@ def test_empty_database_to_head_without_drift_and_back(database):
         scratch.dispose()
 
 
+# The worker statuses revision 0003 knew (0007 adds no_backend).
+WORKER_STATUSES_AT_0003 = [status for status in WorkerStatus if status != WorkerStatus.NO_BACKEND]
+
+
 def _insert_every_status(conn) -> None:
     for status in BatchStatus:
         conn.execute(sa.text("""
@@ -64,10 +68,14 @@ def _insert_every_status(conn) -> None:
             INSERT INTO batch_requests (batch_id, line, custom_id, model, body, status)
             VALUES ('batch_in_progress', :line, :custom_id, 'm', '{}', :status)"""),
             {"line": line, "custom_id": f"r{line}", "status": status})
-    for status in WorkerStatus:
-        conn.execute(sa.text("""
-            INSERT INTO workers (id, slot, host, pid, model, status)
-            VALUES (:id, :slot, 'h', 1, 'm', :status)"""), {"id": str(uuid.uuid4()), "slot": status, "status": status})
+    for status in WORKER_STATUSES_AT_0003:
+        _insert_worker(conn, status)
+
+
+def _insert_worker(conn, status: str) -> None:
+    conn.execute(sa.text("""
+        INSERT INTO workers (id, slot, host, pid, model, status)
+        VALUES (:id, :slot, 'h', 1, 'm', :status)"""), {"id": str(uuid.uuid4()), "slot": status, "status": status})
 
 
 def test_status_checks_apply_to_a_database_holding_every_status(database):
@@ -80,7 +88,9 @@ def test_status_checks_apply_to_a_database_holding_every_status(database):
         with scratch.connect() as conn:
             counts = conn.execute(sa.text("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM "
                                           "batch_requests), (SELECT count(*) FROM workers)")).one()
-            assert tuple(counts) == (len(BatchStatus), len(RequestStatus), len(WorkerStatus))
+            assert tuple(counts) == (len(BatchStatus), len(RequestStatus), len(WORKER_STATUSES_AT_0003))
+        with scratch.begin() as conn:  # a status added since is accepted at head
+            _insert_worker(conn, WorkerStatus.NO_BACKEND)
         for table, column_values in (("batches", "status = 'done'"), ("batch_requests", "status = 'done'"),
                                      ("workers", "status = 'asleep'")):
             with pytest.raises(sa.exc.IntegrityError, match=f"{table}_status_known"):
@@ -113,4 +123,26 @@ def test_progress_counts_are_carried_over_from_stored_results(database):
             row = conn.execute(sa.text("SELECT * FROM batch_progress")).one()
         assert (row.batch_id, str(row.worker_id), row.completed, row.failed, row.input_tokens, row.output_tokens) == \
             ("batch_old", worker, 2, 1, 12, 24)
+        scratch.dispose()
+
+
+def test_crashes_are_carried_over_from_the_attempts_of_requests_still_to_run(database):
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), "0005")
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with scratch.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
+                VALUES ('batch_old', 'p', '/v1/chat/completions', 'file-x', '24h', 'in_progress')"""))
+            for line, (status, attempt) in enumerate([("queued", 0), ("queued", 2), ("running", 1), ("running", 3),
+                                                      ("succeeded", 1)], 1):
+                conn.execute(sa.text("""
+                    INSERT INTO batch_requests (batch_id, line, custom_id, model, project, body, status, attempt)
+                    VALUES ('batch_old', :line, :line, 'm', 'p', '{}', :status, :attempt)"""),
+                    {"line": line, "status": status, "attempt": attempt})
+        migrate(url)
+        with scratch.connect() as conn:
+            crashes = conn.execute(sa.text("SELECT crashes FROM batch_requests ORDER BY line")).scalars().all()
+        assert crashes == [0, 2, 0, 2, 0]
+        command.downgrade(alembic_config(url), "0005")
         scratch.dispose()

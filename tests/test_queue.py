@@ -129,6 +129,25 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
     assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
 
 
+def test_a_worker_killed_from_outside_charges_its_requests_no_crash(client, db, own_model):
+    submit(client, [request_line("r0", own_model)])
+    settings = Settings(max_attempts=2, heartbeat_timeout=60)
+    for attempt in (1, 2, 3):  # more deaths than MAX_ATTEMPTS, none of them the request's doing
+        worker = new_worker(db, own_model)
+        [claimed] = claim(db, worker, own_model, 5, max_attempts=2)
+        assert (claimed.attempt, claimed.crashes, claimed.is_last_attempt(2)) == (attempt, 0, False)
+        with db.begin() as conn:
+            registry.mark_worker_dead(conn, worker, blames_requests=False)
+        housekeeping.run_once(db, settings)
+    crashed = new_worker(db, own_model)  # a crash counts: with MAX_ATTEMPTS 2 it is now a suspect
+    claim(db, crashed, own_model, 5, max_attempts=2)
+    with db.begin() as conn:
+        registry.mark_worker_dead(conn, crashed)
+    housekeeping.run_once(db, settings)
+    [suspect] = claim(db, new_worker(db, own_model), own_model, 5, max_attempts=2)
+    assert (suspect.attempt, suspect.crashes, suspect.is_last_attempt(2)) == (5, 1, True)
+
+
 def test_crash_survivors_on_their_last_attempt_run_alone_so_bystanders_are_not_charged(client, db, own_model):
     batch = submit(client, [request_line(f"r{i}", own_model) for i in range(3)])
     crashed = new_worker(db, own_model)

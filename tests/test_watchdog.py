@@ -66,12 +66,27 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
         done = wait_for_batch(client, batch.id, 120)
         assert done.status == "completed" and done.request_counts.completed == 400
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(400)})
-        assert rerun(db, batch.id)  # the victim held requests, and they ran again (once: above)
+        # The victim held requests, and they ran again (once: above), charged no crash: a SIGKILL
+        # from outside with no OOM kill is not their doing. The restart is charged.
+        assert rerun(db, batch.id) and set(rerun(db, batch.id).values()) == {0}
         assert live_worker(db, slot).pid != first.pid
         warning = wait_for(lambda: sentry.messages("warning"), 10, message="warning event")[0]
         assert warning["tags"]["slot"] == slot and warning["tags"]["worker_id"] == str(first.id)
         assert "SIGKILL" in warning["message"] or "SIGKILL" in str(warning.get("logentry"))
         assert warning["extra"]["last_log_lines"]
+
+
+def test_only_an_outside_sigkill_with_no_oom_kill_spares_the_requests_a_crash(monkeypatch):
+    from core.batch_app.watchdog import process_control
+
+    monkeypatch.setattr(process_control, "oom_kills", lambda: 7)
+    assert not process_control.death_blames_requests(-signal.SIGKILL, 7)  # an operator's or a scheduler's kill
+    assert process_control.death_blames_requests(-signal.SIGKILL, 6)  # the OOM killer struck meanwhile
+    assert process_control.death_blames_requests(-signal.SIGKILL, None)  # unknown: charged
+    for exit_code in (-signal.SIGSEGV, -signal.SIGABRT, 1, 139, None):  # crashes, and the watchdog's own verdicts
+        assert process_control.death_blames_requests(exit_code, 7)
+    monkeypatch.setattr(process_control, "oom_kills", lambda: None)
+    assert process_control.death_blames_requests(-signal.SIGKILL, 7)
 
 
 def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir, db, client):
@@ -90,7 +105,7 @@ def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir
         done = wait_for_batch(client, batch.id, 120)
         assert done.status == "completed"
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(100)})
-        assert rerun(db, batch.id)  # what the stopped worker held ran again
+        assert set(rerun(db, batch.id).values()) == {1}  # what the hung worker held ran again, charged
 
 
 def test_engine_hang_behind_a_live_heartbeat_is_caught_by_the_progress_check(database, data_dir, db, client):

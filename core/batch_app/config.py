@@ -6,12 +6,45 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+POOL_ENGINE = "openai-http"
+
+
+class Backend(BaseModel):
+    """One OpenAI-compatible server of a pool: its base URL (with or without /v1) and key."""
+
+    url: str
+    api_key: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _an_http_url(cls, url: str) -> str:
+        url = url.strip()
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises on a port that is no number)
+        except ValueError:
+            raise ValueError(f"backend URL '{url}' has a bad port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"backend URL '{url}' is not an http:// or https:// URL")
+        return url.rstrip("/").removesuffix("/v1")
+
+
+def parse_backends(value) -> list:
+    """`http://a:8000,http://b:8000`, a list of URLs, or a list of {"url", "api_key"}."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    return [{"url": item} if isinstance(item, str) else item for item in value]
 
 
 class WorkerSlot(BaseModel):
-    """One supervised worker: a stable name, its model and engine, and the GPUs it owns."""
+    """One supervised worker: a stable name, its model and engine, and the GPUs it owns; or, with
+    the `openai-http` engine, the pool of servers it sends its requests to."""
 
     slot: str
     model: str = ""  # "" or "demo": the demo chat model; "all-MiniLM-L6-v2": the packaged embedder
@@ -21,6 +54,27 @@ class WorkerSlot(BaseModel):
     max_model_len: int | None = None
     max_in_flight: int | None = None  # requests kept in the engine; default twice its batch size
     engine_options: dict = Field(default_factory=dict)  # passed to vLLM, e.g. tensor_parallel_size
+    # The pool of the `openai-http` engine (`model` is then the name the backends serve).
+    backends: list[Backend] = Field(default_factory=list)
+    api_key: str = ""  # for the backends without a key of their own
+    strategy: Literal["least_busy", "round_robin", "random"] = "least_busy"
+    max_in_flight_per_backend: int = Field(64, ge=1)
+    request_timeout: float = Field(600.0, gt=0)  # seconds a backend may hold a request without answering
+    health_interval: float = Field(10.0, gt=0)
+    max_attempts: int = Field(4, ge=1)  # backends one request is tried on before it goes back to the queue
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _listed(cls, value):
+        return parse_backends(value)
+
+    def is_pool(self) -> bool:
+        return self.engine == POOL_ENGINE
+
+    def pool_options(self) -> dict:
+        """The pool's part of the entry, which the `openai-http` engine reads back as a slot."""
+        return self.model_dump(include={"backends", "api_key", "strategy", "max_in_flight_per_backend",
+                                        "request_timeout", "health_interval", "max_attempts"})
 
 
 class Settings(BaseSettings):
@@ -67,8 +121,12 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # Seconds between housekeeping rounds (rescue, expiry, stranded batches) in every watchdog and worker.
     housekeeping_interval: float = 5.0
-    # JSON list of WorkerSlot objects; empty: the demo chat model (or MODEL) and the embedder.
+    # JSON list of WorkerSlot objects; empty: the demo chat model (or MODEL) and the embedder, or
+    # with BACKENDS set, one pool worker per model the backends serve.
     workers: str = ""
+    # Existing OpenAI-compatible servers, comma-separated base URLs, and the key they expect.
+    backends: str = ""
+    backend_api_key: str = ""
 
     def worker_slots(self) -> list[WorkerSlot]:
         if self.workers.strip():

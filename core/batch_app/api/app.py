@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -34,6 +35,7 @@ def create_app(settings: Settings, db: Database) -> FastAPI:
     app.state.db = db
     app.state.batch_endings = batch_endings
     app.state.database_probe = database_probe
+    app.state.upload_slots = threading.BoundedSemaphore(max(1, settings.api_database_pool // 2))
     app.state.metrics_registry = metrics.metrics_registry(db)
     install_error_handlers(app)
     app.add_middleware(RefuseNulBytes)

@@ -55,7 +55,9 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
     if length.isdigit() and int(length) > settings.max_file_bytes + ENVELOPE_BYTES:
         raise TooLarge(f"File exceeds the maximum size of {settings.max_file_bytes} bytes.", param="file",
                        code="file_too_large")
-    with db.begin() as conn:
+    # An upload holds a connection while its body arrives: slow uploads wait here, holding
+    # none, rather than take every connection the other requests need.
+    with request.app.state.upload_slots, db.begin() as conn:
         def open_writer(filename: str) -> FileWriter:
             if not filename.endswith(".jsonl"):
                 raise InvalidRequest(f"File '{filename[:200]}' must be a .jsonl file.", param="file",

@@ -42,7 +42,8 @@ class DatabaseCollector:
             yield _labelled(CounterMetricFamily("batch_worker_restarts", "Worker restarts by the watchdog.",
                                                 labels=["slot"]),
                             [((row.slot,), row.n) for row in overview.restarts_by_slot(conn)])
-            yield _histogram("batch_queue_wait_seconds", "Time from batch creation to a request's claim.",
+            yield from _backend_metrics(overview.backends(conn), *overview.backend_totals(conn))
+            yield _histogram("batch_queue_wait_seconds", "Time from a batch's creation to its first claim.",
                              QUEUE_WAIT_BOUNDS, *overview.queue_wait_histogram(conn, QUEUE_WAIT_BOUNDS))
             yield _histogram("batch_duration_seconds", "Time from creation to completion of completed batches.",
                              BATCH_DURATION_BOUNDS, *overview.batch_duration_histogram(conn, BATCH_DURATION_BOUNDS))
@@ -67,6 +68,18 @@ def _worker_metrics(rows):
         for name in WorkerStatus:
             status.add_metric([row.slot, row.model, name], 1.0 if row.status == name else 0.0)
     return age, status, in_flight
+
+
+def _backend_metrics(live, answers, errors):
+    """Pool backends, labelled by their configured URL."""
+    up = GaugeMetricFamily("batch_backend_up", "1 while the backend passes its health checks.", labels=["backend"])
+    for row in live:
+        up.add_metric([row.url], 1.0 if row.state == "healthy" else 0.0)
+    yield up
+    yield _labelled(CounterMetricFamily("batch_backend_requests", "Requests the backend answered.",
+                                        labels=["backend"]), [((row.url,), row.n) for row in answers])
+    yield _labelled(CounterMetricFamily("batch_backend_errors", "Failed tries on the backend by error type.",
+                                        labels=["backend", "error"]), [((row.url, row.error), row.n) for row in errors])
 
 
 def _histogram(name: str, documentation: str, bounds: list[float], cumulative: list[int], total: float):

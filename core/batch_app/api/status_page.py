@@ -51,10 +51,11 @@ def status_page(request: Request) -> HTMLResponse | JSONResponse:
         batches = list_batches(conn, project, None, 20)["data"]
         workers = overview.workers(conn)
         restarts = overview.restart_history(conn, 10)
-    return HTMLResponse(_page(batches, workers, restarts))
+        backends = overview.backends(conn)
+    return HTMLResponse(_page(batches, workers, restarts, backends))
 
 
-def _page(batches: list[dict], workers: list, restarts: list) -> str:
+def _page(batches: list[dict], workers: list, restarts: list, backends: list) -> str:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
@@ -63,6 +64,7 @@ def _page(batches: list[dict], workers: list, restarts: list) -> str:
 <p class="muted">As of {now}; refreshes every {REFRESH_SECONDS} s.</p>
 <h2>Batches</h2>{_batches_table(batches)}
 <h2>Workers</h2>{_workers_table(workers)}
+{_backends_table(backends)}
 <h2>Recent restarts</h2>{_restarts_table(restarts)}
 </body></html>"""
 
@@ -100,6 +102,18 @@ def _workers_table(workers: list) -> str:
             for w in workers]
     return _table(["worker", "status", "last heartbeat", "in flight", "requests done", "restarts (1 h)", "model",
                    "pid", "host"], rows, "No worker has registered yet.")
+
+
+def _backends_table(backends: list) -> str:
+    """Shown only where pool workers run."""
+    if not backends:
+        return ""
+    rows = [f'<tr><td>{escape(b.slot)}</td><td>{escape(b.url)}</td><td>{escape(b.model)}</td>'
+            f'<td class="{"idle" if b.state == "healthy" else "dead"}">{escape(b.state)}</td><td>{b.in_flight}</td>'
+            f'<td>{b.completed}</td><td>{sum(b.errors.values())}</td><td>{escape(b.last_error)}</td></tr>'
+            for b in backends]
+    return "<h2>Backends</h2>" + _table(["worker", "backend", "model", "state", "in flight", "answered",
+                                         "failed tries", "last error"], rows, "")
 
 
 def _restarts_table(restarts: list) -> str:

@@ -34,15 +34,16 @@ def report(settings: Settings, api_url: str) -> str:
     lines = [f"vLLM Batch Server {__version__} diagnose, {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
              f" on {socket.gethostname()}",
              f"API {api_url}, DATA_DIR {settings.data_dir.resolve()}, LOG_DIR {settings.log_dir.resolve()}"]
-    # One read of workers and restarts serves every section below; None when there is no database.
-    snapshot: tuple[list, list] | None = None
+    # One read of workers, restarts and backends serves every section below; None when there is
+    # no database.
+    snapshot: tuple[list, list, list] | None = None
 
     def database_section() -> Iterator[str]:
         nonlocal snapshot
         db = connect(settings)
         yield from _database(db, problems)
         with db.connect() as conn:
-            snapshot = overview.workers(conn), overview.restart_history(conn, 20)
+            snapshot = overview.workers(conn), overview.restart_history(conn, 20), overview.backends(conn)
 
     sections: list[tuple[str, Callable[[], Iterator[str]]]] = [
         ("Ports", lambda: _ports(settings, problems)),
@@ -50,6 +51,7 @@ def report(settings: Settings, api_url: str) -> str:
         ("Database", database_section),
         ("Watchdog", lambda: _watchdog(problems)),
         ("Workers", lambda: _workers(snapshot, settings, problems)),
+        ("Backends of pool workers", lambda: _backends(snapshot, problems)),
         ("Restarts (latest 20)", lambda: _restarts(snapshot)),
         ("Worker logs (last 10 lines each)", lambda: _worker_logs(snapshot, settings)),
         ("GPU", _gpus),
@@ -144,11 +146,11 @@ def _process_state(pid: int) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def _workers(snapshot: tuple[list, list] | None, settings: Settings, problems: list[str]) -> Iterator[str]:
+def _workers(snapshot: tuple[list, list, list] | None, settings: Settings, problems: list[str]) -> Iterator[str]:
     if snapshot is None:
         yield "not checked: no database"
         return
-    rows, _ = snapshot
+    rows = snapshot[0]
     if not rows:
         yield "no worker has registered"
         problems.append("no worker has registered")
@@ -178,11 +180,26 @@ def _workers(snapshot: tuple[list, list] | None, settings: Settings, problems: l
                             f"{last_restart}")
 
 
-def _restarts(snapshot: tuple[list, list] | None) -> Iterator[str]:
+def _backends(snapshot: tuple[list, list, list] | None, problems: list[str]) -> Iterator[str]:
     if snapshot is None:
         yield "not checked: no database"
         return
-    _, rows = snapshot
+    rows = snapshot[2]
+    if not rows:
+        yield "none (no pool worker runs)"
+    for row in rows:
+        failed = sum(row.errors.values())
+        yield (f"{row.slot}: {row.url} ({row.model}) {row.state}, {row.in_flight} in flight, {row.completed} "
+               f"answered, {failed} failed tries" + (f"; last error: {row.last_error}" if row.last_error else ""))
+        if row.state != "healthy":
+            problems.append(f"backend {row.url} of worker {row.slot} is {row.state}: {row.last_error or 'no detail'}")
+
+
+def _restarts(snapshot: tuple[list, list, list] | None) -> Iterator[str]:
+    if snapshot is None:
+        yield "not checked: no database"
+        return
+    rows = snapshot[1]
     if not rows:
         yield "none"
     for row in rows:
@@ -190,7 +207,7 @@ def _restarts(snapshot: tuple[list, list] | None) -> Iterator[str]:
         yield f"{row.restarted_at.isoformat(timespec='seconds')} {row.slot} on {row.host}: {row.reason}{exit_code}"
 
 
-def _worker_logs(snapshot: tuple[list, list] | None, settings: Settings) -> Iterator[str]:
+def _worker_logs(snapshot: tuple[list, list, list] | None, settings: Settings) -> Iterator[str]:
     slots = {row.slot for row in snapshot[0]} if snapshot else set()
     slots |= {path.stem.removeprefix("worker-") for path in settings.log_dir.glob("worker-*.log")}
     for path in [log_path(settings, "watchdog")] + [worker_log_path(settings, slot) for slot in sorted(slots)]:

@@ -122,6 +122,12 @@ def workers() -> None:
 
 
 @app.command()
+def backends() -> None:
+    """Backends of pool workers: state, requests in flight and answered, failed tries, last error."""
+    operator_commands.backends_table(operator_commands.connect(get_settings()))
+
+
+@app.command()
 def diagnose() -> None:
     """One report of ports, API, database, workers, restarts, logs, GPUs and disk."""
     print(report(get_settings(), options.api_url))

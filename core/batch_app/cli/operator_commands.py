@@ -1,4 +1,5 @@
-"""The operator's commands, read from and written to the database: workers, keys, worker reset."""
+"""The operator's commands, read from and written to the database: workers, backends, keys,
+worker reset."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .errors import CommandError
 
 console = Console()
 STATUS_STYLE = {WorkerStatus.BUSY: "green", WorkerStatus.IDLE: "green", WorkerStatus.LOADING: "yellow",
+                WorkerStatus.NO_BACKEND: "bold red",
                 WorkerStatus.DRAINING: "yellow", WorkerStatus.STOPPED: "dim", WorkerStatus.DEAD: "bold red"}
 
 
@@ -43,6 +45,23 @@ def workers_table(db: Database) -> None:
                       f"{describe_age(row.heartbeat_age)} ago",
                       f"{row.requests_done} done, {row.tokens_done} tokens, {row.in_flight} in flight",
                       str(row.restarts_last_hour), row.model, str(row.pid), row.host)
+    console.print(table)
+
+
+def backends_table(db: Database) -> None:
+    with db.connect() as conn:
+        rows = overview.backends(conn)
+    if not rows:
+        console.print("no pool worker reports backends (set BACKENDS, or a WORKERS entry with engine openai-http)")
+        return
+    table = Table(Column("worker", no_wrap=True), Column("backend", no_wrap=True), "model", "state", "in flight",
+                  "answered", "failed tries", "last error", "checked")
+    for row in rows:
+        style = "green" if row.state == "healthy" else "bold red"
+        failed = ", ".join(f"{kind} {n}" for kind, n in sorted(row.errors.items())) or "0"
+        checked = f"{describe_age(row.checked_age)} ago" if row.checked_age is not None else "not yet"
+        table.add_row(row.slot, row.url, row.model, f"[{style}]{row.state}[/{style}]", str(row.in_flight),
+                      str(row.completed), failed, row.last_error or "", checked)
     console.print(table)
 
 

@@ -110,7 +110,10 @@ def _model_errors(conn: Connection, settings: Settings, model: str | None,
         served = ", ".join(sorted(liveness)) or "none yet"
         return [LineError("model_not_found", f"Model '{model}' is not served here (served: {served}).",
                           line, "body.model")]
-    live, last_seen_age = liveness[model]
+    live, no_backend, last_seen_age = liveness[model]
+    if settings.require_live_worker and not live and no_backend:
+        raise NoLiveWorker(f"No backend serving model '{model}' is healthy (see `batchctl backends`).",
+                           code="worker_offline")
     if settings.require_live_worker and not live:
         raise NoLiveWorker(f"Worker offline (last seen {int(last_seen_age)} s ago) for model '{model}'.",
                            code="worker_offline")

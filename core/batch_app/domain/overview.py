@@ -6,7 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .registry import RESET_REASON, restarts_in_last_hour_sql
-from .statuses import UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
+from .statuses import ENDED_WORKER_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
 
 # The newest process of every slot, with what an operator asks first: alive? how long since its
 # last beat? how far has it got? how often, and why last, has it been restarted lately?
@@ -48,6 +48,33 @@ def restart_history(conn: Connection, limit: int = 20) -> list:
     return conn.execute(_RESTARTS, {"limit": limit}).all()
 
 
+# The backends of live pool workers (a pool worker reports them with its heartbeat).
+_BACKENDS = text(f"""
+SELECT w.slot, w.host, b.model, b.url, b.state, b.in_flight, b.completed, b.errors, b.last_error,
+       extract(epoch FROM now() - b.checked_at) AS checked_age
+FROM workers w JOIN backends b ON b.worker_id = w.id
+WHERE w.status NOT IN ({sql_list(ENDED_WORKER_STATUSES)})
+ORDER BY w.host, w.slot, b.url
+""")
+# Requests answered and failed tries by backend, over every pool worker that ever ran (counters).
+_BACKEND_ANSWERS = text("SELECT url, sum(completed) AS n FROM backends GROUP BY url")
+_BACKEND_ERRORS = text("""
+SELECT b.url, e.key AS error, sum(e.value::bigint) AS n FROM backends b, jsonb_each_text(b.errors) e GROUP BY 1, 2
+""")
+
+
+def backends(conn: Connection) -> list:
+    """The backends of the live pool workers: state, requests in flight and answered, failed
+    tries by error type, the last error and the age of the last health check."""
+    return conn.execute(_BACKENDS).all()
+
+
+def backend_totals(conn: Connection) -> tuple[list, list]:
+    """(rows of url and requests answered, rows of url, error type and failed tries), summed
+    over every pool worker that ever reported the backend."""
+    return conn.execute(_BACKEND_ANSWERS).all(), conn.execute(_BACKEND_ERRORS).all()
+
+
 # --- Counts for /metrics. Label values come from bounded sets: statuses, served models, slots. ---
 
 # Requests by status without reading finished request rows: those still queued or running are
@@ -82,9 +109,9 @@ _RESTARTS_BY_SLOT = text(f"SELECT slot, count(*) AS n FROM worker_restarts WHERE
                          "GROUP BY slot")
 
 # Histograms in one pass each: width_bucket gives every value the number of bounds at or below it.
+# Batch rows only: a scrape never reads the requests ever stored.
 _QUEUE_WAITS = """
-SELECT extract(epoch FROM r.claimed_at - b.created_at) AS seconds
-FROM batch_requests r JOIN batches b ON b.id = r.batch_id WHERE r.claimed_at IS NOT NULL
+SELECT extract(epoch FROM in_progress_at - created_at) AS seconds FROM batches WHERE in_progress_at IS NOT NULL
 """
 _BATCH_DURATIONS = """
 SELECT extract(epoch FROM completed_at - created_at) AS seconds FROM batches WHERE completed_at IS NOT NULL
@@ -112,7 +139,7 @@ def restarts_by_slot(conn: Connection) -> list:
 
 
 def queue_wait_histogram(conn: Connection, bounds: list[float]) -> tuple[list[int], float]:
-    """Per-bound cumulative counts and the sum of seconds from batch creation to each request's claim."""
+    """Per-bound cumulative counts and the sum of seconds from each batch's creation to its first claim."""
     return _histogram(conn, _QUEUE_WAITS, bounds)
 
 

@@ -48,10 +48,11 @@ class ClaimedRequest:
     custom_id: str
     body: dict[str, Any]
     attempt: int
+    crashes: int = 0
 
     def is_last_attempt(self, max_attempts: int) -> bool:
-        """A crash survivor on its last attempt: it runs alone (see _PICK)."""
-        return self.attempt > 1 and self.attempt >= max_attempts
+        """A crash survivor on its last attempt: it runs alone (see _PICK_SUSPECT)."""
+        return self.crashes > 0 and self.crashes >= max_attempts - 1
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,15 @@ class Completion:
     completion_tokens: int
 
 
-# A request queued with attempt > 0 was in flight on a worker that died. One about to start its
-# last attempt (attempt = MAX_ATTEMPTS - 1) is a "suspect": were it to crash a worker once more
+# A request queued with crashes > 0 was in flight on a worker that died of a fault that may have
+# been its own (see _RESCUE). One with MAX_ATTEMPTS - 1 crashes is a "suspect": were it to crash a worker once more
 # it would fail as poison, so it runs alone on an otherwise idle engine, and a request that
 # crashes workers is caught alone while its neighbours are never failed for its crashes. Before
 # their last attempt, crash survivors run in ordinary groups, so one crash does not slow a
 # whole batch down to one request at a time.
 _PICK_SUSPECT = f"""
     SELECT id FROM batch_requests
-    WHERE status = '{_QUEUED}' AND model = :model AND {{attempts}}
+    WHERE status = '{_QUEUED}' AND model = :model AND {{suspects}}
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -85,7 +86,7 @@ _PICK_SUSPECT = f"""
 # others, and the claim keeps the first `limit` by rank.
 def _ordinary(q: str) -> str:
     """Rows of `q` queued for the model and before their last attempt (those are suspects)."""
-    return f"{q}.status = '{_QUEUED}' AND {q}.model = :model AND {q}.attempt < greatest(:last_attempt - 1, 1)"
+    return f"{q}.status = '{_QUEUED}' AND {q}.model = :model AND {q}.crashes < greatest(:last_attempt - 1, 1)"
 
 
 _PICK_FAIRLY = f"""
@@ -110,13 +111,13 @@ UPDATE batch_requests r
 SET status = '{_RUNNING}', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
 FROM picked, batches b
 WHERE r.id = picked.id AND b.id = r.batch_id
-RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.priority, r.project
+RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.crashes, r.priority, r.project
 """
 
-# `attempt > 0` spelled out lets the suspects' partial index serve the suspect statements.
-_SUSPECT = "attempt > 0 AND attempt >= :last_attempt - 1"
+# `crashes > 0` spelled out lets the suspects' partial index serve the suspect statements.
+_SUSPECT = "crashes > 0 AND crashes >= :last_attempt - 1"
 _CLAIM_ORDINARY = text(f"WITH RECURSIVE {_PICK_FAIRLY} {_TAKE}")
-_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK_SUSPECT.format(attempts=_SUSPECT)}) {_TAKE}")
+_CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK_SUSPECT.format(suspects=_SUSPECT)}) {_TAKE}")
 _SUSPECTS_WAITING = text(f"""
 SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
 """)
@@ -150,7 +151,7 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
     if rows:
         conn.execute(_MARK_IN_PROGRESS, {"batch_ids": sorted({row.batch_id for row in rows})})
     # UPDATE ... RETURNING has no order: hand requests to the engine in claim order.
-    return [ClaimedRequest(row.id, row.batch_id, row.endpoint, row.custom_id, row.body, row.attempt)
+    return [ClaimedRequest(row.id, row.batch_id, row.endpoint, row.custom_id, row.body, row.attempt, row.crashes)
             for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
 
 
@@ -269,21 +270,28 @@ def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) ->
 
 # --- Rescue: requests of dead workers go back to the queue, or fail as poison. ---
 
+# A death counts as a crash of the requests the worker held unless it was killed from outside
+# (`workers.blames_requests`, set by the watchdog): an operator's or a scheduler's SIGKILL says
+# nothing about the requests, while an exception, a crash signal, a hang or an OOM kill may be
+# their doing. Each run still counts in `attempt`.
 _RESCUE = text(f"""
-WITH orphaned AS (SELECT r.id FROM batch_requests r JOIN workers w ON w.id = r.worker_id
+WITH orphaned AS (SELECT r.id, w.blames_requests AND r.crashes + 1 >= :max_attempts AS poisoned,
+                         w.blames_requests::int AS crash
+                  FROM batch_requests r JOIN workers w ON w.id = r.worker_id
                   WHERE r.status = '{_RUNNING}' AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
                   ORDER BY r.id FOR UPDATE OF r),
 done AS (UPDATE batch_requests r
-    SET status = CASE WHEN r.attempt >= :max_attempts THEN '{_FAILED}' ELSE '{_QUEUED}' END,
-        error = CASE WHEN r.attempt >= :max_attempts THEN jsonb_build_object(
+    SET status = CASE WHEN o.poisoned THEN '{_FAILED}' ELSE '{_QUEUED}' END,
+        crashes = r.crashes + o.crash,
+        error = CASE WHEN o.poisoned THEN jsonb_build_object(
             'code', 'poison_request',
-            'message', format('This request was in flight on %s workers that died; it is not retried again.',
-                              r.attempt))
+            'message', format('This request was in flight on %s workers that crashed; it is not retried again.',
+                              r.crashes + 1))
             END,
-        finished_at = CASE WHEN r.attempt >= :max_attempts THEN now() END,
-        worker_id = CASE WHEN r.attempt >= :max_attempts THEN r.worker_id END
-    FROM orphaned
-    WHERE r.id = orphaned.id
+        finished_at = CASE WHEN o.poisoned THEN now() END,
+        worker_id = CASE WHEN o.poisoned THEN r.worker_id END
+    FROM orphaned o
+    WHERE r.id = o.id
     RETURNING {_DONE_COLUMNS}),
 {_COUNT}
 SELECT id, batch_id, status FROM done

@@ -1,6 +1,7 @@
 """The worker registry: the `workers` and `worker_restarts` tables, read and written by every
 process. A worker registers and beats here; the watchdog finds its workers' states, records
-restarts and counts them against the hourly cap; the API asks which models are served.
+restarts and counts them against the hourly cap; the API asks which models are served. A pool
+worker also reports its backends (the `backends` table).
 
 A worker row is one process start, under an id the watchdog chose for it. The restart count
 of a slot is the one query `RESTARTS_IN_LAST_HOUR`: restarts of the last hour since the slot's
@@ -9,10 +10,12 @@ latest `batchctl worker reset`.
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .statuses import ENDED_WORKER_STATUSES, WorkerStatus, sql_list
+from .statuses import ENDED_WORKER_STATUSES, SERVING_WORKER_STATUSES, WorkerStatus, sql_list
 
 _ENDED = sql_list(ENDED_WORKER_STATUSES)
 
@@ -50,6 +53,27 @@ def heartbeat(conn: Connection, *, worker_id: str, status: WorkerStatus, in_flig
     return row.first() is not None
 
 
+# A pool worker's backends, upserted with each heartbeat.
+_REPORT_BACKENDS = text("""
+INSERT INTO backends AS b (worker_id, url, model, state, in_flight, completed, errors, last_error, checked_at)
+SELECT :worker_id, r.url, :model, r.state, r.in_flight, r.completed, r.errors, r.last_error, to_timestamp(r.checked_at)
+FROM json_to_recordset(CAST(:backends AS json))
+     AS r(url text, state text, in_flight int, completed bigint, errors jsonb, last_error text, checked_at float8)
+ORDER BY r.url
+ON CONFLICT (worker_id, url) DO UPDATE
+SET state = excluded.state, in_flight = excluded.in_flight, completed = excluded.completed,
+    errors = excluded.errors, last_error = excluded.last_error, checked_at = excluded.checked_at
+""")
+
+
+def report_backends(conn: Connection, worker_id: str, model: str, states: list) -> None:
+    """Record a pool's backends (engines.openai_http.BackendState) for batchctl, the status page
+    and /metrics."""
+    conn.execute(_REPORT_BACKENDS, {"worker_id": worker_id, "model": model, "backends": json.dumps([
+        {"url": s.url, "state": s.state, "in_flight": s.in_flight, "completed": s.completed,
+         "errors": dict(s.errors), "last_error": s.last_error, "checked_at": s.checked_at} for s in states])})
+
+
 # --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old. ---
 
 _MARK_SILENT_DEAD = text(f"""
@@ -60,7 +84,8 @@ RETURNING id
 
 # A worker that stopped cleanly keeps its `stopped`: it handed everything back itself.
 _MARK_DEAD = text(f"""
-UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped_at, now())
+UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped_at, now()),
+                   blames_requests = :blames_requests
 WHERE id = :worker_id AND status NOT IN ({_ENDED})
 """)
 
@@ -69,26 +94,30 @@ def mark_silent_workers_dead(conn: Connection, heartbeat_timeout: float) -> None
     conn.execute(_MARK_SILENT_DEAD, {"timeout": heartbeat_timeout})
 
 
-def mark_worker_dead(conn: Connection, worker_id: str) -> None:
-    conn.execute(_MARK_DEAD, {"worker_id": worker_id})
+def mark_worker_dead(conn: Connection, worker_id: str, blames_requests: bool = True) -> None:
+    """`blames_requests` false: it was killed from outside, and its requests are not charged a crash."""
+    conn.execute(_MARK_DEAD, {"worker_id": worker_id, "blames_requests": blames_requests})
 
 
 # --- What the API asks: which models are served, and is anyone alive for them. ---
 
 _LIVENESS = text(f"""
 SELECT model,
-       bool_or(status NOT IN ({_ENDED})
+       bool_or(status IN ({sql_list(SERVING_WORKER_STATUSES)})
                AND last_seen > now() - make_interval(secs => :timeout)) AS live,
+       bool_or(status = '{WorkerStatus.NO_BACKEND}'
+               AND last_seen > now() - make_interval(secs => :timeout)) AS no_backend,
        extract(epoch FROM now() - max(last_seen)) AS age,
        min(started_at) AS first_seen
 FROM workers GROUP BY model
 """)
 
 
-def model_liveness(conn: Connection, heartbeat_timeout: float) -> dict[str, tuple[bool, float]]:
-    """{model: (has a live worker, seconds since any of its workers was last seen)}."""
+def model_liveness(conn: Connection, heartbeat_timeout: float) -> dict[str, tuple[bool, bool, float]]:
+    """{model: (a live worker serves it, a live pool worker waits for a healthy backend, seconds
+    since any of its workers was last seen)}."""
     rows = conn.execute(_LIVENESS, {"timeout": heartbeat_timeout}).all()
-    return {row.model: (row.live, float(row.age)) for row in rows}
+    return {row.model: (row.live, row.no_backend, float(row.age)) for row in rows}
 
 
 def served_models(conn: Connection, heartbeat_timeout: float) -> list[dict]:

@@ -35,6 +35,7 @@ class WorkerStatus(StrEnum):
     LOADING = "loading"
     IDLE = "idle"
     BUSY = "busy"
+    NO_BACKEND = "no_backend"  # a pool worker none of whose servers is healthy: it claims nothing
     DRAINING = "draining"
     STOPPED = "stopped"
     DEAD = "dead"
@@ -47,7 +48,10 @@ ACTIVE_BATCH_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
 UNFINISHED_REQUEST_STATUSES = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 # A worker in one of these holds nothing: whatever it ran was handed back or rescued.
 ENDED_WORKER_STATUSES = (WorkerStatus.STOPPED, WorkerStatus.DEAD)
-LIVE_WORKER_STATUSES = (WorkerStatus.LOADING, WorkerStatus.IDLE, WorkerStatus.BUSY, WorkerStatus.DRAINING)
+LIVE_WORKER_STATUSES = (WorkerStatus.LOADING, WorkerStatus.IDLE, WorkerStatus.BUSY, WorkerStatus.NO_BACKEND,
+                        WorkerStatus.DRAINING)
+# A worker in one of these serves its model (the API accepts batches for it).
+SERVING_WORKER_STATUSES = (WorkerStatus.LOADING, WorkerStatus.IDLE, WorkerStatus.BUSY, WorkerStatus.DRAINING)
 
 
 def sql_list(statuses: Iterable[StrEnum]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -115,7 +116,9 @@ batch_requests = Table(
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("body", JSONB, nullable=False),
     Column("status", Text, nullable=False, server_default=RequestStatus.QUEUED.value),
-    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("attempt", Integer, nullable=False, server_default="0"),  # runs, each under its own claim
+    # Deaths of workers running it that may have been its fault: MAX_ATTEMPTS of them make it poison.
+    Column("crashes", Integer, nullable=False, server_default="0"),
     Column("worker_id", UUID(as_uuid=False)),
     # A finished request keeps the HTTP status and body it answered with (the engine's own
     # rejections included); `error` holds failures that have no response (expired, poison...).
@@ -143,7 +146,7 @@ batch_requests = Table(
     # Every claim first asks whether crash survivors wait (queue.claim); without this index that
     # question reads every queued row of the model.
     Index("batch_requests_suspects", "model",
-          postgresql_where=text(f"status = '{RequestStatus.QUEUED}' AND attempt > 0")),
+          postgresql_where=text(f"status = '{RequestStatus.QUEUED}' AND crashes > 0")),
     _status_check("batch_requests", RequestStatus),
 )
 
@@ -175,12 +178,29 @@ workers = Table(
     Column("requests_done", BigInteger, nullable=False, server_default="0"),
     Column("tokens_done", BigInteger, nullable=False, server_default="0"),
     Column("in_flight", Integer, nullable=False, server_default="0"),
+    # Whether its death counts as a crash of the requests it held (not when it was killed from outside).
+    Column("blames_requests", Boolean, nullable=False, server_default="true"),
     _now_column("started_at"),
     _now_column("last_seen"),
     _now_column("last_progress_at"),
     _optional_time("stopped_at"),
     Index("workers_model_last_seen", "model", "last_seen"),
     _status_check("workers", WorkerStatus),
+)
+
+# The servers of a pool worker (the `openai-http` engine), as its heartbeat last reported them.
+backends = Table(
+    "backends",
+    metadata,
+    Column("worker_id", UUID(as_uuid=False), ForeignKey("workers.id", ondelete="CASCADE"), primary_key=True),
+    Column("url", Text, primary_key=True),  # as configured: metrics label backends by it
+    Column("model", Text, nullable=False),
+    Column("state", Text, nullable=False),  # healthy, connection_refused, timeout, http_<status>, ...
+    Column("in_flight", Integer, nullable=False, server_default="0"),
+    Column("completed", BigInteger, nullable=False, server_default="0"),
+    Column("errors", JSONB, nullable=False, server_default="{}"),  # failed tries by error type
+    Column("last_error", Text, nullable=False, server_default=""),
+    _optional_time("checked_at"),
 )
 
 # What the watchdog restarted, when and why: the hourly cap survives a watchdog restart.

@@ -26,6 +26,7 @@ class EngineRequest:
     key: str  # unique among the engine's in-flight requests
     endpoint: str  # "/v1/chat/completions", "/v1/completions" or "/v1/embeddings"
     body: dict[str, Any]
+    custom_id: str = ""  # the user's, for log lines
 
 
 # A result with this status was not served: the worker queues the request again, uncharged.
@@ -73,6 +74,10 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
+    # An engine that sends requests to servers (openai_http.py) also has `backend_states()`:
+    # their health, which the heartbeat records. `max_in_flight` is then the room of its healthy
+    # servers, and 0 while none is healthy.
+
 
 def error_result(key: str, message: str, *, code: str | None = None, param: str | None = None,
                  status_code: int = 400, error_type: str = "invalid_request_error") -> EngineResult:
@@ -87,7 +92,7 @@ def error_result(key: str, message: str, *, code: str | None = None, param: str 
 class EngineSpec:
     """What a worker needs to build its engine; GPU-only options are passed through untouched."""
 
-    kind: str  # "vllm", or "package.module:Class" for another implementation
+    kind: str  # "vllm", "openai-http" (a pool of servers), or "package.module:Class"
     model_path: str
     served_name: str
     runner: str = "generate"  # "generate" or "pooling"

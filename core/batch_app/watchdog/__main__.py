@@ -5,11 +5,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sys
+import time
+
+from pydantic import ValidationError
 
 from .. import alerts
-from ..config import get_settings
+from ..config import Settings, get_settings
 from ..database import database_url, migrate, open_database
 from ..logs import configure_logging
 from ..outage import outage
@@ -25,6 +31,13 @@ def main() -> int:
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
     db = open_database(url, pool_size=3)  # supervision, housekeeping, and a spare
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
+    try:
+        if settings.backends.strip() and not settings.workers.strip():
+            settings = pool_settings(settings)
+        settings.worker_slots()
+    except (ValidationError, ValueError) as exc:
+        log.error("the worker configuration is invalid (WORKERS or BACKENDS): %s", exc)
+        return 2
     supervisor = Supervisor(db, settings)
     supervisor.install_signal_handlers()
     log.info("watchdog supervising %s", ", ".join(slot.config.slot for slot in supervisor.slots))
@@ -42,6 +55,27 @@ def main() -> int:
         alerts.flush()
     log.info("watchdog stopped")
     return 0
+
+
+def pool_settings(settings: Settings) -> Settings:
+    """BACKENDS alone: one pool worker per model the backends list in GET /v1/models, served
+    under that name. Waits while no backend answers. The workers read the same slots from
+    WORKERS, which is set here for them."""
+    from ..config import POOL_ENGINE, WorkerSlot, parse_backends
+    from ..engines.openai_http import served_models
+
+    backends = WorkerSlot(slot="pool", backends=parse_backends(settings.backends)).backends
+    delay = 1.0
+    while not (models := served_models(backends, settings.backend_api_key)):
+        log.warning("no backend of BACKENDS lists its models yet; asking again in %.0f s", delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+    slots = [WorkerSlot(slot="pool-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model), model=model, engine=POOL_ENGINE, backends=serving,
+                        api_key=settings.backend_api_key) for model, serving in sorted(models.items())]
+    for slot in slots:
+        log.info("backends %s serve %s: pool worker %s", ", ".join(b.url for b in slot.backends), slot.model, slot.slot)
+    os.environ["WORKERS"] = json.dumps([slot.model_dump(exclude_defaults=True) for slot in slots])
+    return Settings(workers=os.environ["WORKERS"])
 
 
 if __name__ == "__main__":

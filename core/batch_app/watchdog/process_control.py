@@ -45,6 +45,37 @@ def kill_group(pgid: int, grace: float) -> list[int]:
     return [process.pid for process in _wait_gone(group_members(pgid), 10)]
 
 
+def oom_kills() -> int | None:
+    """Processes the kernel's OOM killer has killed so far: in this process's cgroup (v2, where
+    the workers live too), else on the whole host; None where neither can be read."""
+    counters = ["/proc/vmstat"]
+    try:
+        with open("/proc/self/cgroup") as cgroups:
+            unified = next((line[3:].strip() for line in cgroups if line.startswith("0::")), "/")
+        if unified != "/":
+            counters.insert(0, f"/sys/fs/cgroup{unified}/memory.events")
+    except OSError:
+        pass
+    for path in counters:
+        try:
+            with open(path) as lines:
+                return next(int(line.split()[1]) for line in lines if line.startswith("oom_kill "))
+        except (OSError, ValueError, StopIteration):
+            continue
+    return None
+
+
+def death_blames_requests(exit_code: int | None, oom_kills_at_start: int | None) -> bool:
+    """Whether a death may be the doing of the requests the worker held: anything but a SIGKILL
+    from outside. The kernel's OOM killer sends SIGKILL too, so a SIGKILL blames them when an OOM
+    kill happened since the worker started, or when that cannot be known. A hang, a stall or a
+    failed start-up (no exit code: the watchdog's own verdict) blames them as well."""
+    if exit_code != -signal.SIGKILL:
+        return True
+    now = oom_kills()
+    return now is None or oom_kills_at_start is None or now > oom_kills_at_start
+
+
 def is_worker_group(pgid: int) -> bool:
     """Whether the group still holds a worker of ours or what it started (vLLM titles its
     EngineCore and worker processes `VLLM::...`)."""

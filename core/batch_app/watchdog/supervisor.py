@@ -38,7 +38,7 @@ from ..domain.statuses import WorkerStatus
 from ..logs import tail_lines, worker_log_path
 from ..outage import is_unreachable, outage
 from ..shutdown import FENCED_EXIT_CODE, stop_on_signals
-from .process_control import describe_exit, is_worker_group, kill_group
+from .process_control import death_blames_requests, describe_exit, is_worker_group, kill_group, oom_kills
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class SlotState:
     consecutive_failures: int = 0
     next_start: float = 0.0
     at_cap: bool = False
-    # A failure whose bookkeeping (declared dead, restart counted) waits for the database.
-    unsettled: tuple[str, int | None] | None = None
+    # A failure whose bookkeeping (declared dead, restart counted) waits for the database:
+    # (reason, exit code, whether it blames the requests the worker held).
+    unsettled: tuple[str, int | None, bool] | None = None
+    oom_kills_at_start: int | None = None
     # The process group of the last worker, until nothing of it is left.
     old_group: int | None = None
     log_path: Path = field(default_factory=Path)
@@ -100,7 +102,7 @@ class Supervisor:
             if is_worker_group(row.pid):
                 log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)
                 kill_group(row.pid, self.settings.kill_grace)
-            self._declare_dead(str(row.id))
+            self._declare_dead(str(row.id), blames_requests=False)  # a watchdog's end is not theirs
         for slot in self.slots:
             slot.at_cap = self._at_cap(slot)
             if slot.at_cap:
@@ -172,9 +174,12 @@ class Supervisor:
     def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
         """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
         name, pid = slot.config.slot, slot.process.pid
-        log.warning("worker %s (pid %d): %s; killing its process group", name, pid, reason)
+        blames = death_blames_requests(exit_code, slot.oom_kills_at_start)
+        log.warning("worker %s (pid %d): %s%s; killing its process group", name, pid, reason,
+                    "" if blames else " from outside, with no OOM kill since it started: its requests run again "
+                                      "without being charged a crash")
         try:  # fenced first: from now on nothing it still does counts, and its requests go back
-            self._declare_dead(slot.worker_id)
+            self._declare_dead(slot.worker_id, blames)
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -184,17 +189,17 @@ class Supervisor:
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
         _reap(slot.process)
         slot.process, slot.old_group = None, pid
-        slot.unsettled = (reason, exit_code)
+        slot.unsettled = (reason, exit_code, blames)
         self._settle(slot)
 
     def _settle(self, slot: SlotState) -> None:
         """Record a failure (worker dead, requests back, restart counted), then alert and schedule
         the restart; while the database is unreachable the slot waits, stopped."""
-        reason, exit_code = slot.unsettled
+        reason, exit_code, blames = slot.unsettled
         name = slot.config.slot
         charged = exit_code not in _UNCHARGED_EXITS
         try:
-            self._declare_dead(slot.worker_id)
+            self._declare_dead(slot.worker_id, blames)
             with self.db.begin() as conn:
                 slot.at_cap = registry.restarts_in_last_hour(conn, self.host, name) >= \
                     self.settings.max_restarts_per_hour
@@ -228,10 +233,10 @@ class Supervisor:
         alerts.alert("warning", f"Worker {name} crashed and is being restarted in {delay:.0f} s: {reason}",
                      tags=tags, extra=extra)
 
-    def _declare_dead(self, worker_id: str) -> None:
+    def _declare_dead(self, worker_id: str, blames_requests: bool) -> None:
         """Mark the worker dead and hand its running requests back at once (no time-out wait)."""
         with self.db.begin() as conn:
-            registry.mark_worker_dead(conn, worker_id)
+            registry.mark_worker_dead(conn, worker_id, blames_requests)
         housekeeping.rescue(self.db, self.settings)  # batches it completes are finalized by housekeeping
 
     def _at_cap(self, slot: SlotState) -> bool:
@@ -277,6 +282,7 @@ class Supervisor:
             slot.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         slot.started_at = time.monotonic()
+        slot.oom_kills_at_start = oom_kills()
         log.info("started worker %s (pid %d): %s", config.slot, slot.process.pid, " ".join(command[2:]))
 
     def stop_all(self) -> None:

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from ..alerts import init_sentry
-from ..config import Settings, WorkerSlot, get_settings
+from ..config import POOL_ENGINE, Settings, WorkerSlot, get_settings
 from ..database import database_url, open_database
 from ..domain import registry
 from ..engines import load_engine
@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def engine_spec(slot: WorkerSlot, settings: Settings) -> EngineSpec:
+    if slot.is_pool():  # the backends hold the model: `model` is the name they serve it under
+        return EngineSpec(kind=POOL_ENGINE, model_path=slot.model, served_name=slot.served_name or slot.model,
+                          options=slot.pool_options())
     choice = resolve_model(slot.model, settings.data_dir, slot.served_name)
     return EngineSpec(kind=slot.engine or settings.engine, model_path=choice.path, served_name=choice.served_name,
                       runner=choice.runner, max_model_len=slot.max_model_len, max_in_flight=slot.max_in_flight,

@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 class Heartbeat(threading.Thread):
     def __init__(self, db: Database, worker_id: str, interval: float,
-                 sample: Callable[[], tuple[WorkerStatus, int, EngineProgress]]):
+                 sample: Callable[[], tuple[WorkerStatus, int, EngineProgress, list]], model: str):
         super().__init__(name="heartbeat", daemon=True)
         self.db = db
         self.worker_id = worker_id
         self.interval = interval
-        self.sample = sample  # -> (status, requests in flight, progress counters)
+        self.sample = sample  # -> (status, requests in flight, progress counters, a pool's backends)
+        self.model = model
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._steps_reported = 0
@@ -42,13 +43,15 @@ class Heartbeat(threading.Thread):
             self._wake.clear()
 
     def beat(self) -> None:
-        status, in_flight, progress = self.sample()
+        status, in_flight, progress, backends = self.sample()
         try:
             with self.db.begin() as conn:
                 alive = registry.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
                                         requests_done=progress.requests_finished,
                                         tokens_done=progress.tokens_generated,
                                         progressed=progress.steps != self._steps_reported)
+                if alive and backends:
+                    registry.report_backends(conn, self.worker_id, self.model, backends)
         except Exception as exc:  # nothing may end this thread; the next beat retries
             if is_unreachable(exc):
                 outage.failed(exc, "writing the heartbeat")

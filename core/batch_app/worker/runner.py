@@ -59,14 +59,15 @@ class Runner:
         self._last_ownership_query = 0.0
         self._reconciled_at = time.monotonic()
         self.stopping = threading.Event()
-        self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample)
+        self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample, model)
         self.writer = ResultWriter(db, worker_id)
         self.housekeeper = Housekeeper(db, settings)
         self.work_signal = WorkSignal(db)
 
-    def _sample(self) -> tuple[WorkerStatus, int, EngineProgress]:
+    def _sample(self) -> tuple[WorkerStatus, int, EngineProgress, list]:
         progress = self.engine.progress if self.engine is not None else EngineProgress()
-        return self.status, len(self.in_flight), progress
+        backends = getattr(self.engine, "backend_states", list)() if self.engine is not None else []
+        return self.status, len(self.in_flight), progress, backends
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self.stopping, log, "no new claims; finishing in-flight requests")
@@ -79,7 +80,7 @@ class Runner:
         self.engine = engine
         self.writer.start()
         self.housekeeper.start()
-        self._set_status(WorkerStatus.IDLE)
+        self._set_status(self._idle_status())
         last_ownership = last_log = time.monotonic()
         logged_requests, logged_tokens = 0, 0
         idle_until = 0.0
@@ -97,7 +98,7 @@ class Runner:
                 self._set_status(WorkerStatus.BUSY)
                 self._collect(engine.step())
             else:
-                self._set_status(WorkerStatus.IDLE)
+                self._set_status(self._idle_status())
                 # Short slices keep SIGTERM and the periodic checks below prompt.
                 if self.work_signal.wait(min(0.25, max(0.0, idle_until - time.monotonic()))):
                     idle_until = 0.0
@@ -112,6 +113,10 @@ class Runner:
                              (tokens - logged_tokens) / (now - last_log), len(self.in_flight))
                 logged_requests, logged_tokens, last_log = done, tokens, now
         self._drain()
+
+    def _idle_status(self) -> WorkerStatus:
+        """Idle, or waiting for a backend: a pool whose servers are all down has no room at all."""
+        return WorkerStatus.IDLE if self.engine.max_in_flight > 0 else WorkerStatus.NO_BACKEND
 
     def _may_claim(self) -> bool:
         """Claim when a quarter of the window is free (or nothing runs), unless a suspect runs
@@ -148,7 +153,8 @@ class Runner:
         for request in claimed:
             key = str(request.id)
             self.in_flight[key] = request
-            rejected = self.engine.add(EngineRequest(key=key, endpoint=request.endpoint, body=request.body))
+            rejected = self.engine.add(EngineRequest(key=key, endpoint=request.endpoint, body=request.body,
+                                                     custom_id=request.custom_id))
             if rejected is not None:
                 self._collect([rejected])
         return True

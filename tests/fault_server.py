@@ -1,0 +1,66 @@
+"""A fault-injecting HTTP proxy in front of a real server: `python tests/fault_server.py PORT TARGET`.
+
+Of every five POSTs, one is answered 500, one 429 and one gets its connection closed with no
+answer; the other two, and every GET (health checks, the model list), are forwarded to TARGET.
+It listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+FAULTS = ["forward", "500", "429", "close", "forward"]
+
+
+class FaultyProxy(BaseHTTPRequestHandler):
+    target = ""
+    turns = itertools.count()
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._answer(httpx.get(self.target + self.path, headers=self._forwarded_headers(), timeout=30))
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        fault = FAULTS[next(self.turns) % len(FAULTS)]
+        if fault == "close":
+            self.close_connection = True
+            self.connection.close()
+            return
+        if fault in ("500", "429"):
+            message = b'{"error": {"message": "injected fault", "type": "server_error"}}'
+            self.send_response(int(fault))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(message)))
+            self.end_headers()
+            self.wfile.write(message)
+            return
+        self._answer(httpx.post(self.target + self.path, content=body, headers=self._forwarded_headers(),
+                                timeout=600))
+
+    def _forwarded_headers(self) -> dict[str, str]:
+        return {name: value for name, value in self.headers.items()
+                if name.lower() in ("content-type", "authorization")}
+
+    def _answer(self, response: httpx.Response) -> None:
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", response.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def log_message(self, format: str, *args) -> None:  # quiet
+        pass
+
+
+def main() -> None:
+    port, FaultyProxy.target = int(sys.argv[1]), sys.argv[2].rstrip("/")
+    ThreadingHTTPServer(("127.0.0.1", port), FaultyProxy).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
