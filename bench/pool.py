@@ -9,7 +9,7 @@ each `python -m vllm.entrypoints.openai.api_server` on a local port), in one run
       server as (a)'s best concurrency gives each.
 
     .venv/bin/python bench/pool.py [--requests 2000] [--max-tokens 64] [--rounds 5]
-                                   [--concurrency 16,32,64,128]
+                                   [--concurrency 32,64,128,256]
 
 (a) and (b) run in alternating rounds ((a) first in odd rounds); the figure that counts is the
 median over the rounds of (b)/(a) of the same round. Target: at least 0.95. All traffic goes to
@@ -94,8 +94,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", default="16,32,64,128", help="per server, tried for (a)")
+    parser.add_argument("--concurrency", default="32,64,128,256", help="per server, tried for (a)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # rounds show as they end, also into a file
     print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, two vLLM servers on the demo "
           f"model; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="pool-") as tmp:

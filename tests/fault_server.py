@@ -1,8 +1,10 @@
-"""A fault-injecting HTTP proxy in front of a real server: `python tests/fault_server.py PORT TARGET`.
+"""A fault-injecting HTTP proxy in front of a real server:
+`python tests/fault_server.py PORT TARGET [FAULTS]`.
 
-Of every five POSTs, one is answered 500, one 429 and one gets its connection closed with no
-answer; the other two, and every GET (health checks, the model list), are forwarded to TARGET.
-It listens on 127.0.0.1 only.
+FAULTS is the cycle POSTs go through, comma-separated: `forward`, `500`, `429` or `close` (the
+connection closed with no answer). By default, of every five POSTs one is answered 500, one 429
+and one closed; the others, and every GET (health checks, the model list), are forwarded to
+TARGET. It listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ FAULTS = ["forward", "500", "429", "close", "forward"]
 
 class FaultyProxy(BaseHTTPRequestHandler):
     target = ""
+    faults = FAULTS
     turns = itertools.count()
     protocol_version = "HTTP/1.1"
 
@@ -26,7 +29,7 @@ class FaultyProxy(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        fault = FAULTS[next(self.turns) % len(FAULTS)]
+        fault = self.faults[next(self.turns) % len(self.faults)]
         if fault == "close":
             self.close_connection = True
             self.connection.close()
@@ -59,6 +62,8 @@ class FaultyProxy(BaseHTTPRequestHandler):
 
 def main() -> None:
     port, FaultyProxy.target = int(sys.argv[1]), sys.argv[2].rstrip("/")
+    if len(sys.argv) > 3:
+        FaultyProxy.faults = sys.argv[3].split(",")
     ThreadingHTTPServer(("127.0.0.1", port), FaultyProxy).serve_forever()
 
 

@@ -4,6 +4,7 @@ a pool made from BACKENDS alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -86,7 +87,7 @@ def test_a_batch_runs_on_both_backends_and_answers_under_the_served_name(databas
         assert {m.id for m in client.models.list().data} >= {SERVED}
         metrics = httpx.get(f"{api.base_url}/metrics", timeout=10).text
         for server in servers:
-            assert f'batch_backend_up{{backend="{server.url}"}} 1.0' in metrics
+            assert f'batch_backend_up{{backend="{server.url}",slot="pool-0"}} 1.0' in metrics
             assert re.search(rf'batch_backend_requests_total{{backend="{re.escape(server.url)}"}} [1-9]', metrics)
 
 
@@ -104,7 +105,7 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
         assert done.status == "completed" and done.request_counts.completed == 300
         assert_each_once(client, done, 300)
         failures = [line for line in worker_log(watchdog).splitlines() if f"backend {victim.url} failed request" in line]
-        assert failures and all(re.search(r"(ConnectError|RemoteProtocolError|ReadError): \S", line)
+        assert failures and all(re.search(r"(ClientConnectorError|ServerDisconnectedError|ClientOSError|ClientPayloadError): \S", line)
                                 for line in failures), failures[:3]
         assert all("custom_id r" in line for line in failures)
         wait_for(lambda: backends(db)[victim.url].state == "connection_refused", 30, message="refused")
@@ -164,12 +165,21 @@ def test_with_every_server_down_the_batch_waits_queued_and_completes_when_one_is
         assert_each_once(client, done, 150)
 
 
-def test_injected_faults_are_retried_until_every_request_succeeds(database, data_dir, db, client, servers):
+@contextlib.contextmanager
+def fault_server(target: str, *faults: str):
+    """tests/fault_server.py in front of `target`; yields its URL."""
     port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_server.py"), str(port), servers[0].url])
-    faulty = f"http://127.0.0.1:{port}"
+    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_server.py"), str(port), target, *faults])
     try:
-        wait_for(lambda: _answers(f"{faulty}/health"), 30, message="fault server up")
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 30, message="fault server up")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def test_injected_faults_are_retried_until_every_request_succeeds(database, data_dir, db, client, servers):
+    with fault_server(servers[0].url) as faulty:
         with running_watchdog(database, data_dir, "watchdog-pool-faults", [pool_slot([faulty, servers[1].url])],
                               **FAST):
             wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
@@ -179,9 +189,26 @@ def test_injected_faults_are_retried_until_every_request_succeeds(database, data
             errors = wait_for(lambda: backends(db)[faulty].errors, 10, message="faults counted")
             assert {"HTTP 500", "HTTP 429"} <= set(errors) and sum(errors.values()) >= 3, errors
             assert backends(db)[faulty].completed > 0  # it answered the requests it did not fault
-    finally:
-        proxy.terminate()
-        proxy.wait(10)
+
+
+def test_a_request_every_try_of_which_gets_a_5xx_ends_as_an_error_line(database, data_dir, db, client, servers):
+    """Not back to the queue for ever: backends that answer it with a server error every time refuse it."""
+    with fault_server(servers[0].url, "500") as failing, \
+            running_watchdog(database, data_dir, "watchdog-pool-500", [pool_slot([failing])], **FAST):
+        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        done = wait_for_batch(client, submit(client, chat_lines(2)).id, 120)
+        assert (done.status, done.request_counts.failed) == ("completed", 2)
+        for line in lines_of(client, done):
+            assert line["response"]["status_code"] == 502
+            assert "4 tries failed" in line["response"]["body"]["error"]["message"]
+            assert "HTTP 500: " in line["response"]["body"]["error"]["message"]
+
+
+def test_a_backend_listed_twice_is_a_configuration_error():
+    from core.batch_app.config import WorkerSlot
+
+    with pytest.raises(ValueError, match="backend http://a:8000 is listed more than once"):
+        WorkerSlot(slot="p", engine="openai-http", backends="http://a:8000,http://a:8000/v1/")
 
 
 def test_a_backend_refusal_is_the_request_error_line_with_its_message(database, data_dir, db, client, servers):

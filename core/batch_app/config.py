@@ -68,8 +68,13 @@ class WorkerSlot(BaseModel):
     def _listed(cls, value):
         return parse_backends(value)
 
-    def is_pool(self) -> bool:
-        return self.engine == POOL_ENGINE
+    @field_validator("backends")
+    @classmethod
+    def _each_once(cls, backends: list[Backend]) -> list[Backend]:
+        urls = [backend.url for backend in backends]
+        if twice := sorted({url for url in urls if urls.count(url) > 1}):
+            raise ValueError(f"backend {', '.join(twice)} is listed more than once")
+        return backends
 
     def pool_options(self) -> dict:
         """The pool's part of the entry, which the `openai-http` engine reads back as a slot."""

@@ -72,9 +72,10 @@ def _worker_metrics(rows):
 
 def _backend_metrics(live, answers, errors):
     """Pool backends, labelled by their configured URL."""
-    up = GaugeMetricFamily("batch_backend_up", "1 while the backend passes its health checks.", labels=["backend"])
+    up = GaugeMetricFamily("batch_backend_up", "1 while the backend passes its health checks.",
+                           labels=["slot", "backend"])
     for row in live:
-        up.add_metric([row.url], 1.0 if row.state == "healthy" else 0.0)
+        up.add_metric([row.slot, row.url], 1.0 if row.state == "healthy" else 0.0)
     yield up
     yield _labelled(CounterMetricFamily("batch_backend_requests", "Requests the backend answered.",
                                         labels=["backend"]), [((row.url,), row.n) for row in answers])

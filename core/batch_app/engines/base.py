@@ -76,7 +76,8 @@ class Engine(Protocol):
 
     # An engine that sends requests to servers (openai_http.py) also has `backend_states()`:
     # their health, which the heartbeat records. `max_in_flight` is then the room of its healthy
-    # servers, and 0 while none is healthy.
+    # servers, and 0 while none is healthy. An engine may also say from how many free places on
+    # the worker claims again (`refill_at`; a quarter of the window otherwise).
 
 
 def error_result(key: str, message: str, *, code: str | None = None, param: str | None = None,

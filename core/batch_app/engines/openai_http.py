@@ -10,23 +10,27 @@ each request as it is and returning the backend's own answer.
   `model_missing` or `hung`, and is re-admitted as soon as a check passes again.
 - Failover: a connection error, a timeout, a 5xx or a 429 takes the backend out of rotation at
   once (a check follows within a second) and the request is tried on another healthy backend
-  after a backoff, up to `max_attempts` backends; then it goes back to the queue uncharged
-  (RETRY_STATUS, see base.py). A 4xx other than 429 is the request's answer, body and all.
-- Hung: a backend that fails its health check while holding requests is `hung`; what it holds
-  is taken from it and tried elsewhere at once. A request held `request_timeout` without an
+  after a backoff, up to `max_attempts` tries; then it goes back to the queue uncharged
+  (RETRY_STATUS, see base.py), unless every try was answered with a 5xx: that is its answer
+  (502). A 4xx other than 429 is the request's answer, body and all.
+- Hung: a backend that fails two health checks in a row while holding requests (`hung` when
+  they timed out) has what it holds taken from it, and tried elsewhere at once. A request held `request_timeout` without an
   answer is a timeout of that backend.
 - Progress (the watchdog's stall check) moves with every answer and every passed health check
   of a backend holding requests, so it stops only when the whole pool is stuck.
 
-All of it runs on an asyncio loop on a thread of its own; the worker's thread only hands
-requests over and collects results.
+All of it runs on an asyncio loop on a thread of its own, with an aiohttp session per backend
+(httpx cost ten times the CPU per request at hundreds in flight: docs/benchmarks.md); the
+worker's thread only hands requests over and collects results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
+import json
 import logging
 import queue
 import random
@@ -35,6 +39,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 
 from ..config import Backend as BackendConfig
@@ -68,18 +73,32 @@ class _Backend:
     config: BackendConfig
     status: BackendState
     attempts: set[asyncio.Task] = field(default_factory=set)  # requests it holds now
+    taken: set[asyncio.Task] = field(default_factory=set)  # of those, cancelled to be tried elsewhere
+    failed_checks: int = 0  # health checks failed in a row
+    session: aiohttp.ClientSession | None = None  # its own connection pool, unbounded: `_pick` bounds it
 
     @property
     def url(self) -> str:
         return self.config.url
 
 
-class _Failure(Exception):
-    """One try on one backend failed: `state` is what it says of the backend."""
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    content: bytes
 
-    def __init__(self, state: str, error_type: str, message: str):
+    def excerpt(self) -> str:
+        """The start of the body, for a log line or the database (which refuses NUL)."""
+        return _printable(self.content[:BODY_EXCERPT].decode("utf-8", "replace"))
+
+
+class _Failure(Exception):
+    """One try on one backend failed: `state` is what it says of the backend; `server_error` that
+    the backend answered it with a 5xx (rather than not answering, or a 429: busy)."""
+
+    def __init__(self, state: str, error_type: str, message: str, server_error: bool = False):
         super().__init__(f"{error_type}: {message}")
-        self.state, self.error_type, self.message = state, error_type, message
+        self.state, self.error_type, self.message, self.server_error = state, error_type, message, server_error
 
 
 def pool_slot(spec: EngineSpec) -> WorkerSlot:
@@ -112,6 +131,12 @@ class OpenAIHttpEngine:
     @property
     def max_in_flight(self) -> int:
         return self._capacity
+
+    @property
+    def refill_at(self) -> int:
+        """A server's throughput follows the requests it holds at every moment, and it has no
+        queue of its own here: claim again after a few finish, not after a quarter of the window."""
+        return max(1, self._capacity // 16)
 
     def add(self, request: EngineRequest) -> EngineResult | None:
         self._running[request.key] = self._call(self._serve(request))
@@ -155,14 +180,16 @@ class OpenAIHttpEngine:
     # --- the pool's loop ---
 
     async def _start(self) -> None:
-        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        for backend in self._backends:
+            backend.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._room = asyncio.Condition()
         await asyncio.gather(*(self._check(backend) for backend in self._backends))
         self._health_task = asyncio.create_task(self._check_periodically())
 
     async def _stop(self) -> None:
         self._health_task.cancel()
-        await self._client.aclose()
+        for backend in self._backends:
+            await backend.session.close()
 
     async def _check_periodically(self) -> None:
         while True:
@@ -170,9 +197,22 @@ class OpenAIHttpEngine:
             await asyncio.gather(*(self._check(backend) for backend in self._backends))
 
     async def _serve(self, request: EngineRequest) -> None:
-        tries = 0
+        try:
+            await self._serve_on_backends(request)
+        except asyncio.CancelledError:
+            raise  # aborted by the worker: no result
+        except Exception as exc:  # a bug must not lose the request: the queue has it again
+            log.error("the pool failed request %s (custom_id %s): %s: %s", request.key, request.custom_id,
+                      type(exc).__name__, exc, exc_info=exc)
+            self._results.put(error_result(request.key, f"The pool failed it: {type(exc).__name__}: {exc}",
+                                           status_code=502, error_type="server_error", code="pool_error"))
+
+    async def _serve_on_backends(self, request: EngineRequest) -> None:
+        tries, server_errors = 0, 0
         while True:
-            backend = await self._pick()
+            # A retry waits a little for a backend to be re-admitted: with a single backend, one
+            # failure must not send the request straight back to the queue.
+            backend = await self._pick(patience=3 * RECHECK_AFTER_FAILURE if tries else 0.0)
             if backend is None:
                 self._results.put(error_result(request.key, "No backend of the pool is healthy.",
                                                status_code=RETRY_STATUS, error_type="server_error",
@@ -185,26 +225,38 @@ class OpenAIHttpEngine:
             except _Failure as failure:
                 self._failed(backend, failure, request, tries)
                 last = failure
+                server_errors += failure.server_error
             if tries >= self.slot.max_attempts:
-                self._results.put(error_result(request.key, f"{tries} tries failed, the last on {backend.url} with "
-                                               f"{last}", status_code=RETRY_STATUS,
-                                               error_type="server_error", code="backends_failed"))
+                # Backends that answered every try with a 5xx refuse this request: that is its
+                # answer. Any try that found a backend down or busy: back to the queue.
+                gave_up = server_errors == tries
+                self._results.put(error_result(
+                    request.key, f"{tries} tries failed, the last on {backend.url} with {last}",
+                    status_code=502 if gave_up else RETRY_STATUS, error_type="server_error",
+                    code="backend_error" if gave_up else "backends_failed"))
                 return
             await asyncio.sleep(min(0.5 * 2 ** (tries - 1), 8.0))
 
-    async def _pick(self) -> _Backend | None:
-        """A healthy backend with room, by the strategy; waits while all are full; None when none is healthy."""
+    async def _pick(self, patience: float) -> _Backend | None:
+        """A healthy backend with room, by the strategy; waits while all are full, and up to
+        `patience` seconds while none is healthy (a backend that just failed is checked again
+        within RECHECK_AFTER_FAILURE); then None."""
+        deadline = time.monotonic() + patience
         async with self._room:
             while True:
                 healthy = [b for b in self._backends if b.status.state == HEALTHY]
-                if not healthy:
-                    return None
                 free = [b for b in healthy if b.status.in_flight < self.slot.max_in_flight_per_backend]
                 if free:
                     backend = self._choose(free)
                     backend.status.in_flight += 1
                     return backend
-                await self._room.wait()
+                if healthy:
+                    await self._room.wait()
+                    continue
+                if (left := deadline - time.monotonic()) <= 0:
+                    return None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), left)
 
     def _choose(self, free: list[_Backend]) -> _Backend:
         if self.slot.strategy == "random":
@@ -215,51 +267,63 @@ class OpenAIHttpEngine:
 
     async def _send(self, backend: _Backend, request: EngineRequest) -> EngineResult:
         body = {**request.body, "model": self._backend_model}
-        attempt = asyncio.ensure_future(self._client.post(
-            backend.url + request.endpoint, json=body, headers=self._headers(backend),
-            timeout=httpx.Timeout(self.slot.request_timeout, connect=CONNECT_TIMEOUT)))
+        attempt = asyncio.ensure_future(self._fetch(backend, "POST", request.endpoint, self.slot.request_timeout,
+                                                    json=body))
         backend.attempts.add(attempt)
         try:
             response = await attempt
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise  # aborted by the worker (cancelled batch, shutdown)
-            raise _Failure("hung", "Hung", "the backend stopped answering its health check while holding "
-                                            "this request") from None
-        except httpx.TimeoutException as exc:
-            raise _Failure("timeout", type(exc).__name__, f"no answer after {self.slot.request_timeout:.0f} s") from None
-        except httpx.ConnectError as exc:
-            raise _Failure("connection_refused", type(exc).__name__, _message(exc)) from None
-        except httpx.HTTPError as exc:
-            raise _Failure("connection_error", type(exc).__name__, _message(exc)) from None
+            if attempt not in backend.taken:
+                raise  # aborted by the worker (cancelled batch, shutdown): the connection closes
+            raise _Failure(backend.status.state, "Hung", "taken from the backend, which failed its health check "
+                                                         "while holding this request") from None
         finally:
             backend.attempts.discard(attempt)
+            backend.taken.discard(attempt)
             backend.status.in_flight -= 1
             async with self._room:
                 self._room.notify_all()
-        if response.status_code >= 500 or response.status_code == 429:
-            raise _Failure(f"http_{response.status_code}", f"HTTP {response.status_code}",
-                           response.text[:BODY_EXCERPT] or "(empty body)")
+        self.progress.steps += 1  # an answer, even an error: this backend is not stuck
+        if response.status >= 500 or response.status == 429:
+            raise _Failure(f"http_{response.status}", f"HTTP {response.status}", response.excerpt() or "(empty body)",
+                           server_error=response.status >= 500)
         backend.status.completed += 1
-        self.progress.steps += 1
         return self._result(request.key, response)
 
-    def _result(self, key: str, response: httpx.Response) -> EngineResult:
+    async def _fetch(self, backend: _Backend, method: str, path: str, timeout: float, **options) -> _Answer:
+        """One HTTP exchange with a backend; a failure to get an answer is a `_Failure` saying why."""
         try:
-            body = response.json()
+            async with backend.session.request(
+                    method, backend.url + path, headers=self._headers(backend),
+                    timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT), **options) as response:
+                return _Answer(response.status, await response.read())
+        except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+            raise _Failure("timeout", type(exc).__name__, f"no answer to {method} {path} within {timeout:.0f} s") \
+                from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Failure("connection_refused", type(exc).__name__, _message(exc)) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Failure("connection_error", type(exc).__name__, _message(exc)) from None
+
+    def _result(self, key: str, response: _Answer) -> EngineResult:
+        try:
+            body = json.loads(response.content)
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            return error_result(key, f"The backend answered {response.status_code} with a body that is not a JSON "
-                                     f"object: {response.text[:BODY_EXCERPT]}", status_code=502,
+            return error_result(key, f"The backend answered {response.status} with a body that is not a JSON "
+                                     f"object: {response.excerpt()}", status_code=502,
                                 error_type="server_error", code="bad_backend_response")
-        if response.status_code != 200:
-            return EngineResult(key, response.status_code, body)  # the backend's own error, as it sent it
+        if response.status != 200:
+            if not isinstance(body.get("error"), dict):  # the OpenAI shape, whatever the backend sent
+                body = {"error": {"message": json.dumps(body)[:1000], "type": "invalid_request_error",
+                                  "param": None, "code": None}}
+            return EngineResult(key, response.status, body)  # the backend's own error
         if "model" in body:
             body["model"] = self.model_name
-        usage = body.get("usage") or {}
-        return EngineResult(key, 200, body, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                            completion_tokens=int(usage.get("completion_tokens") or 0))
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        return EngineResult(key, 200, body, prompt_tokens=_count(usage.get("prompt_tokens")),
+                            completion_tokens=_count(usage.get("completion_tokens")))
 
     def _failed(self, backend: _Backend, failure: _Failure, request: EngineRequest, tries: int) -> None:
         status = backend.status
@@ -273,35 +337,38 @@ class OpenAIHttpEngine:
 
     async def _check(self, backend: _Backend) -> None:
         try:
-            health = await self._client.get(backend.url + "/health", timeout=HEALTH_TIMEOUT)
-            if health.status_code != 200:
-                raise _Failure(f"http_{health.status_code}", f"HTTP {health.status_code}",
-                               f"GET /health: {health.text[:BODY_EXCERPT] or '(empty body)'}")
-            models = await self._client.get(backend.url + "/v1/models", headers=self._headers(backend),
-                                            timeout=HEALTH_TIMEOUT)
-            if models.status_code != 200:
-                raise _Failure(f"http_{models.status_code}", f"HTTP {models.status_code}",
-                               f"GET /v1/models: {models.text[:BODY_EXCERPT] or '(empty body)'}")
-            served = _model_ids(models)
+            for path in ("/health", "/v1/models"):
+                answer = await self._fetch(backend, "GET", path, HEALTH_TIMEOUT)
+                if answer.status != 200:
+                    raise _Failure(f"http_{answer.status}", f"HTTP {answer.status}",
+                                   f"GET {path}: {answer.excerpt() or '(empty body)'}")
+            served = _model_ids(answer.content)
             if self._backend_model not in served:
                 raise _Failure("model_missing", "ModelMissing", f"it serves {', '.join(served) or 'no model'}, "
                                                                  f"not {self._backend_model}")
         except _Failure as failure:
-            self._set_state(backend, failure.state, str(failure))
-        except httpx.TimeoutException as exc:
-            state = "hung" if backend.attempts else "timeout"
-            self._set_state(backend, state, f"{type(exc).__name__}: no answer to GET /health within "
-                                            f"{HEALTH_TIMEOUT:.0f} s")
-        except httpx.ConnectError as exc:
-            self._set_state(backend, "connection_refused", f"{type(exc).__name__}: {_message(exc)}")
-        except httpx.HTTPError as exc:
-            self._set_state(backend, "connection_error", f"{type(exc).__name__}: {_message(exc)}")
+            self._check_failed(backend, failure.state, str(failure))
+        except Exception as exc:  # nothing may end health checking: it is what re-admits backends
+            log.error("health check of backend %s failed: %s: %s", backend.url, type(exc).__name__, exc, exc_info=exc)
         else:
+            backend.failed_checks = 0
             if backend.attempts:
                 self.progress.steps += 1  # it holds requests and answers: the pool is not stuck
             self._set_state(backend, HEALTHY, "")
         finally:
             backend.status.checked_at = time.time()
+
+    def _check_failed(self, backend: _Backend, state: str, detail: str) -> None:
+        """Out of rotation; what it holds is tried elsewhere once two checks in a row failed (one
+        slow answer from a loaded server costs nothing), and then a timeout means `hung`."""
+        backend.failed_checks += 1
+        if backend.attempts and backend.failed_checks >= 2:
+            if state == "timeout":
+                state = "hung"
+            backend.taken |= backend.attempts
+            for attempt in list(backend.attempts):  # tried elsewhere at once (see _send)
+                attempt.cancel()
+        self._set_state(backend, state, detail)
 
     def _set_state(self, backend: _Backend, state: str, detail: str) -> None:
         status = backend.status
@@ -316,9 +383,6 @@ class OpenAIHttpEngine:
             asyncio.ensure_future(self._wake_pickers())
         if detail:
             status.last_error = detail
-        if state == "hung":
-            for attempt in list(backend.attempts):  # tried elsewhere at once (see _send)
-                attempt.cancel()
 
     async def _wake_pickers(self) -> None:
         async with self._room:
@@ -330,7 +394,7 @@ class OpenAIHttpEngine:
 
 
 def _message(exc: BaseException) -> str:
-    """Never empty: httpx errors often carry no text, and `repr` of their cause says what happened."""
+    """Never empty: connection errors often carry no text, and `repr` of their cause says what happened."""
     text = str(exc).strip()
     if text:
         return text
@@ -338,17 +402,29 @@ def _message(exc: BaseException) -> str:
     return (str(cause).strip() or repr(cause)) if cause is not None else "(no message from the connection)"
 
 
-def _model_ids(response: httpx.Response) -> list[str]:
+def _model_ids(content: bytes) -> list[str]:
+    """The ids of an OpenAI model list."""
     try:
-        return [str(item.get("id")) for item in response.json().get("data", []) if isinstance(item, dict)]
-    except (ValueError, AttributeError):
+        return [str(item.get("id")) for item in json.loads(content).get("data") or [] if isinstance(item, dict)]
+    except (ValueError, AttributeError, TypeError):
         return []
 
 
-def served_models(backends: list[BackendConfig], api_key: str = "") -> dict[str, list[BackendConfig]]:
-    """{model id: the backends serving it} from each backend's GET /v1/models; backends that do
-    not answer are left out (the caller retries while none does)."""
+def _count(value) -> int:
+    """A token count from a backend's `usage`, 0 when it is missing or not a number."""
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
+
+
+def _printable(text: str) -> str:
+    """Backend text for a log line or the database (which refuses NUL)."""
+    return text.replace("\x00", "")
+
+
+def served_models(backends: list[BackendConfig], api_key: str = "") -> tuple[dict[str, list[BackendConfig]], list]:
+    """({model id: the backends serving it}, the backends that did not answer) from each
+    backend's GET /v1/models."""
     models: dict[str, list[BackendConfig]] = {}
+    silent: list[BackendConfig] = []
     with httpx.Client(timeout=HEALTH_TIMEOUT) as client:
         for backend in backends:
             key = backend.api_key or api_key
@@ -359,8 +435,9 @@ def served_models(backends: list[BackendConfig], api_key: str = "") -> dict[str,
             except httpx.HTTPError as exc:
                 log.warning("backend %s does not list its models: %s: %s", backend.url, type(exc).__name__,
                             _message(exc))
+                silent.append(backend)
                 continue
-            for model in _model_ids(response):
+            for model in _model_ids(response.content):
                 models.setdefault(model, []).append(backend)
-    return models
+    return models, silent
 

@@ -59,19 +59,22 @@ def main() -> int:
 
 def pool_settings(settings: Settings) -> Settings:
     """BACKENDS alone: one pool worker per model the backends list in GET /v1/models, served
-    under that name. Waits while no backend answers. The workers read the same slots from
-    WORKERS, which is set here for them."""
+    under that name. Waits while no backend answers; a backend that does not answer yet joins
+    every pool (its health checks tell whether it serves the pool's model once it is up). The
+    workers read the same slots from WORKERS, which is set here for them."""
     from ..config import POOL_ENGINE, WorkerSlot, parse_backends
     from ..engines.openai_http import served_models
 
     backends = WorkerSlot(slot="pool", backends=parse_backends(settings.backends)).backends
     delay = 1.0
-    while not (models := served_models(backends, settings.backend_api_key)):
+    while not (found := served_models(backends, settings.backend_api_key))[0]:
         log.warning("no backend of BACKENDS lists its models yet; asking again in %.0f s", delay)
         time.sleep(delay)
         delay = min(delay * 2, 30.0)
-    slots = [WorkerSlot(slot="pool-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model), model=model, engine=POOL_ENGINE, backends=serving,
-                        api_key=settings.backend_api_key) for model, serving in sorted(models.items())]
+    models, silent = found
+    slots = [WorkerSlot(slot="pool-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model), model=model, engine=POOL_ENGINE,
+                        backends=serving + silent, api_key=settings.backend_api_key)
+             for model, serving in sorted(models.items())]
     for slot in slots:
         log.info("backends %s serve %s: pool worker %s", ", ".join(b.url for b in slot.backends), slot.model, slot.slot)
     os.environ["WORKERS"] = json.dumps([slot.model_dump(exclude_defaults=True) for slot in slots])

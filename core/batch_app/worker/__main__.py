@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def engine_spec(slot: WorkerSlot, settings: Settings) -> EngineSpec:
-    if slot.is_pool():  # the backends hold the model: `model` is the name they serve it under
+    if (slot.engine or settings.engine) == POOL_ENGINE:  # the backends hold the model: `model` is their name for it
         return EngineSpec(kind=POOL_ENGINE, model_path=slot.model, served_name=slot.served_name or slot.model,
                           options=slot.pool_options())
     choice = resolve_model(slot.model, settings.data_dir, slot.served_name)

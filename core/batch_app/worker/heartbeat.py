@@ -44,14 +44,15 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         status, in_flight, progress, backends = self.sample()
+        steps = progress.steps  # once: a pool's own thread advances it meanwhile
         try:
             with self.db.begin() as conn:
                 alive = registry.heartbeat(conn, worker_id=self.worker_id, status=status, in_flight=in_flight,
                                         requests_done=progress.requests_finished,
                                         tokens_done=progress.tokens_generated,
-                                        progressed=progress.steps != self._steps_reported)
+                                        progressed=steps != self._steps_reported)
                 if alive and backends:
-                    registry.report_backends(conn, self.worker_id, self.model, backends)
+                    self._report(conn, backends)
         except Exception as exc:  # nothing may end this thread; the next beat retries
             if is_unreachable(exc):
                 outage.failed(exc, "writing the heartbeat")
@@ -59,10 +60,20 @@ class Heartbeat(threading.Thread):
                 log.error("heartbeat failed: %s", describe(exc))
             return
         outage.reached()
-        self._steps_reported = progress.steps
+        self._steps_reported = steps
         if not alive:
             log.critical("this worker was declared dead and its requests were handed back; exiting")
             os._exit(FENCED_EXIT_CODE)
+
+    def _report(self, conn, backends: list) -> None:
+        """A pool's backends, in a savepoint: a report that fails must not cost the heartbeat."""
+        try:
+            with conn.begin_nested():
+                registry.report_backends(conn, self.worker_id, self.model, backends)
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise
+            log.error("could not record the backends: %s", describe(exc))
 
     def beat_now(self) -> None:
         """Write a beat at once (status changes such as loading -> idle)."""

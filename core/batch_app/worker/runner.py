@@ -119,11 +119,12 @@ class Runner:
         return WorkerStatus.IDLE if self.engine.max_in_flight > 0 else WorkerStatus.NO_BACKEND
 
     def _may_claim(self) -> bool:
-        """Claim when a quarter of the window is free (or nothing runs), unless a suspect runs
-        alone or too many results wait to be stored."""
+        """Claim when a quarter of the window is free (or the engine's own `refill_at`, or nothing
+        runs), unless a suspect runs alone or too many results wait to be stored."""
         free = self.engine.max_in_flight - self.engine.in_flight()
+        refill_at = getattr(self.engine, "refill_at", max(1, self.engine.max_in_flight // 4))
         return (not self._running_a_suspect() and self.writer.backlog < self.options.max_unstored
-                and (free >= max(1, self.engine.max_in_flight // 4) or not self.in_flight))
+                and (free >= refill_at or not self.in_flight))
 
     def _claim(self, now: float) -> float:
         """Fill the engine's free slots; returns until when to wait before claiming again."""
