@@ -17,8 +17,8 @@ import pytest
 
 from core.batch_app.domain import overview
 
-from .conftest import REPO, Watchdog, batchctl, free_port, live_worker, running_watchdog, stack_env, wait_for, \
-    wait_for_batch
+from .conftest import (API_KEY, REPO, Watchdog, batchctl, free_port, live_worker, running_watchdog, stack_env,
+                       wait_for, wait_for_batch)
 from .jsonl import request_line, submit
 from .vllm_servers import VllmServer
 
@@ -91,7 +91,8 @@ def test_a_batch_runs_on_both_backends_and_answers_under_the_served_name(databas
             assert re.search(rf'batch_backend_requests_total{{backend="{re.escape(server.url)}"}} [1-9]', metrics)
 
 
-def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database, data_dir, db, client, servers):
+def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database, data_dir, db, client, api,
+                                                                        servers):
     victim, survivor = servers
     with running_watchdog(database, data_dir, "watchdog-pool-kill", [pool_slot([s.url for s in servers])],
                           **FAST) as watchdog:
@@ -111,6 +112,10 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
         wait_for(lambda: backends(db)[victim.url].state == "connection_refused", 30, message="refused")
         listed = batchctl({**watchdog.env, "COLUMNS": "250"}, "backends")
         assert listed.returncode == 0 and victim.url in listed.stdout and "connection_refused" in listed.stdout
+        diagnosis = batchctl(watchdog.env, "--api-url", api.base_url, "diagnose")
+        assert f"backend {victim.url} of worker pool-0 is connection_refused" in diagnosis.stdout
+        page = httpx.get(f"{api.base_url}/", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
+        assert "<h2>Backends</h2>" in page and victim.url in page and "connection_refused" in page
 
         victim.start().wait_ready()
         wait_for(lambda: backends(db)[victim.url].state == "healthy", 60, message="re-admitted")
