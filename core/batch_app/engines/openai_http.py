@@ -98,7 +98,7 @@ class _Failure(Exception):
 
     def __init__(self, state: str, error_type: str, message: str, server_error: bool = False):
         super().__init__(f"{error_type}: {message}")
-        self.state, self.error_type, self.message, self.server_error = state, error_type, message, server_error
+        self.state, self.error_type, self.server_error = state, error_type, server_error
 
 
 def pool_slot(spec: EngineSpec) -> WorkerSlot:
