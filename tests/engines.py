@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from core.batch_app.engines.base import EngineProgress, EngineRequest, EngineResult, EngineSpec
+from core.batch_app.engines.base import EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
 
 
 class EchoEngine:
@@ -70,6 +70,21 @@ class PoisonEngine(EchoEngine):
     def add(self, request: EngineRequest) -> EngineResult | None:
         if "poison" in str(request.body.get("messages")):
             os._exit(139)
+        return super().add(request)
+
+
+class FlakyEngine(EchoEngine):
+    """Refuses a request whose message says 'flaky' the first time it sees its custom_id, as a
+    transient failure would, and answers it the next time."""
+
+    def __init__(self, spec: EngineSpec):
+        super().__init__(spec)
+        self._refused: set[str] = set()
+
+    def add(self, request: EngineRequest) -> EngineResult | None:
+        if "flaky" in str(request.body.get("messages")) and request.custom_id not in self._refused:
+            self._refused.add(request.custom_id)
+            return error_result(request.key, "A transient failure.", status_code=500, error_type="server_error")
         return super().add(request)
 
 

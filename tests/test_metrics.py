@@ -46,9 +46,10 @@ def test_metrics_count_a_finished_batch(api, client, db, own_model):
     assert after[durations] == before.get(durations, 0) + 1
     assert after[("batch_duration_seconds_bucket", (("le", "60.0"),))] >= 1  # this one took seconds
 
-    age = ("batch_worker_heartbeat_age_seconds", (("model", own_model), ("slot", "q")))
+    age = ("batch_worker_heartbeat_age_seconds", (("kind", "worker"), ("model", own_model), ("slot", "q")))
     assert 0 <= after[age] < 60
-    assert after[("batch_worker_status", (("model", own_model), ("slot", "q"), ("status", "loading")))] == 1
+    assert after[("batch_worker_status", (("kind", "worker"), ("model", own_model), ("slot", "q"),
+                                          ("status", "loading")))] == 1
 
 
 def test_metric_labels_never_carry_ids(api, client, live_model):

@@ -146,3 +146,46 @@ def test_crashes_are_carried_over_from_the_attempts_of_requests_still_to_run(dat
         assert crashes == [0, 2, 0, 2, 0]
         command.downgrade(alembic_config(url), "0005")
         scratch.dispose()
+
+
+def test_workers_of_the_previous_head_are_worker_slots(database):
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), "0007")
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with scratch.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO workers (id, slot, host, pid, model, status)
+                VALUES (gen_random_uuid(), 'chat-0', 'h', 1, 'm', 'idle')"""))
+        migrate(url)
+        with scratch.begin() as conn:
+            assert conn.execute(sa.text("SELECT kind, probe FROM workers")).one() == ("worker", "")
+            conn.execute(sa.text("INSERT INTO slot_commands (host, slot, command) VALUES ('h', 'srv-0', 'restart')"))
+            with pytest.raises(sa.exc.IntegrityError):
+                with conn.begin_nested():
+                    conn.execute(sa.text("UPDATE workers SET kind = 'other'"))
+        command.downgrade(alembic_config(url), "0007")
+        scratch.dispose()
+
+
+def test_results_of_running_batches_are_listed_first_after_the_upgrade(database):
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), "0008")
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with scratch.begin() as conn:
+            for batch, status in (("batch_running", "in_progress"), ("batch_done", "completed")):
+                conn.execute(sa.text("""
+                    INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
+                    VALUES (:id, 'p', '/v1/chat/completions', 'file-x', '24h', :status)"""), {"id": batch, "status": status})
+                for line, request_status in enumerate(["succeeded", "queued"], 1):
+                    conn.execute(sa.text("""
+                        INSERT INTO batch_requests (batch_id, line, custom_id, model, project, body, status)
+                        VALUES (:batch, :line, :line, 'm', 'p', '{}', :status)"""),
+                        {"batch": batch, "line": line, "status": request_status})
+        migrate(url)
+        with scratch.connect() as conn:
+            rows = conn.execute(sa.text("SELECT batch_id, line, finished_xid FROM batch_requests "
+                                        "ORDER BY batch_id, line")).all()
+        assert [tuple(row) for row in rows] == [("batch_done", 1, None), ("batch_done", 2, None),
+                                                ("batch_running", 1, 0), ("batch_running", 2, None)]
+        command.downgrade(alembic_config(url), "0008")
+        scratch.dispose()

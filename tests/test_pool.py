@@ -209,6 +209,21 @@ def test_a_request_every_try_of_which_gets_a_5xx_ends_as_an_error_line(database,
             assert "HTTP 500: " in line["response"]["body"]["error"]["message"]
 
 
+def test_a_request_every_server_drops_under_it_ends_as_a_poison_request(database, data_dir, db, client, servers):
+    """A request each of whose tries ended with the server going away under it may be what kills
+    servers: it is not sent round again."""
+    with fault_server(servers[0].url, "close") as dropping, \
+            running_watchdog(database, data_dir, "watchdog-pool-poison", [pool_slot([dropping], max_attempts=2)],
+                             **FAST):
+        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        done = wait_for_batch(client, submit(client, chat_lines(2)).id, 120)
+        assert (done.status, done.request_counts.failed) == ("completed", 2)
+        for line in lines_of(client, done):
+            error = line["response"]["body"]["error"]
+            assert line["response"]["status_code"] == 500 and error["code"] == "poison_request", line
+            assert "in flight on 2 servers that failed while holding it" in error["message"]
+
+
 def test_a_backend_listed_twice_is_a_configuration_error():
     from core.batch_app.config import WorkerSlot
 

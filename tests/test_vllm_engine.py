@@ -20,6 +20,7 @@ from core.batch_app.engines.vllm_engine import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
     EMBEDDINGS,
+    RESPONSES,
     VllmEngine,
     default_options,
     has_cuda_gpu,
@@ -435,3 +436,43 @@ def test_demo_model_build_is_deterministic_and_idempotent(tmp_path):
     assert build_demo_model(first) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == modified
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def test_a_responses_request_is_answered_as_a_response_object(engine):
+    from openai.types.responses import Response
+
+    body = greedy(input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+                  instructions="Be brief.", max_output_tokens=6, metadata={"k": "v"})
+    result = run_one(engine, RESPONSES, body)
+    assert result.status_code == 200, result.body
+    response = Response.model_validate(result.body)
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].content[0].type == "output_text" and response.output_text
+    assert response.usage.output_tokens == 6 == result.completion_tokens
+    assert response.usage.input_tokens == result.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.input_tokens + 6
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    shaped = run_one(engine, RESPONSES, greedy(input="Answer.", max_output_tokens=40,
+                                               text={"format": {"type": "json_schema", "name": "a", "schema": schema}}))
+    answer = Response.model_validate(shaped.body)
+    if answer.status == "completed":
+        assert json.loads(answer.output_text) in ({"ok": True}, {"ok": False})
+    else:
+        assert answer.output_text.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format.schema"),
+    ({}, "input"),
+])
+def test_a_responses_field_that_cannot_be_honoured_is_refused_by_name(engine, body, param):
+    result = run_one(engine, RESPONSES, body)
+    assert result.status_code == 400 and result.body["error"]["param"] == param, result.body

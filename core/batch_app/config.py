@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .models import served_name_of
 
 POOL_ENGINE = "openai-http"
 
@@ -42,9 +44,30 @@ def parse_backends(value) -> list:
     return [{"url": item} if isinstance(item, str) else item for item in value]
 
 
+class ServerSpec(BaseModel):
+    """A vLLM OpenAI server the watchdog runs (`python -m vllm.entrypoints.openai.api_server`):
+    its model, the name it serves it under, its port on this host, its GPUs, and any further
+    arguments for vLLM (passed as they are)."""
+
+    model: str  # a path or a name vLLM can load; "demo": the built-in demo model
+    served_name: str = ""  # default: the model
+    port: int = Field(ge=1, le=65535)
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES of the server, e.g. "0,1"
+    args: list[str] = Field(default_factory=list)  # e.g. ["--max-model-len", "8192", "--tensor-parallel-size", "2"]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return served_name_of(self.model, self.served_name)
+
+
 class WorkerSlot(BaseModel):
-    """One supervised worker: a stable name, its model and engine, and the GPUs it owns; or, with
-    the `openai-http` engine, the pool of servers it sends its requests to."""
+    """One supervised process: a worker, with a stable name, its model and engine, and the GPUs it
+    owns; or, with the `openai-http` engine, the pool of servers it sends its requests to; or,
+    with `serve`, a vLLM server that a pool worker of its model feeds."""
 
     slot: str
     model: str = ""  # "" or "demo": the demo chat model; "all-MiniLM-L6-v2": the packaged embedder
@@ -62,6 +85,7 @@ class WorkerSlot(BaseModel):
     request_timeout: float = Field(600.0, gt=0)  # seconds a backend may hold a request without answering
     health_interval: float = Field(10.0, gt=0)
     max_attempts: int = Field(4, ge=1)  # backends one request is tried on before it goes back to the queue
+    serve: ServerSpec | None = None
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -76,10 +100,19 @@ class WorkerSlot(BaseModel):
             raise ValueError(f"backend {', '.join(twice)} is listed more than once")
         return backends
 
+    @property
+    def is_server(self) -> bool:
+        return self.serve is not None
+
     def pool_options(self) -> dict:
         """The pool's part of the entry, which the `openai-http` engine reads back as a slot."""
         return self.model_dump(include={"backends", "api_key", "strategy", "max_in_flight_per_backend",
                                         "request_timeout", "health_interval", "max_attempts"})
+
+
+def pool_slot_name(model: str) -> str:
+    """The slot of the pool worker for a model: `pool-<model>`, in characters any log name takes."""
+    return "pool-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model)
 
 
 class Settings(BaseSettings):
@@ -110,6 +143,21 @@ class Settings(BaseSettings):
     max_inputs: int = 2048  # items of one list-valued `prompt` or `input` (OpenAI's limit for embeddings)
     min_completion_window: int = 60  # seconds
     max_completion_window: int = 30 * 24 * 3600
+    # Files: how long one lives when it was created without `expires_after` (uploads) or
+    # `output_expires_after` (a batch's output and error files); None keeps it until deleted.
+    file_retention: int | None = None  # seconds
+    min_file_expiry: int = 3600  # the bounds of an expiry policy, OpenAI's
+    max_file_expiry: int = 30 * 24 * 3600
+
+    # Webhooks: endpoints on loopback, link-local or private addresses (and plain http) are
+    # refused unless allowed; each try waits WEBHOOK_TIMEOUT for an answer; a delivery is tried
+    # again after WEBHOOK_BACKOFF_MIN doubling up to WEBHOOK_BACKOFF_MAX, for WEBHOOK_RETRY_FOR.
+    webhook_allow_private: bool = False
+    webhook_timeout: float = 10.0
+    webhook_backoff_min: float = 5.0
+    webhook_backoff_max: float = 3600.0
+    webhook_retry_for: float = 72 * 3600.0
+    webhook_poll_interval: float = 1.0  # how often each watchdog's sender looks for due deliveries
 
     # Liveness and supervision.
     heartbeat_interval: float = 5.0
@@ -133,10 +181,29 @@ class Settings(BaseSettings):
     backends: str = ""
     backend_api_key: str = ""
 
+    @field_validator("file_retention", mode="before")
+    @classmethod
+    def _empty_keeps_forever(cls, value):
+        return None if value in ("", None) else value
+
     def worker_slots(self) -> list[WorkerSlot]:
-        if self.workers.strip():
-            return [WorkerSlot(**item) for item in json.loads(self.workers)]
-        return [WorkerSlot(slot="chat-0", model=self.model), WorkerSlot(slot="embed-0", model="all-MiniLM-L6-v2")]
+        """Every supervised slot: WORKERS as listed, and for the server slots (`serve`) of each
+        model one pool worker `pool-<served name>` whose backends they are."""
+        if not self.workers.strip():
+            return [WorkerSlot(slot="chat-0", model=self.model), WorkerSlot(slot="embed-0", model="all-MiniLM-L6-v2")]
+        slots = [WorkerSlot(**item) for item in json.loads(self.workers)]
+        servers: dict[str, list[ServerSpec]] = {}
+        for slot in slots:
+            if slot.serve is not None:
+                servers.setdefault(slot.serve.name, []).append(slot.serve)
+        pools = [WorkerSlot(slot=pool_slot_name(name), model=name, engine=POOL_ENGINE,
+                            backends=[{"url": spec.url} for spec in specs])
+                 for name, specs in servers.items()]
+        names = [slot.slot for slot in slots + pools]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"slot {', '.join(twice)} is named more than once (pool workers of server slots "
+                             f"are named pool-<served name>)")
+        return slots + pools
 
     def worker_slot(self, name: str) -> WorkerSlot:
         """The configured slot of that name; a worker reads its own configuration here."""

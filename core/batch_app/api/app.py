@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from .. import __version__
 from ..config import Settings
 from ..database import Database
-from . import batches, files, metrics, status_page, system
+from . import batches, files, metrics, status_page, system, webhooks
 from .batch_endings import BatchEndings
 from .database_probe import DatabaseProbe
 from .errors import RefuseNulBytes, install_error_handlers
@@ -43,6 +43,7 @@ def create_app(settings: Settings, db: Database) -> FastAPI:
     app.openapi = lambda: _without_422(app)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(webhooks.router)
     app.include_router(system.router)
     app.include_router(metrics.router)
     app.include_router(status_page.router)

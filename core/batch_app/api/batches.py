@@ -7,19 +7,21 @@ import contextlib
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..database import Database
-from ..domain import batches, finalize
-from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT
+from ..domain import batches, finalize, queue
+from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT, output_line
 from ..domain.statuses import BatchStatus
 from .batch_endings import RECHECK
 from .deps import DB, AppSettings, Project
 from .errors import APIError, documented
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+MAX_LINES_SO_FAR = 10_000  # lines of one call of GET /v1/batches/{id}/output
 
 
 class BatchCreate(BaseModel):
@@ -29,6 +31,7 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: dict | None = None  # {"anchor": "created_at", "seconds": N}
     # Not in OpenAI's API: orders work between batches (higher first); send it as an extra body field.
     priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = 0
 
@@ -52,7 +55,8 @@ _BATCH_LINKS = {200: {"description": "The new batch", "links": {
 def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Project) -> dict:
     batch_id = batches.create_batch(
         db, settings, project=project, input_file_id=body.input_file_id, endpoint=body.endpoint,
-        completion_window=body.completion_window, metadata=body.metadata, priority=body.priority)
+        completion_window=body.completion_window, metadata=body.metadata, priority=body.priority,
+        output_expires_after=body.output_expires_after)
     with db.connect() as conn:
         return batches.get_batch(conn, project, batch_id)
 
@@ -87,6 +91,32 @@ async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Reque
 def _read_batch(db: Database, project: str, batch_id: str) -> dict:
     with db.connect() as conn:
         return batches.get_batch(conn, project, batch_id)
+
+
+@router.get("/{batch_id}/output", response_class=Response, operation_id="downloadBatchOutputSoFar", responses={
+    200: {"description": "The succeeded lines so far, JSONL, in the order they finished",
+          "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+    **documented(400, 401, 404, 503)})
+def output_so_far(batch_id: str, db: DB, project: Project, after: Annotated[int, Query(ge=0)] = 0,
+                  limit: Annotated[int, Query(ge=1, le=MAX_LINES_SO_FAR)] = MAX_LINES_SO_FAR) -> Response:
+    """Not in OpenAI's API: the output lines a batch has so far, running or not, in the order they
+    finished, after the first `after` of them (what an earlier call returned), at most `limit`.
+    `X-Next-After` is the `after` of the next call; the lines end up those of the output file."""
+    with db.connect() as conn:
+        batches.get_batch(conn, project, batch_id)  # 404 for another project's batch
+        rows = queue.finished_so_far(conn, batch_id, after, limit)
+    body = b"".join(output_line(batch_id, row.line, row.custom_id, row.attempt, row.status_code, row.response, None)
+                    for row in rows)
+    return Response(body, media_type="application/jsonl", headers={"X-Next-After": str(after + len(rows))})
+
+
+@router.post("/{batch_id}/retry", responses=documented(400, 401, 404, 409, 503), operation_id="retryBatch")
+def retry_batch(batch_id: str, db: DB, settings: AppSettings, project: Project) -> dict:
+    """Not in OpenAI's API: a new batch of this finished batch's failed, expired and cancelled
+    lines only, its metadata naming the parent (`retry_of`)."""
+    new_id = batches.retry_batch(db, settings, project=project, batch_id=batch_id)
+    with db.connect() as conn:
+        return batches.get_batch(conn, project, new_id)
 
 
 @router.post("/{batch_id}/cancel", responses=documented(400, 401, 404, 409, 503), operation_id="cancelBatch")

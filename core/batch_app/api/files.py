@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 
 from ..domain.errors import InvalidRequest, NotFound, TooLarge
-from ..domain.storage import FileWriter, delete_file, iter_chunks
+from ..domain.storage import LIVE_FILE, FileWriter, delete_file, expiry_seconds, iter_chunks
 from .deps import DB, AppSettings, Project
 from .errors import documented
 from .uploads import ENVELOPE_BYTES, MultipartUpload
@@ -20,13 +20,15 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 def file_object(row: Mapping) -> dict:
+    expires_at = row["expires_at"]
     return {"id": row["id"], "object": "file", "bytes": row["bytes"],
             "created_at": int(row["created_at"].timestamp()), "filename": row["filename"],
-            "purpose": row["purpose"], "status": "processed", "expires_at": None, "status_details": None}
+            "purpose": row["purpose"], "status": "processed", "status_details": None,
+            "expires_at": int(expires_at.timestamp()) if expires_at is not None else None}
 
 
 def _get_file_row(conn, project: str, file_id: str):
-    row = conn.execute(text("SELECT * FROM files WHERE id = :id AND project = :project"),
+    row = conn.execute(text(f"SELECT * FROM files WHERE id = :id AND project = :project AND {LIVE_FILE}"),
                        {"id": file_id, "project": project}).mappings().first()
     if row is None:
         raise NotFound("file", file_id, "file_id")
@@ -36,7 +38,9 @@ def _get_file_row(conn, project: str, file_id: str):
 # The upload is parsed by hand (uploads.py), so its form is described here for OpenAPI clients.
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer"}},
 }}}}}
 
 
@@ -49,8 +53,9 @@ _FILE_LINKS = {200: {"description": "The new file", "links": {
 @router.post("", responses={**_FILE_LINKS, **documented(400, 401, 413, 503)}, openapi_extra=_UPLOAD_FORM,
              operation_id="createFile")
 def upload_file(request: Request, db: DB, settings: AppSettings, project: Project) -> dict:
-    """Multipart fields `file` (a .jsonl file) and `purpose` ("batch"), read only once the key is
-    known good, and written to the database as they arrive (see uploads.py)."""
+    """Multipart fields `file` (a .jsonl file), `purpose` ("batch") and optionally
+    `expires_after[anchor]` ("created_at") and `expires_after[seconds]`, read only once the key
+    is known good, and written to the database as they arrive (see uploads.py)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > settings.max_file_bytes + ENVELOPE_BYTES:
         raise TooLarge(f"File exceeds the maximum size of {settings.max_file_bytes} bytes.", param="file",
@@ -76,7 +81,9 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
         if upload.writer is None:
             raise InvalidRequest("The form field 'file' is required.", param="file",
                                  code="missing_required_parameter")
-        row = upload.writer.close()
+        policy = {name: upload.fields[f"expires_after[{name}]"] for name in ("anchor", "seconds")
+                  if f"expires_after[{name}]" in upload.fields}
+        row = upload.writer.close(expiry_seconds(policy or None, settings, "expires_after"))
     return file_object(row)
 
 
@@ -88,7 +95,7 @@ def list_files(db: DB, project: Project, purpose: str | None = None,
     with db.connect() as conn:
         rows = conn.execute(text(f"""
             SELECT * FROM files
-            WHERE project = :project AND (CAST(:purpose AS text) IS NULL OR purpose = :purpose)
+            WHERE project = :project AND (CAST(:purpose AS text) IS NULL OR purpose = :purpose) AND {LIVE_FILE}
               AND (CAST(:after AS text) IS NULL OR (created_at, id) {compare} (
                    SELECT created_at, id FROM files WHERE id = :after AND project = :project))
             ORDER BY created_at {direction}, id {direction} LIMIT :limit"""),

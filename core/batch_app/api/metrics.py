@@ -56,17 +56,19 @@ def _labelled(family, samples):
 
 
 def _worker_metrics(rows):
+    # A server slot (kind "server") beats with each passed health check; its in-flight count is
+    # what its pool workers hold on it.
     age = GaugeMetricFamily("batch_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.",
-                            labels=["slot", "model"])
+                            labels=["slot", "model", "kind"])
     status = GaugeMetricFamily("batch_worker_status", "1 for the worker's current status.",
-                               labels=["slot", "model", "status"])
+                               labels=["slot", "model", "kind", "status"])
     in_flight = GaugeMetricFamily("batch_worker_in_flight", "Requests held by the worker's engine.",
-                                  labels=["slot", "model"])
+                                  labels=["slot", "model", "kind"])
     for row in rows:
-        age.add_metric([row.slot, row.model], float(row.heartbeat_age))
-        in_flight.add_metric([row.slot, row.model], row.in_flight)
+        age.add_metric([row.slot, row.model, row.kind], float(row.heartbeat_age))
+        in_flight.add_metric([row.slot, row.model, row.kind], row.in_flight)
         for name in WorkerStatus:
-            status.add_metric([row.slot, row.model, name], 1.0 if row.status == name else 0.0)
+            status.add_metric([row.slot, row.model, row.kind, name], 1.0 if row.status == name else 0.0)
     return age, status, in_flight
 
 

@@ -145,6 +145,11 @@ def show(batch: Batch) -> None:
         console.print(f"[red]error[/red] line {error.line}: {error.code}: {error.message}")
 
 
+def retry(client: OpenAI, batch_id: str) -> Batch:
+    """POST /v1/batches/{id}/retry (ours, not in the SDK's resources)."""
+    return client.post(f"/batches/{batch_id}/retry", cast_to=Batch)
+
+
 def latest(client: OpenAI) -> Batch:
     page = client.batches.list(limit=1)
     if not page.data:

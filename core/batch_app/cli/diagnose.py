@@ -19,9 +19,9 @@ from sqlalchemy import text
 from .. import __version__
 from ..config import Settings
 from ..database import Database, alembic_config
-from ..domain import overview
+from ..domain import overview, webhooks
 from ..domain.overview import describe_age
-from ..domain.statuses import LIVE_WORKER_STATUSES, WorkerStatus
+from ..domain.statuses import LIVE_WORKER_STATUSES, SlotKind, WorkerStatus
 from ..logs import log_path, tail_lines, worker_log_path
 from .errors import describe
 from .operator_commands import connect
@@ -43,7 +43,8 @@ def report(settings: Settings, api_url: str) -> str:
         db = connect(settings)
         yield from _database(db, problems)
         with db.connect() as conn:
-            snapshot = overview.workers(conn), overview.restart_history(conn, 20), overview.backends(conn)
+            snapshot = (overview.workers(conn), overview.restart_history(conn, 20), overview.backends(conn),
+                        webhooks.failing_deliveries(conn))
 
     sections: list[tuple[str, Callable[[], Iterator[str]]]] = [
         ("Ports", lambda: _ports(settings, problems)),
@@ -52,6 +53,7 @@ def report(settings: Settings, api_url: str) -> str:
         ("Watchdog", lambda: _watchdog(problems)),
         ("Workers", lambda: _workers(snapshot, settings, problems)),
         ("Backends of pool workers", lambda: _backends(snapshot, problems)),
+        ("Webhook deliveries failing", lambda: _webhooks(snapshot, problems)),
         ("Restarts (latest 20)", lambda: _restarts(snapshot)),
         ("Worker logs (last 10 lines each)", lambda: _worker_logs(snapshot, settings)),
         ("GPU", _gpus),
@@ -157,9 +159,10 @@ def _workers(snapshot: tuple[list, list, list] | None, settings: Settings, probl
     here = socket.gethostname()
     for row in rows:
         state = _process_state(row.pid) if row.host == here else "on another host, not checked"
-        yield (f"{row.slot}: {row.status}, pid {row.pid} on {row.host}, process {state}, heartbeat "
+        yield (f"{row.slot} ({row.kind}): {row.status}, pid {row.pid} on {row.host}, process {state}, heartbeat "
                f"{describe_age(row.heartbeat_age)} ago, {row.in_flight} in flight, {row.requests_done} done, "
-               f"{row.restarts_last_hour} restarts in the last hour, model {row.model}")
+               f"{row.restarts_last_hour} restarts in the last hour, model {row.model}"
+               + (f", last health check: {row.probe}" if row.probe else ""))
         last_restart = (f"; last restart {describe_age(row.last_restart_age)} ago: {row.last_restart_reason}"
                         if row.last_restart_reason else "")
         if row.status in LIVE_WORKER_STATUSES and state == "gone":
@@ -168,8 +171,9 @@ def _workers(snapshot: tuple[list, list, list] | None, settings: Settings, probl
         elif state in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED):
             problems.append(f"worker {row.slot} (pid {row.pid}): process is {state}")
         elif row.status in LIVE_WORKER_STATUSES and row.heartbeat_age > settings.heartbeat_timeout:
-            problems.append(f"worker {row.slot} (pid {row.pid}): heartbeat {describe_age(row.heartbeat_age)} old "
-                            f"(timeout {settings.heartbeat_timeout:.0f} s): hung or stopped")
+            problems.append(f"{row.kind} {row.slot} (pid {row.pid}): heartbeat {describe_age(row.heartbeat_age)} old "
+                            f"(timeout {settings.heartbeat_timeout:.0f} s): hung or stopped"
+                            + (f"; last health check: {row.probe}" if row.probe else ""))
         elif row.status == WorkerStatus.DEAD:
             problems.append(f"worker {row.slot} (pid {row.pid}) is marked dead{last_restart}")
         elif row.restarts_last_hour >= settings.max_restarts_per_hour:
@@ -195,6 +199,19 @@ def _backends(snapshot: tuple[list, list, list] | None, problems: list[str]) -> 
             problems.append(f"backend {row.url} of worker {row.slot} is {row.state}: {row.last_error or 'no detail'}")
 
 
+def _webhooks(snapshot: tuple | None, problems: list[str]) -> Iterator[str]:
+    if snapshot is None:
+        yield "not checked: no database"
+        return
+    if not snapshot[3]:
+        yield "none"
+    for row in snapshot[3]:
+        yield (f"{row.url} (project {row.project}): {row.retrying} retrying, {row.given_up} given up, up to "
+               f"{row.attempts} tries; last error: {row.last_error}")
+        problems.append(f"webhook deliveries to {row.url} are failing ({row.retrying} retrying, {row.given_up} given "
+                        f"up): {row.last_error}; see batchctl webhooks")
+
+
 def _restarts(snapshot: tuple[list, list, list] | None) -> Iterator[str]:
     if snapshot is None:
         yield "not checked: no database"
@@ -208,9 +225,10 @@ def _restarts(snapshot: tuple[list, list, list] | None) -> Iterator[str]:
 
 
 def _worker_logs(snapshot: tuple[list, list, list] | None, settings: Settings) -> Iterator[str]:
-    slots = {row.slot for row in snapshot[0]} if snapshot else set()
+    slots = {row.slot for row in snapshot[0] if row.kind == SlotKind.WORKER} if snapshot else set()
     slots |= {path.stem.removeprefix("worker-") for path in settings.log_dir.glob("worker-*.log")}
-    for path in [log_path(settings, "watchdog")] + [worker_log_path(settings, slot) for slot in sorted(slots)]:
+    servers = sorted(settings.log_dir.glob("server-*.log"))
+    for path in [log_path(settings, "watchdog")] + [worker_log_path(settings, slot) for slot in sorted(slots)] + servers:
         yield f"--- {path.resolve()}"
         tail = tail_lines(path, 10)
         yield from (tail.splitlines() if tail else ["(no log file, or empty)"])

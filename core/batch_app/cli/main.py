@@ -1,5 +1,5 @@
 """`batchctl` commands. User commands talk to the API over HTTP; operator commands (workers,
-diagnose, keys, worker reset) read the database of the stack configured by `.env`."""
+diagnose, keys, worker reset, server restart) read the database of the stack configured by `.env`."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ app = typer.Typer(name="batchctl", help="Submit and follow batches, and look aft
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 worker_app = typer.Typer(help="Supervised workers.", no_args_is_help=True)
+server_app = typer.Typer(help="vLLM servers the watchdog runs (server slots of WORKERS).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(worker_app, name="worker")
+app.add_typer(server_app, name="server")
 
 
 class _Options:
@@ -109,6 +111,14 @@ def cancel(batch_id: str) -> None:
 
 
 @app.command()
+def retry(batch_id: str) -> None:
+    """Run again only the failed, expired and cancelled lines of a finished batch, as a new batch."""
+    batch = api_commands.retry(_client(), batch_id)
+    api_commands.console.print(f"batch {batch.id} ({batch.request_counts.total if batch.request_counts else 0} "
+                               f"lines of {batch_id}): {batch.status}")
+
+
+@app.command()
 def download(batch_id: str, output_dir: Annotated[Path, typer.Option()] = Path(".")) -> None:
     """Download a batch's output and error files."""
     client = _client()
@@ -156,6 +166,19 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="the id from batchctl
 def worker_reset(name: str, host: Annotated[Optional[str], typer.Option(help="(default: this host)")] = None) -> None:
     """Clear a worker stopped at the restart cap; the watchdog starts it again."""
     operator_commands.reset_worker(operator_commands.connect(get_settings()), name, host)
+
+
+@app.command("webhooks")
+def webhooks_list() -> None:
+    """The latest webhook deliveries: event, endpoint, status, tries, the last answer and error."""
+    operator_commands.webhooks_table(operator_commands.connect(get_settings()))
+
+
+@server_app.command("restart")
+def server_restart(name: str, host: Annotated[Optional[str], typer.Option(help="(default: this host)")] = None) -> None:
+    """Restart a server slot gracefully: it stops taking requests, what it holds finishes or moves to
+    the other servers of its pool, then it starts again (not counted against the restart cap)."""
+    operator_commands.restart_server(operator_commands.connect(get_settings()), name, host)
 
 
 def run() -> None:

@@ -10,11 +10,11 @@ from rich.table import Column, Table
 
 from ..config import Settings
 from ..database import Database, database_url, embedded_pgdata, embedded_running, open_database
-from ..domain import overview
+from ..domain import overview, webhooks
 from ..domain.keys import create_key, list_keys, revoke_key
 from ..domain.overview import describe_age
-from ..domain.registry import reset_restarts, slot_has_run
-from ..domain.statuses import WorkerStatus
+from ..domain.registry import is_server_slot, request_command, reset_restarts, slot_has_run
+from ..domain.statuses import SlotCommand, SlotKind, WorkerStatus
 from .errors import CommandError
 
 console = Console()
@@ -37,13 +37,16 @@ def workers_table(db: Database) -> None:
     if not rows:
         console.print("no worker has registered yet (is the watchdog running? scripts/start-all.sh)")
         return
-    table = Table(Column("worker", no_wrap=True), "status", "heartbeat", "progress", "restarts (1 h)", "model",
+    table = Table(Column("slot", no_wrap=True), "kind", "status", "heartbeat", "progress", "restarts (1 h)", "model",
                   Column("pid", no_wrap=True), "host")
     for row in rows:
         style = STATUS_STYLE.get(row.status, "")
-        table.add_row(row.slot, f"[{style}]{row.status}[/{style}]" if style else row.status,
-                      f"{describe_age(row.heartbeat_age)} ago",
-                      f"{row.requests_done} done, {row.tokens_done} tokens, {row.in_flight} in flight",
+        # A server's heartbeat is its last passed health check; the probe says how the last one went.
+        progress = (f"{row.requests_done} answered, {row.in_flight} in flight; {row.probe or 'not probed yet'}"
+                    if row.kind == SlotKind.SERVER else
+                    f"{row.requests_done} done, {row.tokens_done} tokens, {row.in_flight} in flight")
+        table.add_row(row.slot, row.kind, f"[{style}]{row.status}[/{style}]" if style else row.status,
+                      f"{describe_age(row.heartbeat_age)} ago", progress,
                       str(row.restarts_last_hour), row.model, str(row.pid), row.host)
     console.print(table)
 
@@ -62,6 +65,23 @@ def backends_table(db: Database) -> None:
         checked = f"{describe_age(row.checked_age)} ago" if row.checked_age is not None else "not yet"
         table.add_row(row.slot, row.url, row.model, f"[{style}]{row.state}[/{style}]", str(row.in_flight),
                       str(row.completed), failed, row.last_error or "", checked)
+    console.print(table)
+
+
+def webhooks_table(db: Database) -> None:
+    with db.connect() as conn:
+        rows = webhooks.recent_deliveries(conn)
+    if not rows:
+        console.print("no webhook deliveries yet (endpoints are made with the SDK: client.webhooks.create)")
+        return
+    table = Table(Column("event", no_wrap=True), "type", Column("endpoint", no_wrap=True), "project", "status",
+                  "tries", "last answer", "last error", "next try")
+    for row in rows:
+        style = {"delivered": "green", "failed": "bold red"}.get(row.status, "yellow")
+        next_try = f"in {describe_age(row.next_in)}" if row.status == "pending" else ""
+        table.add_row(row.event_id, row.type, row.url, row.project, f"[{style}]{row.status}[/{style}]",
+                      str(row.attempts), "" if row.last_status_code is None else str(row.last_status_code),
+                      row.last_error, next_try)
     console.print(table)
 
 
@@ -88,6 +108,16 @@ def revoke(db: Database, key_id: int) -> None:
         if not revoke_key(conn, key_id):
             raise CommandError(f"no API key with id {key_id} (see batchctl keys list)")
     console.print(f"key {key_id} revoked: requests presenting it are refused from now on")
+
+
+def restart_server(db: Database, slot: str, host: str | None) -> None:
+    host = host or socket.gethostname()
+    with db.begin() as conn:
+        if not is_server_slot(conn, host, slot):
+            raise CommandError(f"no server slot named {slot!r} has run on host {host!r} (see batchctl workers)")
+        request_command(conn, host, slot, SlotCommand.RESTART)
+    console.print(f"server {slot} on {host}: restart asked; its watchdog stops it gracefully within a few seconds "
+                  f"(what it holds finishes or moves to the other servers) and starts it again")
 
 
 def reset_worker(db: Database, slot: str, host: str | None) -> None:

@@ -19,7 +19,8 @@ from .statuses import FINAL_BATCH_STATUSES
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS)
+RESPONSES = "/v1/responses"
+ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES)
 
 # The statuses a client waits for: once there, a batch has its files and changes no more.
 FINAL_STATUSES = FINAL_BATCH_STATUSES

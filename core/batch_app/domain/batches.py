@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from sqlalchemy import text
@@ -13,12 +14,12 @@ from ..config import Settings
 from ..database import Database
 from . import queue
 from .batch_format import ENDPOINTS, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_METADATA_VALUE, LineError
-from .errors import InvalidRequest, NoLiveWorker, NotFound
+from .errors import Conflict, InvalidRequest, NoLiveWorker, NotFound
 from .ids import new_id
 from .ingest import IngestLimits, ingest_lines
 from .registry import model_liveness
-from .statuses import BatchStatus
-from .storage import iter_lines, read_chunks
+from .statuses import FINAL_BATCH_STATUSES, BatchStatus, RequestStatus, sql_list
+from .storage import LIVE_FILE, FileWriter, expiry_seconds, iter_lines, read_chunks
 
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -56,18 +57,19 @@ def check_metadata(metadata: dict[str, Any] | None) -> None:
 
 def create_batch(db: Database, settings: Settings, *, project: str, input_file_id: str,
                  endpoint: str, completion_window: str, metadata: dict[str, str] | None,
-                 priority: int) -> str:
+                 priority: int, output_expires_after: dict | None = None) -> str:
     """Validate and ingest the input file; returns the id of the new (maybe failed) batch."""
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"Unsupported endpoint '{endpoint}'; use one of {', '.join(ENDPOINTS)}.",
                              param="endpoint", code="invalid_value")
     window = window_seconds(completion_window, settings)
     check_metadata(metadata)
+    output_expiry = expiry_seconds(output_expires_after, settings, "output_expires_after")
     batch_id = new_id("batch_")
     with db.begin() as conn:
         # Held until the batch is made: a delete of the file waits rather than cut the ingest short.
-        purpose = conn.execute(text("SELECT purpose FROM files WHERE id = :id AND project = :project FOR KEY SHARE"),
-                               {"id": input_file_id, "project": project}).scalar()
+        purpose = conn.execute(text(f"SELECT purpose FROM files WHERE id = :id AND project = :project "
+                                    f"AND {LIVE_FILE} FOR KEY SHARE"), {"id": input_file_id, "project": project}).scalar()
         if purpose is None:
             raise NotFound("file", input_file_id, "input_file_id")
         if purpose != "batch":
@@ -75,12 +77,12 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
                                  "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_value")
         conn.execute(text("""
             INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status,
-                                 priority, metadata, expires_at)
+                                 priority, metadata, expires_at, output_expires_after)
             VALUES (:id, :project, :endpoint, :file, :window, :status, :priority,
-                    CAST(:metadata AS jsonb), now() + make_interval(secs => :seconds))"""),
+                    CAST(:metadata AS jsonb), now() + make_interval(secs => :seconds), :output_expiry)"""),
             {"id": batch_id, "project": project, "endpoint": endpoint, "file": input_file_id,
              "window": completion_window, "status": BatchStatus.VALIDATING, "priority": priority, "seconds": window,
-             "metadata": json.dumps(metadata) if metadata is not None else None})
+             "metadata": json.dumps(metadata) if metadata is not None else None, "output_expiry": output_expiry})
         requests = conn.begin_nested()
         # The file is read on this transaction's own connection: a create holds one connection, never
         # one while waiting for a second (which, under many creates at once, would drain the pool).
@@ -100,6 +102,44 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         else:
             queue.announce_work(conn)
     return batch_id
+
+
+# The lines of a finished batch that did not succeed, as they were submitted, in line order.
+_UNSUCCESSFUL_LINES = text(f"""
+SELECT custom_id, body FROM batch_requests
+WHERE batch_id = :id AND status IN ({sql_list((RequestStatus.FAILED, RequestStatus.EXPIRED, RequestStatus.CANCELLED))})
+ORDER BY line
+""")
+RETRY_OF = "retry_of"  # the metadata key naming the batch a retry was made from
+
+
+def retry_batch(db: Database, settings: Settings, *, project: str, batch_id: str) -> str:
+    """A new batch of the failed, expired and cancelled lines of a finished batch, with the same
+    endpoint, window and priority, its metadata naming the parent (`retry_of`); its input is a
+    new file of those lines. Returns the new batch's id."""
+    with db.begin() as conn:
+        parent = conn.execute(text("SELECT * FROM batches WHERE id = :id AND project = :project"),
+                              {"id": batch_id, "project": project}).first()
+        if parent is None:
+            raise NotFound("batch", batch_id, "batch_id")
+        if parent.status not in FINAL_BATCH_STATUSES:
+            raise Conflict(f"Batch '{batch_id}' is {parent.status}: only a finished batch can be retried.",
+                           param="batch_id", code="batch_not_finished")
+        writer = FileWriter(conn, project=project, purpose="batch", filename=f"retry-of-{batch_id}.jsonl")
+        for row in conn.execute(_UNSUCCESSFUL_LINES, {"id": batch_id}):
+            writer.write(json.dumps({"custom_id": row.custom_id, "method": "POST", "url": parent.endpoint,
+                                     "body": row.body}).encode() + b"\n")
+        if not writer.size:
+            raise Conflict(f"Batch '{batch_id}' has no failed, expired or cancelled line to retry.",
+                           param="batch_id", code="nothing_to_retry")
+        writer.close()
+    metadata = {**(parent.metadata or {}), RETRY_OF: batch_id}
+    if len(metadata) > MAX_METADATA_KEYS:
+        metadata = {RETRY_OF: batch_id}
+    return create_batch(db, settings, project=project, input_file_id=writer.id, endpoint=parent.endpoint,
+                        completion_window=parent.completion_window, metadata=metadata, priority=parent.priority,
+                        output_expires_after=None if parent.output_expires_after is None else
+                        {"anchor": "created_at", "seconds": parent.output_expires_after})
 
 
 def _model_errors(conn: Connection, settings: Settings, model: str | None,
@@ -151,7 +191,19 @@ def _batch_object(row, counts) -> dict[str, Any]:
     for name in TIMESTAMPS:
         value = getattr(row, name)
         body[name] = int(value.timestamp()) if value is not None else None
+    body["estimated_completion_at"] = _estimated_completion(body)
     return body
+
+
+def _estimated_completion(batch: dict[str, Any]) -> int | None:
+    """Not in OpenAI's object (the SDK keeps it as an extra): when a running batch should end, at
+    its own pace since it started."""
+    counts, started = batch["request_counts"], batch["in_progress_at"]
+    done = counts["completed"] + counts["failed"]
+    if batch["status"] != BatchStatus.IN_PROGRESS or not started or not done:
+        return None
+    elapsed = max(time.time() - started, 1.0)
+    return int(time.time() + (counts["total"] - done) * elapsed / done)
 
 
 def get_batch(conn: Connection, project: str, batch_id: str) -> dict[str, Any]:

@@ -25,11 +25,11 @@ SELECT line, custom_id, attempt, status, status_code, response, error::text AS e
 FROM batch_requests WHERE batch_id = :batch_id ORDER BY line
 """)
 
-_PROJECT = text("SELECT project FROM batches WHERE id = :id")
+_OWNER = text("SELECT project, output_expires_after FROM batches WHERE id = :id")
 
 
 def _build_files(conn: Connection, batch_id: str) -> tuple[str | None, str | None]:
-    project = conn.execute(_PROJECT, {"id": batch_id}).scalar_one()
+    project, expires_in = conn.execute(_OWNER, {"id": batch_id}).one()
     writers = {
         name: FileWriter(conn, project=project, purpose="batch_output", filename=f"{batch_id}_{name}.jsonl")
         for name in ("output", "error")
@@ -39,7 +39,7 @@ def _build_files(conn: Connection, batch_id: str) -> tuple[str | None, str | Non
         line = output_line(batch_id, row.line, row.custom_id, row.attempt, row.status_code, row.response, row.error)
         writers["output" if row.status == RequestStatus.SUCCEEDED else "error"].write(line)
     # OpenAI leaves a file id null when that file would be empty.
-    output, errors = (writer.close()["id"] if writer.size else None for writer in writers.values())
+    output, errors = (writer.close(expires_in)["id"] if writer.size else None for writer in writers.values())
     return output, errors
 
 

@@ -1,5 +1,6 @@
 """Periodic repairs any process may run, safe to run concurrently from many hosts: rescue
-requests of dead workers, expire batches past their window, finish batches whose finisher died.
+requests of dead workers, expire batches past their window, finish batches whose finisher died,
+delete expired files.
 
 Every watchdog and every worker runs them on a `Housekeeper` thread of its own, so a long file
 build (an expired batch of embeddings can be gigabytes) never holds up an engine or the
@@ -9,12 +10,12 @@ watchdog's checks.
 from __future__ import annotations
 
 import logging
-import threading
 
 from ..config import Settings
 from ..database import Database
-from ..outage import describe, is_unreachable, outage
-from . import finalize, queue
+from ..outage import outage
+from ..periodic import Periodic
+from . import finalize, queue, storage
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +45,18 @@ def run_once(db: Database, settings: Settings) -> None:
     for batch_id in finalize.finalize_ready(db, done):
         log.warning("batch %s had nothing left to run but was never finalized; finalized it", batch_id)
     finalize.finish_stranded(db)
+    with db.begin() as conn:
+        if expired := storage.delete_expired(conn):
+            log.info("deleted %d expired files: %s", len(expired), ", ".join(expired[:20]))
 
 
-class Housekeeper(threading.Thread):
-    """Runs `run_once` every HOUSEKEEPING_INTERVAL; a failed round is logged and retried next time."""
+class Housekeeper(Periodic):
+    """Runs `run_once` every HOUSEKEEPING_INTERVAL. A round under way when its process ends (a
+    long file build) is rolled back."""
 
     def __init__(self, db: Database, settings: Settings):
-        super().__init__(name="housekeeping", daemon=True)
-        self.db = db
-        self.settings = settings
-        self._stopped = threading.Event()
+        super().__init__("housekeeping", settings.housekeeping_interval, "housekeeping")
+        self.db, self.settings = db, settings
 
-    def run(self) -> None:
-        while not self._stopped.wait(self.settings.housekeeping_interval):
-            try:
-                run_once(self.db, self.settings)
-                outage.reached()
-            except Exception as exc:  # the next round tries again; nothing here may end the process
-                if is_unreachable(exc):
-                    outage.failed(exc, "housekeeping")
-                else:
-                    log.error("housekeeping failed: %s", describe(exc), exc_info=exc)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join(timeout=5)  # a round under way (a long file build) is rolled back if the process ends
+    def run_round(self) -> None:
+        run_once(self.db, self.settings)

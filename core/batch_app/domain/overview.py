@@ -12,7 +12,7 @@ from .statuses import ENDED_WORKER_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchS
 # last beat? how far has it got? how often, and why last, has it been restarted lately?
 _WORKERS = text(f"""
 SELECT DISTINCT ON (w.host, w.slot)
-       w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done,
+       w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done, w.kind, w.probe,
        extract(epoch FROM now() - w.last_seen) AS heartbeat_age,
        {restarts_in_last_hour_sql('w.host', 'w.slot')} AS restarts_last_hour,
        last.reason AS last_restart_reason,

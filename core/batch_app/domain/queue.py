@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from . import registry
+from . import registry, webhooks
 from .statuses import (
     ACTIVE_BATCH_STATUSES,
     ENDED_WORKER_STATUSES,
@@ -181,7 +181,8 @@ owned AS (SELECT r.id FROM batch_requests r JOIN u ON u.id = r.id
 done AS (UPDATE batch_requests r
     SET status = CASE WHEN u.status_code = 200 THEN '{_SUCCEEDED}' ELSE '{_FAILED}' END,
         status_code = u.status_code, response = u.response,
-        prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now()
+        prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, finished_at = now(),
+        finished_xid = pg_current_xact_id()::text::bigint
     FROM owned, u
     WHERE r.id = owned.id AND u.id = owned.id
     RETURNING {_DONE_COLUMNS}),
@@ -202,6 +203,22 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
     } for c in completions])
     rows = conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all()
     return {row.id: row.batch_id for row in rows}
+
+
+# The succeeded lines of a batch in the order their results were stored, after the first
+# `after` of them. Only results of transactions older than every transaction still running are
+# listed: any result stored later comes from a newer transaction and sorts after them, so the
+# list only ever grows at its end and `after` resumes it exactly.
+_FINISHED_SO_FAR = text(f"""
+SELECT line, custom_id, attempt, status_code, response FROM batch_requests
+WHERE batch_id = :batch_id AND status = '{_SUCCEEDED}'
+  AND finished_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+ORDER BY finished_xid, id OFFSET :after LIMIT :limit
+""")
+
+
+def finished_so_far(conn: Connection, batch_id: str, after: int, limit: int) -> list:
+    return conn.execute(_FINISHED_SO_FAR, {"batch_id": batch_id, "after": after, "limit": limit}).all()
 
 
 # A graceful hand-back (shutdown) does not count as an attempt.
@@ -472,7 +489,7 @@ UPDATE batches SET status = :status, output_file_id = :output_file_id, error_fil
        errors = coalesce(CAST(:errors AS jsonb), errors),
        {_STAMP_FINAL_TIME}
 WHERE id = :batch_id AND status = ANY(:from_statuses)
-RETURNING id
+RETURNING id, project
 """)
 
 
@@ -489,5 +506,6 @@ def end_batch(conn: Connection, batch_id: str, status: BatchStatus, *, output_fi
         "errors": json.dumps({"object": "list", "data": errors}) if errors is not None else None,
     }).first()
     if ended is not None:
+        webhooks.record_batch_event(conn, ended.project, batch_id, status)  # delivered at least once
         _notify(conn, BATCH_ENDED_CHANNEL, batch_id)
     return ended is not None

@@ -1,7 +1,9 @@
 """The worker registry: the `workers` and `worker_restarts` tables, read and written by every
 process. A worker registers and beats here; the watchdog finds its workers' states, records
 restarts and counts them against the hourly cap; the API asks which models are served. A pool
-worker also reports its backends (the `backends` table).
+worker also reports its backends (the `backends` table). A server slot's row is written by the
+watchdog that runs it (`kind` server): registered at its start and beaten by the watchdog's
+health check of it, with the load its pool workers report on it.
 
 A worker row is one process start, under an id the watchdog chose for it. The restart count
 of a slot is the one query `RESTARTS_IN_LAST_HOUR`: restarts of the last hour since the slot's
@@ -15,15 +17,15 @@ import json
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .statuses import ENDED_WORKER_STATUSES, SERVING_WORKER_STATUSES, WorkerStatus, sql_list
+from .statuses import ENDED_WORKER_STATUSES, SERVING_WORKER_STATUSES, SlotCommand, SlotKind, WorkerStatus, sql_list
 
 _ENDED = sql_list(ENDED_WORKER_STATUSES)
 
 # --- Registration and heartbeat, by the worker itself. ---
 
 _REGISTER = text(f"""
-INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status)
-VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, '{WorkerStatus.LOADING}')
+INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status, kind)
+VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, '{WorkerStatus.LOADING}', :kind)
 """)
 
 _HEARTBEAT = text(f"""
@@ -39,9 +41,9 @@ RETURNING id
 
 
 def register_worker(conn: Connection, *, worker_id: str, slot: str, host: str, pid: int,
-                    model: str, gpu_ids: str) -> None:
+                    model: str, gpu_ids: str, kind: SlotKind = SlotKind.WORKER) -> None:
     conn.execute(_REGISTER, {"id": worker_id, "slot": slot, "host": host, "pid": pid,
-                             "model": model, "gpu_ids": gpu_ids})
+                             "model": model, "gpu_ids": gpu_ids, "kind": kind})
 
 
 def heartbeat(conn: Connection, *, worker_id: str, status: WorkerStatus, in_flight: int,
@@ -74,6 +76,48 @@ def report_backends(conn: Connection, worker_id: str, model: str, states: list) 
          "errors": dict(s.errors), "last_error": s.last_error, "checked_at": s.checked_at} for s in states])})
 
 
+# --- A server's beat, written by the watchdog's probe of it. ---
+
+# What the live pool workers hold on a server and have had answered by it (their heartbeats report it).
+_SERVER_LOAD = text(f"""
+SELECT coalesce(sum(b.in_flight), 0) AS in_flight, coalesce(sum(b.completed), 0) AS completed
+FROM backends b JOIN workers w ON w.id = b.worker_id
+WHERE b.url = :url AND w.status NOT IN ({_ENDED})
+""")
+
+_RECORD_PROBE = text("UPDATE workers SET probe = :probe WHERE id = :id")
+
+
+def server_load(conn: Connection, url: str) -> tuple[int, int]:
+    """(requests the pool workers hold on the server at `url`, requests it answered them)."""
+    row = conn.execute(_SERVER_LOAD, {"url": url}).one()
+    return int(row.in_flight), int(row.completed)
+
+
+def record_probe(conn: Connection, worker_id: str, probe: str) -> None:
+    conn.execute(_RECORD_PROBE, {"id": worker_id, "probe": probe})
+
+
+# --- Operators' commands to a host's watchdog. ---
+
+_REQUEST_COMMAND = text("INSERT INTO slot_commands (host, slot, command) VALUES (:host, :slot, :command)")
+
+_TAKE_COMMANDS = text("""
+UPDATE slot_commands SET taken_at = now()
+WHERE host = :host AND taken_at IS NULL
+RETURNING slot, command
+""")
+
+
+def request_command(conn: Connection, host: str, slot: str, command: SlotCommand) -> None:
+    conn.execute(_REQUEST_COMMAND, {"host": host, "slot": slot, "command": command})
+
+
+def take_commands(conn: Connection, host: str) -> list:
+    """The commands waiting for this host's watchdog, each taken once."""
+    return conn.execute(_TAKE_COMMANDS, {"host": host}).all()
+
+
 # --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old. ---
 
 _MARK_SILENT_DEAD = text(f"""
@@ -88,6 +132,17 @@ UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped
                    blames_requests = :blames_requests
 WHERE id = :worker_id AND status NOT IN ({_ENDED})
 """)
+
+
+_MARK_STOPPED = text(f"""
+UPDATE workers SET status = '{WorkerStatus.STOPPED}', stopped_at = now(), in_flight = 0
+WHERE id = :worker_id AND status NOT IN ({_ENDED})
+""")
+
+
+def mark_stopped(conn: Connection, worker_id: str) -> None:
+    """A server the watchdog stopped on purpose (a worker records its own stop with its last beat)."""
+    conn.execute(_MARK_STOPPED, {"worker_id": worker_id})
 
 
 def mark_silent_workers_dead(conn: Connection, heartbeat_timeout: float) -> None:
@@ -109,7 +164,7 @@ SELECT model,
                AND last_seen > now() - make_interval(secs => :timeout)) AS no_backend,
        extract(epoch FROM now() - max(last_seen)) AS age,
        min(started_at) AS first_seen
-FROM workers GROUP BY model
+FROM workers WHERE kind = '{SlotKind.WORKER}' GROUP BY model
 """)
 
 
@@ -192,6 +247,15 @@ _SLOT_HAS_RUN = text("""
 SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host)
     OR EXISTS (SELECT 1 FROM worker_restarts WHERE slot = :slot AND host = :host)
 """)
+
+
+_IS_SERVER_SLOT = text(f"""
+SELECT EXISTS (SELECT 1 FROM workers WHERE slot = :slot AND host = :host AND kind = '{SlotKind.SERVER}')
+""")
+
+
+def is_server_slot(conn: Connection, host: str, slot: str) -> bool:
+    return conn.execute(_IS_SERVER_SLOT, {"host": host, "slot": slot}).scalar_one()
 
 
 def slot_has_run(conn: Connection, host: str, slot: str) -> bool:

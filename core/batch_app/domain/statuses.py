@@ -41,6 +41,21 @@ class WorkerStatus(StrEnum):
     DEAD = "dead"
 
 
+class SlotKind(StrEnum):
+    WORKER = "worker"  # takes requests from the queue
+    SERVER = "server"  # a vLLM server the watchdog runs and probes; a pool worker feeds it
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # to be sent (again) at its next_attempt_at
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # not delivered within WEBHOOK_RETRY_FOR
+
+
+class SlotCommand(StrEnum):
+    RESTART = "restart"  # `batchctl server restart`: stop gracefully, start again, uncharged
+
+
 # A batch in one of these has its files and changes no more (OpenAI's terminal statuses).
 FINAL_BATCH_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 # A batch in one of these still takes claims: its requests may run.

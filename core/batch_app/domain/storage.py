@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..config import Settings
 from ..database import Database
-from .errors import TooLarge
+from .errors import InvalidRequest, TooLarge
 from .ids import new_id
 from .tables import file_chunks, files
 
@@ -64,13 +65,17 @@ class FileWriter:
         self.conn.execute(file_chunks.insert().values(file_id=self.id, seq=self._seq, data=chunk))
         self._seq += 1
 
-    def close(self) -> dict:
+    def close(self, expires_in: int | None = None) -> dict:
+        """Write what is left and the file's size; `expires_in` seconds from its creation it expires."""
         self._write_row()
         if self._buffer:
             self._flush(bytes(self._buffer))
             self._buffer.clear()
+        expires_at = None if expires_in is None else files.c.created_at + sa.func.make_interval(0, 0, 0, 0, 0, 0,
+                                                                                                  expires_in)
         row = self.conn.execute(
-            files.update().where(files.c.id == self.id).values(bytes=self.size).returning(*files.c)
+            files.update().where(files.c.id == self.id).values(bytes=self.size, expires_at=expires_at)
+            .returning(*files.c)
         ).mappings().one()
         return dict(row)
 
@@ -134,3 +139,31 @@ def iter_lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[Line]:
 
 def delete_file(conn: Connection, file_id: str) -> None:
     conn.execute(files.delete().where(files.c.id == file_id))
+
+
+# A file past its `expires_at` is gone for its owner at once (every read of files says so) and
+# its row and contents are deleted by housekeeping; a batch made from it keeps its own record.
+LIVE_FILE = "(expires_at IS NULL OR expires_at > now())"
+
+_DELETE_EXPIRED = sa.text("DELETE FROM files WHERE expires_at <= now() RETURNING id")
+
+
+def delete_expired(conn: Connection) -> list[str]:
+    return list(conn.execute(_DELETE_EXPIRED).scalars())
+
+
+def expiry_seconds(policy, settings: Settings, param: str) -> int | None:
+    """Seconds after creation that a file expires, from OpenAI's `{"anchor": "created_at",
+    "seconds": N}` (N within MIN_FILE_EXPIRY and MAX_FILE_EXPIRY); without a policy, FILE_RETENTION."""
+    if policy is None:
+        return settings.file_retention
+    if not isinstance(policy, dict) or policy.get("anchor") != "created_at":
+        raise InvalidRequest(f"{param}.anchor must be 'created_at'.", param=f"{param}.anchor", code="invalid_value")
+    seconds = policy.get("seconds")
+    if isinstance(seconds, str) and seconds.isdigit():
+        seconds = int(seconds)  # a multipart form sends it as text
+    if (not isinstance(seconds, int) or isinstance(seconds, bool)
+            or not settings.min_file_expiry <= seconds <= settings.max_file_expiry):
+        raise InvalidRequest(f"{param}.seconds must be an integer from {settings.min_file_expiry} to "
+                             f"{settings.max_file_expiry}.", param=f"{param}.seconds", code="invalid_value")
+    return seconds

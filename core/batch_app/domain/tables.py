@@ -21,16 +21,16 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 
-from .statuses import BatchStatus, RequestStatus, WorkerStatus, sql_list
+from .statuses import BatchStatus, DeliveryStatus, RequestStatus, SlotCommand, SlotKind, WorkerStatus, sql_list
 
 metadata = MetaData()
 
 
-def _status_check(table: str, statuses: type) -> CheckConstraint:
+def _status_check(table: str, statuses: type, column: str = "status") -> CheckConstraint:
     """Only the statuses of statuses.py (migration 0003 adds these to existing databases)."""
-    return CheckConstraint(f"status IN ({sql_list(statuses)})", name=f"{table}_status_known")
+    return CheckConstraint(f"{column} IN ({sql_list(statuses)})", name=f"{table}_{column}_known")
 
 
 
@@ -61,7 +61,9 @@ files = Table(
     Column("filename", Text, nullable=False),
     Column("bytes", BigInteger, nullable=False),
     _now_column("created_at"),
+    _optional_time("expires_at"),  # None: kept until deleted
     Index("files_project_created", "project", "created_at"),
+    Index("files_expiring", "expires_at", postgresql_where=text("expires_at IS NOT NULL")),
 )
 
 # File contents in ordered chunks, so every host reads the same bytes and no file is held whole.
@@ -89,6 +91,8 @@ batches = Table(
     Column("metadata", JSONB),
     Column("output_file_id", Text),
     Column("error_file_id", Text),
+    # Seconds its output and error files live once built (output_expires_after or FILE_RETENTION).
+    Column("output_expires_after", Integer),
     _now_column("created_at"),
     _optional_time("in_progress_at"),
     _optional_time("expires_at"),
@@ -130,6 +134,9 @@ batch_requests = Table(
     Column("completion_tokens", Integer, nullable=False, server_default="0"),
     _optional_time("claimed_at"),
     _optional_time("finished_at"),
+    # The transaction that stored its result (pg_current_xact_id): the order a running batch's
+    # finished part is downloaded in, which only grows at its end (queue.finished_so_far).
+    Column("finished_xid", BigInteger),
     Index("batch_requests_batch_line", "batch_id", "line", unique=True),
     Index("batch_requests_batch_status", "batch_id", "status"),
     # The claim scans only queued rows: which projects wait for a model, and each one's in priority
@@ -184,8 +191,26 @@ workers = Table(
     _now_column("last_seen"),
     _now_column("last_progress_at"),
     _optional_time("stopped_at"),
+    # A server row is written by the watchdog that runs the server: its beat is a passed health check.
+    Column("kind", Text, nullable=False, server_default=SlotKind.WORKER.value),
+    Column("probe", Text, nullable=False, server_default=""),  # a server's last health check, in words
     Index("workers_model_last_seen", "model", "last_seen"),
     _status_check("workers", WorkerStatus),
+    _status_check("workers", SlotKind, "kind"),
+)
+
+# What operators asked of a host's watchdog (`batchctl server restart`), taken once.
+slot_commands = Table(
+    "slot_commands",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("slot", Text, nullable=False),
+    Column("command", Text, nullable=False),
+    _now_column("requested_at"),
+    _optional_time("taken_at"),
+    Index("slot_commands_waiting", "host", postgresql_where=text("taken_at IS NULL")),
+    _status_check("slot_commands", SlotCommand, "command"),
 )
 
 # The servers of a pool worker (the `openai-http` engine), as its heartbeat last reported them.
@@ -215,4 +240,51 @@ worker_restarts = Table(
     Column("exit_code", Integer),
     _now_column("restarted_at"),
     Index("worker_restarts_slot_time", "host", "slot", "restarted_at"),
+)
+
+# Webhook endpoints of a project (webhooks.py); the secret signs, so it is kept as it is.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("project", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("event_types", ARRAY(Text), nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("old_secret", Text),  # still signs until old_secret_until after a rotation that keeps it
+    _optional_time("old_secret_until"),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Index("webhook_endpoints_project_created", "project", "created_at"),
+)
+
+# An event as it is sent (the same bytes on every try), written with the batch's ending.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("project", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    _now_column("created_at"),
+)
+
+# One event to one endpoint: tried until delivered or WEBHOOK_RETRY_FOR has passed.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("event_id", Text, ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False),
+    Column("endpoint_id", Text, ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    Column("status", Text, nullable=False, server_default=DeliveryStatus.PENDING.value),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    _now_column("next_attempt_at"),  # a sender's lease while it sends, then the next try
+    Column("last_status_code", Integer),
+    Column("last_error", Text, nullable=False, server_default=""),
+    _now_column("created_at"),
+    _optional_time("delivered_at"),
+    Index("webhook_deliveries_due", "next_attempt_at",
+          postgresql_where=text(f"status = '{DeliveryStatus.PENDING}'")),
+    _status_check("webhook_deliveries", DeliveryStatus),
 )

@@ -15,7 +15,8 @@ each request as it is and returning the backend's own answer.
   (502). A 4xx other than 429 is the request's answer, body and all.
 - Hung: a backend that fails two health checks in a row while holding requests (`hung` when
   they timed out) has what it holds taken from it, and tried elsewhere at once. A request held `request_timeout` without an
-  answer is a timeout of that backend.
+  answer is a timeout of that backend. A request whose every try was lost by a server that
+  went away under it (`max_attempts` of them) may be what kills them: it ends `poison_request`.
 - Progress (the watchdog's stall check) moves with every answer and every passed health check
   of a backend holding requests, so it stops only when the whole pool is stuck.
 
@@ -94,11 +95,12 @@ class _Answer:
 
 class _Failure(Exception):
     """One try on one backend failed: `state` is what it says of the backend; `server_error` that
-    the backend answered it with a 5xx (rather than not answering, or a 429: busy)."""
+    the backend answered it with a 5xx (rather than not answering, or a 429: busy); `lost` that
+    the backend held it and went away (its connection broke, or it was taken from a hung one)."""
 
-    def __init__(self, state: str, error_type: str, message: str, server_error: bool = False):
+    def __init__(self, state: str, error_type: str, message: str, server_error: bool = False, lost: bool = False):
         super().__init__(f"{error_type}: {message}")
-        self.state, self.error_type, self.server_error = state, error_type, server_error
+        self.state, self.error_type, self.server_error, self.lost = state, error_type, server_error, lost
 
 
 def pool_slot(spec: EngineSpec) -> WorkerSlot:
@@ -208,7 +210,7 @@ class OpenAIHttpEngine:
                                            status_code=502, error_type="server_error", code="pool_error"))
 
     async def _serve_on_backends(self, request: EngineRequest) -> None:
-        tries, server_errors = 0, 0
+        tries, server_errors, lost = 0, 0, 0
         while True:
             # A retry waits a little for a backend to be re-admitted: with a single backend, one
             # failure must not send the request straight back to the queue.
@@ -226,6 +228,14 @@ class OpenAIHttpEngine:
                 self._failed(backend, failure, request, tries)
                 last = failure
                 server_errors += failure.server_error
+                lost += failure.lost
+            if lost >= self.slot.max_attempts:
+                # Every server it was in flight on went away under it: it may be what kills them.
+                self._results.put(error_result(
+                    request.key, f"This request was in flight on {lost} servers that failed while holding it "
+                                 f"(the last {backend.url}: {last}); it is not retried again.",
+                    status_code=500, error_type="server_error", code="poison_request"))
+                return
             if tries >= self.slot.max_attempts:
                 # Backends that answered every try with a 5xx refuse this request: that is its
                 # answer. Any try that found a backend down or busy: back to the queue.
@@ -276,7 +286,7 @@ class OpenAIHttpEngine:
             if attempt not in backend.taken:
                 raise  # aborted by the worker (cancelled batch, shutdown): the connection closes
             raise _Failure(backend.status.state, "Hung", "taken from the backend, which failed its health check "
-                                                         "while holding this request") from None
+                                                         "while holding this request", lost=True) from None
         finally:
             backend.attempts.discard(attempt)
             backend.taken.discard(attempt)
@@ -303,7 +313,7 @@ class OpenAIHttpEngine:
         except aiohttp.ClientConnectorError as exc:
             raise _Failure("connection_refused", type(exc).__name__, _message(exc)) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _Failure("connection_error", type(exc).__name__, _message(exc)) from None
+            raise _Failure("connection_error", type(exc).__name__, _message(exc), lost=True) from None
 
     def _result(self, key: str, response: _Answer) -> EngineResult:
         try:
@@ -322,8 +332,9 @@ class OpenAIHttpEngine:
         if "model" in body:
             body["model"] = self.model_name
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-        return EngineResult(key, 200, body, prompt_tokens=_count(usage.get("prompt_tokens")),
-                            completion_tokens=_count(usage.get("completion_tokens")))
+        # Chat, completions and embeddings count prompt/completion tokens; a Responses answer input/output.
+        return EngineResult(key, 200, body, prompt_tokens=_count(usage.get("prompt_tokens", usage.get("input_tokens"))),
+                            completion_tokens=_count(usage.get("completion_tokens", usage.get("output_tokens"))))
 
     def _failed(self, backend: _Backend, failure: _Failure, request: EngineRequest, tries: int) -> None:
         status = backend.status

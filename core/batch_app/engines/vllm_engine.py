@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..domain.batch_format import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS
+from ..domain.batch_format import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES
+from . import responses
 from .base import EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
 
 if TYPE_CHECKING:  # vllm itself is imported only when an engine is built
@@ -45,6 +46,7 @@ _UNSUPPORTED_FIELDS = {
     CHAT_COMPLETIONS: ("tools", "functions", "audio", "prediction"),
     COMPLETIONS: ("echo", "suffix"),
     EMBEDDINGS: (),
+    RESPONSES: (),  # responses.py refuses what it cannot map
 }
 
 
@@ -105,6 +107,7 @@ class _InFlight:
     top_logprobs: int | None = None  # chat: how many alternatives to report per token
     decode_once: bool = False  # text is decoded when the request finishes (see _decoded_text)
     encoding_format: str = "float"  # embeddings
+    responses_body: dict | None = None  # a /v1/responses request, answered as a `response` object
     # part id -> its output so far, deltas merged
     outputs: dict[str, RequestOutput | PoolingRequestOutput] = field(default_factory=dict)
 
@@ -224,7 +227,7 @@ class VllmEngine:
         body = request.body
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
-        served = (EMBEDDINGS,) if self.runner == "pooling" else (CHAT_COMPLETIONS, COMPLETIONS)
+        served = (EMBEDDINGS,) if self.runner == "pooling" else (CHAT_COMPLETIONS, COMPLETIONS, RESPONSES)
         if request.endpoint not in served:
             raise InvalidRequest(f"model {self.model_name!r} does not serve {request.endpoint}; "
                                  f"it serves {', '.join(served)}")
@@ -233,7 +236,15 @@ class VllmEngine:
                 raise InvalidRequest(f"'{name}' is not supported by this server", name)
         in_flight = _InFlight(key=request.key, endpoint=request.endpoint, part_ids=[],
                               created=int(time.time()))
-        if request.endpoint == CHAT_COMPLETIONS:
+        if request.endpoint == RESPONSES:
+            try:
+                chat = responses.chat_request(body)
+            except responses.ResponsesError as exc:
+                raise InvalidRequest(str(exc), exc.param) from None
+            in_flight.responses_body = body
+            prompts = [self._chat_prompt(chat)]
+            params = self._chat_sampling_params(chat, in_flight)
+        elif request.endpoint == CHAT_COMPLETIONS:
             prompts = [self._chat_prompt(body)]
             params = self._chat_sampling_params(body, in_flight)
         elif request.endpoint == COMPLETIONS:
@@ -392,11 +403,13 @@ class VllmEngine:
         completion_tokens = _completion_tokens(outputs)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        if in_flight.endpoint == CHAT_COMPLETIONS:
+        if in_flight.endpoint in (CHAT_COMPLETIONS, RESPONSES):
             body = self._chat_body(outputs[0], in_flight)
         else:
             body = self._completion_body(outputs, in_flight)
         body["usage"] = usage
+        if in_flight.endpoint == RESPONSES:
+            body = responses.response_object(body, in_flight.responses_body)
         return EngineResult(in_flight.key, 200, body, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 
@@ -29,7 +28,7 @@ def main() -> int:
     configure_logging("watchdog", settings, "watchdog")
     url = database_url(settings)
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
-    db = open_database(url, pool_size=3)  # supervision, housekeeping, and a spare
+    db = open_database(url, pool_size=4)  # supervision, housekeeping, webhooks, and a spare
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
     try:
         if settings.backends.strip() and not settings.workers.strip():
@@ -62,7 +61,7 @@ def pool_settings(settings: Settings) -> Settings:
     under that name. Waits while no backend answers; a backend that does not answer yet joins
     every pool (its health checks tell whether it serves the pool's model once it is up). The
     workers read the same slots from WORKERS, which is set here for them."""
-    from ..config import POOL_ENGINE, WorkerSlot, parse_backends
+    from ..config import POOL_ENGINE, WorkerSlot, parse_backends, pool_slot_name
     from ..engines.openai_http import served_models
 
     backends = WorkerSlot(slot="pool", backends=parse_backends(settings.backends)).backends
@@ -72,7 +71,7 @@ def pool_settings(settings: Settings) -> Settings:
         time.sleep(delay)
         delay = min(delay * 2, 30.0)
     models, silent = found
-    slots = [WorkerSlot(slot="pool-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model), model=model, engine=POOL_ENGINE,
+    slots = [WorkerSlot(slot=pool_slot_name(model), model=model, engine=POOL_ENGINE,
                         backends=serving + silent, api_key=settings.backend_api_key)
              for model, serving in sorted(models.items())]
     for slot in slots:

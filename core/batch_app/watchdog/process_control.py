@@ -77,14 +77,15 @@ def death_blames_requests(exit_code: int | None, oom_kills_at_start: int | None)
 
 
 def is_worker_group(pgid: int) -> bool:
-    """Whether the group still holds a worker of ours or what it started (vLLM titles its
-    EngineCore and worker processes `VLLM::...`)."""
+    """Whether the group still holds a worker or server of ours or what it started (vLLM titles
+    its EngineCore and worker processes `VLLM::...`)."""
     for process in group_members(pgid):
         try:
             command = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if "core.batch_app.worker" in command or "VLLM::" in command or "multiprocessing" in command:
+        if any(mark in command for mark in ("core.batch_app.worker", "core.batch_app.vllm_server", "VLLM::",
+                                            "multiprocessing")):
             return True
     return False
 

@@ -1,11 +1,18 @@
-"""The watchdog's supervision loop: start workers, detect dead, zombie, hung and stalled ones,
-kill them with their whole process group, hand their requests back, restart with backoff.
+"""The watchdog's supervision loop: start workers and vLLM servers, detect dead, zombie, hung and
+stalled ones, kill them with their whole process group, hand their requests back, restart with
+backoff.
 
 Each failure signal runs on its own clock:
 - process state (psutil) every check interval: gone, exited or zombie;
 - heartbeat age > HEARTBEAT_TIMEOUT: hung (also catches a stopped process);
 - progress age > STALL_TIMEOUT while requests are held: engine hung behind a live heartbeat;
 - STARTUP_TIMEOUT while the worker registers and loads its model (a slow load is not a hang).
+
+A server slot is judged by the same clocks, on the row its probe writes (server_probe.py): no
+passed health check for HEARTBEAT_TIMEOUT, requests held with none answered for STALL_TIMEOUT, or
+no passed check within STARTUP_TIMEOUT. Its pool worker retries what it held on the other servers.
+Servers stop after the workers (which finish what the servers hold), and `batchctl server
+restart` stops one gracefully and starts it again, uncharged.
 
 While the database is unreachable only the process state is judged: nobody can write a
 heartbeat then, so heartbeats, progress and start-up are judged again only once the watchdog
@@ -17,6 +24,7 @@ charges a restart nor lets the cap be passed.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -34,11 +42,13 @@ from ..config import Settings, WorkerSlot
 from ..database import Database
 from ..domain import housekeeping, registry
 from ..domain.housekeeping import Housekeeper
-from ..domain.statuses import WorkerStatus
-from ..logs import tail_lines, worker_log_path
+from ..domain.statuses import SlotCommand, WorkerStatus
+from ..logs import slot_log_path, tail_lines
 from ..outage import is_unreachable, outage
 from ..shutdown import FENCED_EXIT_CODE, stop_on_signals
 from .process_control import death_blames_requests, describe_exit, is_worker_group, kill_group, oom_kills
+from .server_probe import ServerProbe
+from .webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +66,19 @@ class SlotState:
     next_start: float = 0.0
     at_cap: bool = False
     # A failure whose bookkeeping (declared dead, restart counted) waits for the database:
-    # (reason, exit code, whether it blames the requests the worker held).
-    unsettled: tuple[str, int | None, bool] | None = None
+    # (reason, exit code, whether it blames the requests the worker held, and why it is not
+    # charged as a restart, or None when it is).
+    unsettled: tuple[str, int | None, bool, str | None] | None = None
     oom_kills_at_start: int | None = None
     # The process group of the last worker, until nothing of it is left.
     old_group: int | None = None
     log_path: Path = field(default_factory=Path)
+    probe: ServerProbe | None = None  # a server slot's stand-in heartbeat
+    restart_asked_at: float | None = None  # an operator asked for a graceful restart (SIGTERM sent)
+
+    @property
+    def kind(self) -> str:
+        return "server" if self.config.is_server else "worker"
 
 
 class Supervisor:
@@ -69,10 +86,11 @@ class Supervisor:
         self.db = db
         self.settings = settings
         self.host = socket.gethostname()
-        self.slots = [SlotState(config=slot, log_path=worker_log_path(settings, slot.slot))
+        self.slots = [SlotState(config=slot, log_path=slot_log_path(settings, slot))
                       for slot in settings.worker_slots()]
         self.stopping = threading.Event()
         self.housekeeper = Housekeeper(db, settings)
+        self.webhook_sender = WebhookSender(db, settings)
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self.stopping, log, "stopping workers gracefully")
@@ -85,9 +103,11 @@ class Supervisor:
                 raise
             return  # asked to stop while waiting for the database: nothing was started
         self.housekeeper.start()
+        self.webhook_sender.start()
         while not self.stopping.is_set():
             self.check_once(time.monotonic())
             self.stopping.wait(self.settings.watchdog_check_interval)
+        self.webhook_sender.stop()
         self.housekeeper.stop()
         self.stop_all()
 
@@ -115,6 +135,8 @@ class Supervisor:
     def check_once(self, now: float) -> None:
         running = [slot for slot in self.slots if slot.process is not None]
         states = self._worker_states(running)
+        if states is not None:
+            self._take_commands(now)
         for slot in running:
             reason, exit_code = self._failure(slot, states, now)
             if reason:
@@ -148,12 +170,26 @@ class Supervisor:
                 code = process.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 return "zombie process", None
+        if slot.restart_asked_at is not None:
+            if code is not None:
+                return f"restarted at an operator's request (process {describe_exit(code)})", code
+            if now - slot.restart_asked_at > self.settings.shutdown_grace + self.settings.kill_grace:
+                return f"did not stop within {self.settings.shutdown_grace:.0f} s of an operator's restart", None
         if code is not None:
             return f"process {describe_exit(code)}", code
+        age = now - slot.started_at
+        server = slot.config.is_server
+        if server:  # its health check is the watchdog's own, whatever the database does
+            if slot.probe.passed_at is None:
+                if age > self.settings.startup_timeout:
+                    return (f"did not pass a health check within the start-up timeout of "
+                            f"{self.settings.startup_timeout:.0f} s ({slot.probe.last_check})"), None
+                return None, None  # loading its model
+            if (failing := slot.probe.failing_for(now)) > self.settings.heartbeat_timeout:
+                return f"health check failing for {failing:.0f} s ({slot.probe.last_check})", None
         if states is None or not outage.quiet_for(self.settings.heartbeat_timeout):
             return None, None  # what the database says of this worker means nothing yet
         state = states.get(slot.worker_id)
-        age = now - slot.started_at
         if state is None or state.status == WorkerStatus.LOADING:
             if age > self.settings.startup_timeout:
                 stage = "register" if state is None else "load its model"
@@ -165,19 +201,52 @@ class Supervisor:
                     f"(process state: {_process_status(process.pid)})"), None
         if (state.status == WorkerStatus.BUSY and state.in_flight > 0
                 and state.progress_age > self.settings.stall_timeout):
+            if server:
+                return f"no request completed for {state.progress_age:.0f} s while holding {state.in_flight}", None
             return (f"engine stalled: no progress for {state.progress_age:.0f} s with "
                     f"{state.in_flight} requests in flight"), None
         return None, None
+
+    def _take_commands(self, now: float) -> None:
+        """Operators' commands for this host (`batchctl server restart`): a graceful restart is a
+        SIGTERM, on which vLLM stops taking requests and finishes those it holds; the pool
+        worker sends new ones to the other servers meanwhile."""
+        try:
+            with self.db.begin() as conn:
+                commands = registry.take_commands(conn, self.host)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, "reading operators' commands")
+            return
+        by_name = {slot.config.slot: slot for slot in self.slots}
+        for row in commands:
+            slot = by_name.get(row.slot)
+            if row.command != SlotCommand.RESTART or slot is None or not slot.config.is_server:
+                log.warning("ignoring the command %r for %s: no server slot of that name on this host",
+                            row.command, row.slot)
+            elif slot.process is None or slot.restart_asked_at is not None:
+                log.info("server %s: restart asked, but it is not running now (it starts when due)", row.slot)
+            else:
+                log.warning("server %s (pid %d): restart asked by an operator; stopping it gracefully",
+                            row.slot, slot.process.pid)
+                slot.process.send_signal(signal.SIGTERM)
+                slot.restart_asked_at = now
 
     # --- recovery ---
 
     def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
         """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
         name, pid = slot.config.slot, slot.process.pid
-        blames = death_blames_requests(exit_code, slot.oom_kills_at_start)
-        log.warning("worker %s (pid %d): %s%s; killing its process group", name, pid, reason,
-                    "" if blames else " from outside, with no OOM kill since it started: its requests run again "
-                                      "without being charged a crash")
+        # A server holds no request of the queue: its pool worker retries what it sent there.
+        blames = not slot.config.is_server and death_blames_requests(exit_code, slot.oom_kills_at_start)
+        uncharged = reason if slot.restart_asked_at is not None else _UNCHARGED_EXITS.get(exit_code)
+        if slot.probe is not None:
+            slot.probe.stop()
+        log.warning("%s %s (pid %d): %s%s; killing its process group", slot.kind, name, pid, reason,
+                    "" if blames or slot.config.is_server else
+                    " from outside, with no OOM kill since it started: its requests run again without being "
+                    "charged a crash")
         try:  # fenced first: from now on nothing it still does counts, and its requests go back
             self._declare_dead(slot.worker_id, blames)
         except Exception as exc:
@@ -188,16 +257,15 @@ class Supervisor:
         if survivors:  # a process stuck in the kernel (a driver call): the slot waits until it is gone
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
         _reap(slot.process)
-        slot.process, slot.old_group = None, pid
-        slot.unsettled = (reason, exit_code, blames)
+        slot.process, slot.old_group, slot.probe, slot.restart_asked_at = None, pid, None, None
+        slot.unsettled = (reason, exit_code, blames, uncharged)
         self._settle(slot)
 
     def _settle(self, slot: SlotState) -> None:
         """Record a failure (worker dead, requests back, restart counted), then alert and schedule
         the restart; while the database is unreachable the slot waits, stopped."""
-        reason, exit_code, blames = slot.unsettled
-        name = slot.config.slot
-        charged = exit_code not in _UNCHARGED_EXITS
+        reason, exit_code, blames, uncharged = slot.unsettled
+        name, charged = slot.config.slot, uncharged is None
         try:
             self._declare_dead(slot.worker_id, blames)
             with self.db.begin() as conn:
@@ -216,21 +284,22 @@ class Supervisor:
         if not charged:
             slot.at_cap = False  # a clean stop or a fence is no crash, whatever the count says
             slot.next_start = time.monotonic() + self.settings.restart_backoff_min
-            log.info("worker %s %s; starting it again", name, _UNCHARGED_EXITS[exit_code])
+            log.info("%s %s %s; starting it again (not counted as a restart)", slot.kind, name, uncharged)
             return
         slot.consecutive_failures += 1
-        tags = {"worker_id": slot.worker_id, "slot": name, "host": self.host,
-                "model": slot.config.served_name or slot.config.model or "demo"}
+        tags = {"worker_id": slot.worker_id, "slot": name, "host": self.host, "kind": slot.kind,
+                "model": slot.config.serve.name if slot.config.is_server else
+                slot.config.served_name or slot.config.model or "demo"}
         extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": tail_lines(slot.log_path)}
         if slot.at_cap:
-            alerts.alert("error", f"Worker {name} reached {self.settings.max_restarts_per_hour} restarts in an "
+            alerts.alert("error", f"{slot.kind.capitalize()} {name} reached {self.settings.max_restarts_per_hour} restarts in an "
                                   f"hour and is left stopped (last failure: {reason}). Clear it with "
                                   f"`batchctl worker reset {name}`.", tags=tags, extra=extra)
             return
         delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
                     self.settings.restart_backoff_max)
         slot.next_start = time.monotonic() + delay
-        alerts.alert("warning", f"Worker {name} crashed and is being restarted in {delay:.0f} s: {reason}",
+        alerts.alert("warning", f"{slot.kind.capitalize()} {name} crashed and is being restarted in {delay:.0f} s: {reason}",
                      tags=tags, extra=extra)
 
     def _declare_dead(self, worker_id: str, blames_requests: bool) -> None:
@@ -271,22 +340,34 @@ class Supervisor:
     def _start(self, slot: SlotState) -> None:
         config = slot.config
         # The id is ours to choose, so the worker's row is known before it registers; the worker
-        # reads the rest of its slot from the same settings.
+        # (or server) reads the rest of its slot from the same settings.
         slot.worker_id = str(uuid.uuid4())
-        command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot,
-                   "--worker-id", slot.worker_id]
+        if config.is_server:
+            command = [sys.executable, "-m", "core.batch_app.vllm_server", "--slot", config.slot]
+            environment = {**os.environ, "CUDA_VISIBLE_DEVICES": config.serve.gpus} if config.serve.gpus else None
+        else:
+            command = [sys.executable, "-m", "core.batch_app.worker", "--slot", config.slot,
+                       "--worker-id", slot.worker_id]
+            environment = None
         slot.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(slot.log_path, "ab") as log_file:
             # A session, and so a process group, of its own: a terminal's Ctrl-C reaches the
             # watchdog, which drains workers; and the group is what a kill takes down.
             slot.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True, env=environment)
         slot.started_at = time.monotonic()
         slot.oom_kills_at_start = oom_kills()
-        log.info("started worker %s (pid %d): %s", config.slot, slot.process.pid, " ".join(command[2:]))
+        if config.is_server:
+            slot.probe = ServerProbe(self.db, self.settings, config, slot.worker_id, slot.process.pid,
+                                     self.host).start()
+        log.info("started %s %s (pid %d): %s", slot.kind, config.slot, slot.process.pid, " ".join(command[2:]))
 
     def stop_all(self) -> None:
-        running = [slot for slot in self.slots if slot.process is not None]
+        """Workers first, which finish what they sent to the servers, then the servers."""
+        self._stop([slot for slot in self.slots if slot.process is not None and not slot.config.is_server])
+        self._stop([slot for slot in self.slots if slot.process is not None and slot.config.is_server])
+
+    def _stop(self, running: list[SlotState]) -> None:
         for slot in running:
             slot.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace + 10
@@ -294,13 +375,26 @@ class Supervisor:
             try:
                 slot.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker %s did not drain in time; killing it", slot.config.slot)
+                log.warning("%s %s did not drain in time; killing it", slot.kind, slot.config.slot)
             if survivors := kill_group(slot.process.pid, self.settings.kill_grace):  # EngineCore included
-                log.error("processes %s of worker %s survived SIGKILL", survivors, slot.config.slot)
+                log.error("processes %s of %s %s survived SIGKILL", survivors, slot.kind, slot.config.slot)
             _reap(slot.process)
             ended = "still alive" if slot.process.returncode is None else describe_exit(slot.process.returncode)
-            log.info("worker %s stopped (%s)", slot.config.slot, ended)
-            slot.process = None
+            log.info("%s %s stopped (%s)", slot.kind, slot.config.slot, ended)
+            if slot.probe is not None:
+                slot.probe.stop()
+                self._record_stopped(slot)
+            slot.process, slot.probe = None, None
+
+    def _record_stopped(self, slot: SlotState) -> None:
+        """A server's row says it stopped (a worker says so itself as it drains)."""
+        try:
+            with self.db.begin() as conn:
+                registry.mark_stopped(conn, slot.worker_id)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            outage.failed(exc, f"recording that server {slot.config.slot} stopped")
 
 
 def _reap(process: subprocess.Popen) -> None:

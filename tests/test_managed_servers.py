@@ -1,0 +1,258 @@
+"""Server slots: the real watchdog runs two real vLLM OpenAI servers on the demo model and the pool
+worker that feeds them. A server SIGKILLed, stopped, restarted by an operator, one that cannot
+start beside a slow one, and the watchdog's own SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from core.batch_app.config import ServerSpec, Settings
+from core.batch_app.vllm_server import vllm_arguments
+from core.batch_app.watchdog.process_control import group_members
+
+from .conftest import batchctl, free_port, start_watchdog, wait_for, wait_for_batch
+from .jsonl import request_line, submit
+from .sentry_receiver import SentryReceiver
+
+pytestmark = pytest.mark.vllm
+
+SERVED = "managed-llama"
+POOL = f"pool-{SERVED}"
+VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+# Servers load in seconds with the engine in their own process; HEARTBEAT_TIMEOUT is longer than
+# STALL_TIMEOUT so that a stopped server is caught by the progress probe.
+FAST = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": "30", "STALL_TIMEOUT": "8", "STARTUP_TIMEOUT": "300",
+        "RESTART_BACKOFF_MIN": "0.5", "RESTART_BACKOFF_MAX": "1", "SHUTDOWN_GRACE": "10",
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def server_slot(name: str, port: int, model: str = "demo", args: list[str] = (), gpus: str = "") -> dict:
+    return {"slot": name, "serve": {"model": model, "served_name": SERVED, "port": port, "gpus": gpus,
+                                    "args": VLLM_ARGS + list(args)}}
+
+
+def slot_row(db, slot: str, statuses=("idle", "busy")):
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT id, pid, status, kind, probe, requests_done FROM workers WHERE slot = :slot "
+            "AND status = ANY(:statuses) ORDER BY started_at DESC LIMIT 1"),
+            {"slot": slot, "statuses": list(statuses)}).first()
+
+
+def restarts(db, slot: str) -> list:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT reason, exit_code FROM worker_restarts WHERE slot = :s AND reason <> 'reset' "
+                                    "ORDER BY restarted_at"), {"s": slot}).all()
+
+
+def answered(db, port: int) -> int:
+    """Requests the server on `port` answered the live pool worker."""
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT coalesce(sum(b.completed), 0) FROM backends b JOIN workers w ON w.id = b.worker_id "
+            "WHERE b.url = :url AND w.status NOT IN ('dead', 'stopped')"),
+            {"url": f"http://127.0.0.1:{port}"}).scalar_one()
+
+
+def held(db, port: int) -> int:
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT coalesce(sum(b.in_flight), 0) FROM backends b JOIN workers w ON w.id = b.worker_id "
+            "WHERE b.url = :url AND w.status NOT IN ('dead', 'stopped')"),
+            {"url": f"http://127.0.0.1:{port}"}).scalar_one()
+
+
+def chat_lines(count: int, max_tokens: int = 32) -> list[dict]:
+    return [request_line(f"r{i}", SERVED, max_tokens=max_tokens) for i in range(count)]
+
+
+def assert_each_once(client, batch, count: int) -> None:
+    found = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            found += [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in found) == sorted(f"r{i}" for i in range(count))
+    assert batch.request_counts.completed == count, [line.get("error") for line in found if line.get("error")][:3]
+
+
+def log_stamp(line: str) -> float:
+    """The time of one of our log lines (each starts with its ISO-8601 stamp)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
+
+
+@pytest.fixture(scope="module")
+def sentry():
+    receiver = SentryReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def managed(database, data_dir, db, api, sentry):
+    """A watchdog running servers srv-0 and srv-1 (and so the pool worker pool-managed-llama)."""
+    ports = [free_port(), free_port()]
+    slots = [server_slot("srv-0", ports[0]), server_slot("srv-1", ports[1], gpus="0")]
+    watchdog = start_watchdog(database, data_dir, "watchdog-managed", slots, SENTRY_DSN=sentry.dsn, **FAST)
+    try:
+        for name in ("srv-0", "srv-1", POOL):
+            wait_for(lambda: slot_row(db, name), 300, interval=1, message=f"{name} up")
+        yield watchdog, ports
+    finally:
+        if watchdog.process.poll() is None:
+            watchdog.stop()
+
+
+def test_the_server_arguments_and_environment_are_what_the_slot_says(managed, db):
+    spec = ServerSpec(model="/models/llama", served_name="llama", port=8100, gpus="0,1",
+                      args=["--tensor-parallel-size", "2"])
+    assert vllm_arguments(spec, "/models/llama", "generate", 30) == [
+        "--model", "/models/llama", "--served-model-name", "llama", "--host", "127.0.0.1", "--port", "8100",
+        "--shutdown-timeout", "30", "--tensor-parallel-size", "2"]
+    assert "--shutdown-timeout" not in vllm_arguments(spec.model_copy(update={"args": ["--shutdown-timeout=5"]}),
+                                                      "/m", "generate", 30)[:-1]
+    # The pool worker of the two server slots, with both as its backends.
+    settings = Settings(workers=json.dumps([server_slot("a", 1), server_slot("b", 2)]))
+    pool = settings.worker_slot(POOL)
+    assert pool.engine == "openai-http" and pool.model == SERVED
+    assert [b.url for b in pool.backends] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    # What the watchdog passed to the running servers: their GPUs, their command.
+    first, second = slot_row(db, "srv-0"), slot_row(db, "srv-1")
+    assert "CUDA_VISIBLE_DEVICES" not in psutil.Process(first.pid).environ()
+    assert psutil.Process(second.pid).environ()["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "core.batch_app.vllm_server" in " ".join(psutil.Process(second.pid).cmdline())
+
+
+def test_a_batch_runs_across_both_servers(managed, db, client):
+    watchdog, ports = managed
+    before = [answered(db, port) for port in ports]
+    done = wait_for_batch(client, submit(client, chat_lines(120)).id, 300)
+    assert done.status == "completed"
+    assert_each_once(client, done, 120)
+    wait_for(lambda: all(answered(db, port) > was for port, was in zip(ports, before)), 15,
+             message="both servers used")
+    listed = batchctl({**watchdog.env, "COLUMNS": "250"}, "workers")
+    assert listed.returncode == 0, listed.stderr
+    for name in ("srv-0", "srv-1"):
+        assert re.search(rf"{name}\s+│\s+server\s+│\s+(idle|busy)", listed.stdout), listed.stdout
+    assert "healthy (" in listed.stdout
+    log = (watchdog.log_dir / "server-srv-0.log").read_text(errors="replace").splitlines()
+    assert log and all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 server:srv-0\[\d+\] ", line) for line in log[-20:])
+    assert any("vllm" in line.lower() for line in log)
+
+
+def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, client, sentry):
+    watchdog, ports = managed
+    victim = slot_row(db, "srv-0")
+    batch = submit(client, chat_lines(400, max_tokens=48))
+    wait_for(lambda: held(db, ports[0]) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
+             120, interval=0.2, message="srv-0 holding requests")
+    group = group_members(victim.pid)
+    killed_at = time.time()
+    psutil.Process(victim.pid).send_signal(signal.SIGKILL)
+    done = wait_for_batch(client, batch.id, 300)
+    assert done.status == "completed"
+    assert_each_once(client, done, 400)
+    assert all(not member.is_running() or member.status() == psutil.STATUS_ZOMBIE for member in group)
+    assert not group_members(victim.pid)
+    [restart] = restarts(db, "srv-0")
+    assert "killed by SIGKILL" in restart.reason
+    wait_for(lambda: [e for e in sentry.messages("warning") if e.get("tags", {}).get("slot") == "srv-0"], 30,
+             message="a warning event for srv-0")
+    pool_log = (watchdog.log_dir / f"worker-{POOL}.log").read_text(errors="replace")
+    retried = [line for line in pool_log.splitlines() if f"backend http://127.0.0.1:{ports[0]} failed request" in line]
+    assert retried and all(re.search(r"(ServerDisconnectedError|ClientOSError|ClientPayloadError|"
+                                     r"ClientConnectorError): \S", line) for line in retried), retried[:3]
+    detected = next(line for line in (watchdog.log_dir / "watchdog.log").read_text().splitlines()
+                    if "server srv-0" in line and "killed by SIGKILL" in line)
+    print(f"crash detected {log_stamp(detected) - killed_at:.2f} s after the SIGKILL")
+    wait_for(lambda: slot_row(db, "srv-0"), 300, interval=1, message="srv-0 back")
+
+
+def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed, db, client):
+    watchdog, ports = managed
+    frozen = slot_row(db, "srv-1")
+    batch = submit(client, chat_lines(400, max_tokens=48))
+    wait_for(lambda: held(db, ports[1]) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
+             120, interval=0.2, message="srv-1 holding requests")
+    stopped_at = time.time()
+    for member in group_members(frozen.pid):
+        member.send_signal(signal.SIGSTOP)
+    done = wait_for_batch(client, batch.id, 300)
+    assert done.status == "completed"
+    assert_each_once(client, done, 400)
+    [restart] = restarts(db, "srv-1")
+    assert re.search(r"no request completed for \d+ s while holding \d+", restart.reason), restart.reason
+    assert not group_members(frozen.pid)
+    detected = next(line for line in (watchdog.log_dir / "watchdog.log").read_text().splitlines()
+                    if "server srv-1" in line and "no request completed" in line)
+    print(f"stall detected {log_stamp(detected) - stopped_at:.2f} s after the SIGSTOP")
+    wait_for(lambda: slot_row(db, "srv-1"), 300, interval=1, message="srv-1 back")
+
+
+def test_an_operator_restart_loses_and_repeats_nothing(managed, db, client):
+    watchdog, ports = managed
+    old = slot_row(db, "srv-0")
+    charged = len(restarts(db, "srv-0"))
+    batch = submit(client, chat_lines(300, max_tokens=48))
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 20, 120, message="running")
+    asked = batchctl(watchdog.env, "server", "restart", "srv-0")
+    assert asked.returncode == 0 and "restart asked" in asked.stdout, asked.stderr
+    done = wait_for_batch(client, batch.id, 300)
+    assert done.status == "completed"
+    assert_each_once(client, done, 300)
+    new = wait_for(lambda: (row := slot_row(db, "srv-0")) and row.id != old.id and row, 300, interval=1,
+                   message="srv-0 started again")
+    assert new.pid != old.pid and not group_members(old.pid)
+    assert len(restarts(db, "srv-0")) == charged  # not counted against the cap
+    assert "restarted at an operator's request" in (watchdog.log_dir / "watchdog.log").read_text()
+    refused = batchctl(watchdog.env, "server", "restart", POOL)
+    assert refused.returncode != 0 and "no server slot" in refused.stderr
+
+
+def test_sigterm_to_the_watchdog_stops_the_servers_and_leaves_no_vllm_process(managed, db):
+    watchdog, _ = managed
+    pids = [slot_row(db, name).pid for name in ("srv-0", "srv-1", POOL)]
+    groups = {pid: group_members(pid) for pid in pids}
+    assert watchdog.stop() == 0
+    for pid, members in groups.items():
+        assert not group_members(pid)
+        assert all(not member.is_running() or member.status() == psutil.STATUS_ZOMBIE for member in members)
+    with db.connect() as conn:
+        statuses = dict(conn.execute(sa.text(
+            "SELECT DISTINCT ON (slot) slot, status FROM workers WHERE slot IN ('srv-0', 'srv-1', :pool) "
+            "ORDER BY slot, started_at DESC"), {"pool": POOL}).all())
+    assert statuses == {"srv-0": "stopped", "srv-1": "stopped", POOL: "stopped"}
+
+
+def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_the_batch(database, data_dir, db, client):
+    receiver = SentryReceiver()
+    slow, broken = free_port(), free_port()
+    slots = [server_slot("slow-0", slow, args=["--max-num-seqs", "1"]),
+             server_slot("broken-srv-0", broken, model="/nonexistent/model")]
+    watchdog = start_watchdog(database, data_dir, "watchdog-managed-cap", slots, SENTRY_DSN=receiver.dsn,
+                              **{**FAST, "MAX_RESTARTS_PER_HOUR": "2", "STALL_TIMEOUT": "5"})
+    try:
+        for name in ("slow-0", POOL):
+            wait_for(lambda: slot_row(db, name), 300, interval=1, message=f"{name} up")
+        done = wait_for_batch(client, submit(client, chat_lines(60, max_tokens=64)).id, 600)
+        assert done.status == "completed"
+        assert_each_once(client, done, 60)
+        wait_for(lambda: receiver.messages("error"), 300, message="the error event at the cap")
+        time.sleep(2)  # nothing more happens once the cap is reached
+        assert len(restarts(db, "broken-srv-0")) == 2
+        [error] = receiver.messages("error")
+        assert "reached 2 restarts" in error["message"] and error["tags"]["slot"] == "broken-srv-0"
+        assert restarts(db, "slow-0") == []  # slow but answering: never restarted
+        assert answered(db, slow) >= 60
+    finally:
+        assert watchdog.stop() == 0
+        receiver.close()
