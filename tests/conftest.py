@@ -96,6 +96,21 @@ def stack_env(database: str, data_dir: Path, name: str, **overrides: str) -> dic
     return env
 
 
+@contextlib.contextmanager
+def scratch_database(database: str):
+    """The URL of an empty database of its own, dropped afterwards."""
+    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.engine.make_url(database).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 class ApiProcess:
     def __init__(self, env: dict[str, str]):
         self.port = free_port()

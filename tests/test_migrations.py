@@ -3,7 +3,6 @@ status checks go onto a database that already holds rows of every status."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 
 import pytest
@@ -14,20 +13,7 @@ from core.batch_app.database import alembic_config, migrate
 from core.batch_app.domain.statuses import BatchStatus, RequestStatus, WorkerStatus
 from core.batch_app.domain.tables import metadata
 
-
-@contextlib.contextmanager
-def scratch_database(database: str):
-    """The URL of an empty database of its own, dropped afterwards."""
-    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.engine.make_url(database).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+from .conftest import scratch_database
 
 
 def check_constraints(db) -> dict[str, str]:

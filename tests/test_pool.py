@@ -224,6 +224,22 @@ def test_a_request_every_server_drops_under_it_ends_as_a_poison_request(database
             assert "in flight on 2 servers that failed while holding it" in error["message"]
 
 
+def test_a_responses_batch_is_forwarded_as_it_is(database, data_dir, db, client, servers):
+    """vLLM's own server answers /v1/responses; the pool forwards the line and counts its usage."""
+    from openai.types.responses import Response
+
+    with running_watchdog(database, data_dir, "watchdog-pool-responses", [pool_slot([s.url for s in servers])],
+                          **FAST):
+        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        lines = [request_line(f"r{i}", SERVED, url="/v1/responses", max_output_tokens=8) for i in range(6)]
+        done = wait_for_batch(client, submit(client, lines, endpoint="/v1/responses").id, 300)
+        assert (done.status, done.request_counts.completed) == ("completed", 6)
+        for line in assert_each_once(client, done, 6):
+            response = Response.model_validate(line["response"]["body"])
+            assert response.model == SERVED and response.usage.output_tokens > 0
+        assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
+
+
 def test_a_backend_listed_twice_is_a_configuration_error():
     from core.batch_app.config import WorkerSlot
 

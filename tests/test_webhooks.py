@@ -16,7 +16,11 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from .conftest import batchctl, echo_slot, live_worker, start_api, start_watchdog, wait_for, wait_for_batch
+from core.batch_app.database import migrate, open_database
+from core.batch_app.domain.keys import create_key
+
+from .conftest import (batchctl, echo_slot, live_worker, scratch_database, start_api, start_watchdog, wait_for,
+                       wait_for_batch)
 from .jsonl import request_line, submit
 
 SLOT = "hook-echo"
@@ -73,9 +77,25 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
-def stack(database, data_dir, db):
-    api = start_api(database, data_dir, "api-webhooks", WEBHOOK_ALLOW_PRIVATE="true")
-    watchdog = start_watchdog(database, data_dir, "watchdog-webhooks", [echo_slot(SLOT)], **SENDER)
+def hook_database(database):
+    """A database of this module's own: the senders of other tests' watchdogs, which refuse
+    loopback receivers, never see its deliveries."""
+    with scratch_database(database) as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def db(hook_database):
+    engine = open_database(hook_database, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(hook_database, data_dir, db):
+    api = start_api(hook_database, data_dir, "api-webhooks", WEBHOOK_ALLOW_PRIVATE="true")
+    watchdog = start_watchdog(hook_database, data_dir, "watchdog-webhooks", [echo_slot(SLOT)], **SENDER)
     wait_for(lambda: live_worker(db, SLOT), 60, message="worker up")
     yield api, watchdog
     if watchdog.process.poll() is None:
@@ -112,7 +132,6 @@ def test_endpoints_are_managed_with_the_sdk_and_scoped_to_a_project(stack, recei
     rotated = hooks.webhooks.rotate_secret(created.id)
     assert rotated.signing_secret != created.signing_secret
     with db.begin() as conn:  # another project sees none of it
-        from core.batch_app.domain.keys import create_key
         other = api.client(create_key(conn, "other-project"))
     assert created.id not in [endpoint.id for endpoint in other.webhooks.list()]
     with pytest.raises(openai.NotFoundError):
@@ -217,8 +236,8 @@ def test_a_rotated_secret_signs_the_next_delivery_and_test_sends_one(stack, rece
         hooks.webhooks.delete(endpoint.id)
 
 
-def test_a_delivery_pending_when_the_sender_is_killed_is_delivered_after_restart(database, data_dir, stack, receiver,
-                                                                                 db):
+def test_a_delivery_pending_when_the_sender_is_killed_is_delivered_after_restart(hook_database, data_dir, stack,
+                                                                                 receiver, db):
     api, watchdog = stack
     hooks = api.client()
     endpoint = hooks.webhooks.create(url=receiver.url, name="survives", event_types=["batch.completed"])
@@ -234,7 +253,7 @@ def test_a_delivery_pending_when_the_sender_is_killed_is_delivered_after_restart
     receiver.up()
     time.sleep(2)
     assert not receiver.deliveries  # nobody sends while no watchdog runs
-    again = start_watchdog(database, data_dir, "watchdog-webhooks-2", [echo_slot(SLOT)], **SENDER)
+    again = start_watchdog(hook_database, data_dir, "watchdog-webhooks-2", [echo_slot(SLOT)], **SENDER)
     try:
         wait_for(lambda: receiver.deliveries, 60, message="delivered by the new watchdog")
         [event] = receiver.events(hooks, endpoint.signing_secret)

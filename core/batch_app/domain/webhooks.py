@@ -111,8 +111,9 @@ def create_endpoint(conn: Connection, settings: Settings, project: str, *, name:
     return conn.execute(text("""
         INSERT INTO webhook_endpoints (id, project, name, url, event_types, secret)
         VALUES (:id, :project, :name, :url, :event_types, :secret) RETURNING *"""),
-        {"id": new_id("we_"), "project": project, "name": name, "url": check_url(url, settings),
-         "event_types": _check_event_types(event_types), "secret": _new_secret()}).one()
+        # The event types first: they are checked without a DNS lookup.
+        {"id": new_id("we_"), "project": project, "name": name, "event_types": _check_event_types(event_types),
+         "url": check_url(url, settings), "secret": _new_secret()}).one()
 
 
 def update_endpoint(conn: Connection, settings: Settings, project: str, endpoint_id: str, *,
