@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.batch_app.config import ServerSpec, Settings
+from core.batch_app.domain.registry import server_load
 from core.batch_app.vllm_server import vllm_arguments
 from core.batch_app.watchdog.process_control import group_members
 
@@ -52,21 +53,26 @@ def restarts(db, slot: str) -> list:
                                     "ORDER BY restarted_at"), {"s": slot}).all()
 
 
-def answered(db, port: int) -> int:
-    """Requests the server on `port` answered the live pool worker."""
+def load(db, port: int) -> tuple[int, int]:
+    """(requests the live pool worker holds on the server on `port`, requests it answered)."""
     with db.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT coalesce(sum(b.completed), 0) FROM backends b JOIN workers w ON w.id = b.worker_id "
-            "WHERE b.url = :url AND w.status NOT IN ('dead', 'stopped')"),
-            {"url": f"http://127.0.0.1:{port}"}).scalar_one()
+        return server_load(conn, f"http://127.0.0.1:{port}")
+
+
+def answered(db, port: int) -> int:
+    return load(db, port)[1]
 
 
 def held(db, port: int) -> int:
-    with db.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT coalesce(sum(b.in_flight), 0) FROM backends b JOIN workers w ON w.id = b.worker_id "
-            "WHERE b.url = :url AND w.status NOT IN ('dead', 'stopped')"),
-            {"url": f"http://127.0.0.1:{port}"}).scalar_one()
+    return load(db, port)[0]
+
+
+def batch_held_on(db, client, port: int):
+    """A 400-request batch, once the server on `port` holds some of it and 20 have finished."""
+    batch = submit(client, chat_lines(400, max_tokens=48))
+    wait_for(lambda: held(db, port) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
+             120, interval=0.2, message=f"the server on {port} holding requests")
+    return batch
 
 
 def chat_lines(count: int, max_tokens: int = 32) -> list[dict]:
@@ -152,9 +158,7 @@ def test_a_batch_runs_across_both_servers(managed, db, client):
 def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, client, sentry):
     watchdog, ports = managed
     victim = slot_row(db, "srv-0")
-    batch = submit(client, chat_lines(400, max_tokens=48))
-    wait_for(lambda: held(db, ports[0]) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
-             120, interval=0.2, message="srv-0 holding requests")
+    batch = batch_held_on(db, client, ports[0])
     group = group_members(victim.pid)
     killed_at = time.time()
     psutil.Process(victim.pid).send_signal(signal.SIGKILL)
@@ -180,9 +184,7 @@ def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, clie
 def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed, db, client):
     watchdog, ports = managed
     frozen = slot_row(db, "srv-1")
-    batch = submit(client, chat_lines(400, max_tokens=48))
-    wait_for(lambda: held(db, ports[1]) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
-             120, interval=0.2, message="srv-1 holding requests")
+    batch = batch_held_on(db, client, ports[1])
     stopped_at = time.time()
     for member in group_members(frozen.pid):
         member.send_signal(signal.SIGSTOP)

@@ -13,13 +13,13 @@ private address by then).
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
 
 import httpx
 
 from ..config import Settings
 from ..database import Database
 from ..domain import webhooks
+from ..domain.errors import InvalidRequest
 from ..periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ class WebhookSender(Periodic):
 
     def _try(self, client: httpx.Client, delivery) -> tuple[int | None, str | None]:
         """(the receiver's status code, None when delivered or else the error)."""
-        parts = urlsplit(delivery.url)
-        if not self.settings.webhook_allow_private and (private := webhooks.private_address(
-                parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))):
-            return None, f"Refused: {parts.hostname} resolves to {private}, not a public address"
+        try:
+            webhooks.check_url(delivery.url, self.settings)  # its name may resolve elsewhere by now
+        except InvalidRequest as refused:
+            return None, f"Refused: {refused.message}"
         secrets_ = [delivery.secret] + ([delivery.old_secret] if delivery.old_secret else [])
         try:
             answer = client.post(delivery.url, content=delivery.payload,
