@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
-# Set up and start the whole stack in the background: database, API server, workers.
-# Returns once /health answers. Logs go to $LOG_DIR, PID files to $DATA_DIR/run.
+# Set up and start the stack in the background: database, API server, workers.
+#   scripts/start-all.sh [--role all|api|worker]
+# all (the default): the whole stack on this host. api: the API alone (and the embedded database
+# when DATABASE_URL is empty). worker: the watchdog and its workers alone, on the shared
+# PostgreSQL of DATABASE_URL: a second GPU box. Returns once /health answers (or, for a worker
+# host, once the watchdog runs). Logs go to $LOG_DIR, PID files to $DATA_DIR/run.
 # Nothing here restarts a process that crashes (the watchdog restarts workers, not itself nor the
 # API): for that, run the stack under systemd (scripts/install-systemd.sh), which restarts both.
 set -euo pipefail
+role=all
+while [ $# -gt 0 ]; do
+  case $1 in
+    --role) role=${2:-}; shift 2 || shift ;;
+    --role=*) role=${1#--role=}; shift ;;
+    *) echo "unknown option $1 (usage: start-all.sh [--role all|api|worker])" >&2; exit 2 ;;
+  esac
+done
+case $role in all|api|worker) ;; *) echo "unknown role '$role': use all, api or worker" >&2; exit 2 ;; esac
 "$(dirname "$0")/setup.sh"
 . "$(dirname "$0")/common.sh"
+if [ "$role" = worker ] && [ -z "${DATABASE_URL:-}" ]; then
+  echo "--role worker needs DATABASE_URL: the PostgreSQL every host shares (a worker host runs no database)" >&2
+  exit 2
+fi
 
-echo "Database: $(.venv/bin/python -m core.batch_app.database start 2>/dev/null | sed 's/:[^:@]*@/:***@/')"
-echo "Demo model: $(.venv/bin/python -m core.batch_app.demo_model "$DATA_DIR/models/demo-tiny-llama")"
+# Migrates, and starts the embedded database when DATABASE_URL is empty.
+url=$(.venv/bin/python -m core.batch_app.database start) || { echo "the database could not be reached or migrated (see above)" >&2; exit 1; }
+echo "Database: $(echo "$url" | sed 's/:[^:@]*@/:***@/')"
+if [ "$role" != api ]; then
+  echo "Demo model: $(.venv/bin/python -m core.batch_app.demo_model "$DATA_DIR/models/demo-tiny-llama")"
+fi
 
 start() {  # name, then the python -m arguments
   local name=$1; shift
@@ -18,8 +39,14 @@ start() {  # name, then the python -m arguments
   echo "$name started (pid $!, log $LOG_DIR/$name.log)"
 }
 
-start api_server core.batch_app.api_server
-start watchdog core.batch_app.watchdog
+[ "$role" = worker ] || start api_server core.batch_app.api_server
+[ "$role" = api ] || start watchdog core.batch_app.watchdog
+if [ "$role" = worker ]; then
+  sleep 2
+  pid_alive "$RUN_DIR/watchdog.pid" || { echo "watchdog exited; last lines of its log:"; tail -20 "$LOG_DIR/watchdog.log"; exit 1; }
+  echo "watchdog running as host ${HOST_NAME:-$(hostname)}: its workers load in the background (batchctl workers)"
+  exit 0
+fi
 
 url="http://$API_HOST:$API_PORT/health"
 for _ in $(seq 1 120); do

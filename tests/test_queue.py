@@ -320,3 +320,18 @@ def test_with_a_single_attempt_fresh_requests_are_claimed_and_a_crash_fails_them
         registry.mark_worker_dead(conn, crashed)
     finalize.finalize_ready(db, housekeeping.rescue(db, Settings(max_attempts=1)))
     assert client.batches.retrieve(batch.id).request_counts.failed == 2
+
+
+def test_a_command_is_taken_once_and_only_by_the_watchdog_running_its_slot(db):
+    from core.batch_app.domain.statuses import SlotCommand
+
+    host = f"host-{time.monotonic_ns()}"
+    with db.begin() as conn:
+        registry.request_command(conn, host, "srv-a", SlotCommand.RESTART)
+    with db.begin() as conn:  # another watchdog of the same host, or another host's
+        assert registry.take_commands(conn, host, ["chat-0", "srv-b"]) == []
+        assert registry.take_commands(conn, "elsewhere", ["srv-a"]) == []
+    with db.begin() as conn:
+        assert [(row.slot, row.command) for row in registry.take_commands(conn, host, ["srv-a"])] == \
+            [("srv-a", SlotCommand.RESTART)]
+        assert registry.take_commands(conn, host, ["srv-a"]) == []

@@ -9,7 +9,7 @@ import uvicorn
 from .alerts import init_sentry
 from .config import get_settings
 from .api.app import create_app
-from .database import database_url, migrate, open_database
+from .database import migrate, migration_url, open_configured
 from .domain.keys import seed_key
 from .logs import configure_logging
 from .outage import outage
@@ -22,9 +22,9 @@ def main() -> None:
     settings = get_settings()
     configure_logging("api_server", settings, "api_server")
     init_sentry(settings.sentry_dsn, "api_server")
-    url = database_url(settings)
+    url = migration_url(settings)
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
-    db = open_database(url, pool_size=settings.api_database_pool)
+    db = open_configured(settings, pool_size=settings.api_database_pool)
     if settings.api_key:
         def seed() -> None:
             with db.begin() as conn:

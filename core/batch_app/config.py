@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -121,6 +122,14 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 4080
     database_url: str = ""
+    # Through PgBouncer (or another pooler) in transaction mode: no prepared statements and no
+    # LISTEN (wake-ups fall back to their timers); migrations, which hold a session lock, then
+    # go to MIGRATION_DATABASE_URL, PostgreSQL itself.
+    database_transaction_pooling: bool = False
+    migration_database_url: str = ""
+    # The name this host's watchdog and workers register under; a watchdog starts, kills and
+    # adopts only the workers of its own host name.
+    host_name: str = Field(default_factory=socket.gethostname)
     data_dir: Path = Path("./data")
     log_dir: Path = Path("./logs")
     log_max_bytes: int = 50 * 1024 * 1024  # each process's log is rotated at this size
@@ -180,6 +189,11 @@ class Settings(BaseSettings):
     # Existing OpenAI-compatible servers, comma-separated base URLs, and the key they expect.
     backends: str = ""
     backend_api_key: str = ""
+
+    @field_validator("host_name", mode="before")
+    @classmethod
+    def _empty_is_the_hostname(cls, value):
+        return value or socket.gethostname()
 
     @field_validator("file_retention", mode="before")
     @classmethod

@@ -80,14 +80,35 @@ def _with_psycopg_driver(url: str) -> str:
 
 
 # A database that stops answering (a cut link, a host gone) is noticed within about 30 s instead
-# of when the kernel gives up on the connection, which can take many minutes.
+# of when the kernel gives up on the connection, which can take many minutes: keepalives on an
+# idle connection, and on one with a statement in flight a limit on unacknowledged data.
 _CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                 "keepalives_count": 3}
+                 "keepalives_count": 3, "tcp_user_timeout": 30_000}
 
 
-def open_database(url: str, pool_size: int = 5) -> Database:
+def open_database(url: str, pool_size: int = 5, transaction_pooling: bool = False) -> Database:
+    """A pool of connections; behind a pooler in transaction mode, with no prepared statements
+    (psycopg prepares a query it has run five times, on a server connection the next
+    transaction may not get)."""
+    connect_args = {**_CONNECT_ARGS, "prepare_threshold": None} if transaction_pooling else _CONNECT_ARGS
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                            connect_args=_CONNECT_ARGS)
+                            connect_args=connect_args)
+
+
+def open_configured(settings: Settings, pool_size: int) -> Database:
+    """The database of the stack `settings` describe."""
+    return open_database(database_url(settings), pool_size, settings.database_transaction_pooling)
+
+
+def migration_url(settings: Settings) -> str:
+    """Where migrations run: PostgreSQL itself, since their advisory lock is a session's, which
+    a pooler in transaction mode does not keep (MIGRATION_DATABASE_URL, else DATABASE_URL)."""
+    if settings.migration_database_url:
+        return _with_psycopg_driver(settings.migration_database_url)
+    if settings.database_transaction_pooling:
+        raise ValueError("DATABASE_TRANSACTION_POOLING is on but MIGRATION_DATABASE_URL is empty: set it to "
+                         "PostgreSQL itself, not the pooler")
+    return database_url(settings)
 
 
 def migrate(url: str) -> None:
@@ -113,9 +134,10 @@ def main(argv: list[str]) -> int:
     if action == "stop":
         print("stopped" if stop_embedded() else "not running")
         return 0
-    url = database_url()
+    settings = get_settings()
+    url = database_url(settings)
     if action in ("start", "migrate"):
-        migrate(url)
+        migrate(migration_url(settings))
     print(url)
     return 0
 

@@ -91,6 +91,13 @@ class Outage:
                 log.warning("database reachable again after %.1f s", now - self._since)
                 self._since, self.ended_at = None, now
 
+    def stalled(self, seconds: float, doing: str) -> None:
+        """A call that reached the database only after `seconds` (a link cut and mended while
+        its packets waited): heartbeats went unwritten meanwhile, so judge them as after an outage."""
+        log.warning("the database took %.1f s to answer while %s; judging heartbeats as after an outage", seconds, doing)
+        with self._lock:
+            self.ended_at = max(self.ended_at, time.monotonic())
+
     def retry(self, action: Callable[[], T], doing: str, stopping: threading.Event | None = None) -> T:
         """Run `action` until it reaches the database (other errors propagate). With `stopping`
         set meanwhile, the last error is raised instead of waiting on."""

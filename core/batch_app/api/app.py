@@ -20,7 +20,7 @@ from .errors import RefuseNulBytes, install_error_handlers
 log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, db: Database) -> FastAPI:
-    batch_endings = BatchEndings(db)
+    batch_endings = BatchEndings(db, listen=not settings.database_transaction_pooling)
     database_probe = DatabaseProbe(db)
 
     @contextlib.asynccontextmanager

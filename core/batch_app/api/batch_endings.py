@@ -2,8 +2,8 @@
 
 One connection per API process LISTENs on queue.BATCH_ENDED_CHANNEL and wakes the requests
 waiting on that batch. Notifications only shorten a wait: a waiter re-reads its batch every
-RECHECK seconds anyway, so a lost one (or a pooler that drops LISTEN) costs seconds, never a
-wrong answer.
+RECHECK seconds anyway, so a lost one costs seconds, never a wrong answer. Behind a pooler in
+transaction mode (where a LISTEN is lost with its server connection) nothing listens: re-reads only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ RECHECK = 5.0
 
 
 class BatchEndings:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, listen: bool = True):
+        self.listen = listen
         self._conninfo = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
@@ -35,7 +36,7 @@ class BatchEndings:
     def watch(self, batch_id: str) -> Iterator[asyncio.Event]:
         """An event set whenever `batch_id` may have ended; watch before reading it, so an ending
         between the read and the wait still wakes the waiter."""
-        if self._listener is None:
+        if self._listener is None and self.listen:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         event = asyncio.Event()
         self._waiters.setdefault(batch_id, set()).add(event)

@@ -7,7 +7,6 @@ needed when parts of the system are down.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ OUR_PROCESSES = ("core.batch_app", "postgres")
 def report(settings: Settings, api_url: str) -> str:
     problems: list[str] = []
     lines = [f"vLLM Batch Server {__version__} diagnose, {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-             f" on {socket.gethostname()}",
+             f" on {settings.host_name}",
              f"API {api_url}, DATA_DIR {settings.data_dir.resolve()}, LOG_DIR {settings.log_dir.resolve()}"]
     # One read of workers, restarts and backends serves every section below; None when there is
     # no database.
@@ -156,7 +155,7 @@ def _workers(snapshot: tuple[list, list, list] | None, settings: Settings, probl
     if not rows:
         yield "no worker has registered"
         problems.append("no worker has registered")
-    here = socket.gethostname()
+    here = settings.host_name
     for row in rows:
         state = _process_state(row.pid) if row.host == here else "on another host, not checked"
         yield (f"{row.slot} ({row.kind}): {row.status}, pid {row.pid} on {row.host}, process {state}, heartbeat "

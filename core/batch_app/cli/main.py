@@ -163,9 +163,10 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="the id from batchctl
 
 
 @worker_app.command("reset")
-def worker_reset(name: str, host: Annotated[Optional[str], typer.Option(help="(default: this host)")] = None) -> None:
+def worker_reset(name: str, host: Annotated[Optional[str], typer.Option(help="(default: HOST_NAME, this host)")] = None) -> None:
     """Clear a worker stopped at the restart cap; the watchdog starts it again."""
-    operator_commands.reset_worker(operator_commands.connect(get_settings()), name, host)
+    settings = get_settings()
+    operator_commands.reset_worker(operator_commands.connect(settings), name, host or settings.host_name)
 
 
 @app.command("webhooks")
@@ -175,10 +176,11 @@ def webhooks_list() -> None:
 
 
 @server_app.command("restart")
-def server_restart(name: str, host: Annotated[Optional[str], typer.Option(help="(default: this host)")] = None) -> None:
+def server_restart(name: str, host: Annotated[Optional[str], typer.Option(help="(default: HOST_NAME, this host)")] = None) -> None:
     """Restart a server slot gracefully: it stops taking requests, what it holds finishes or moves to
     the other servers of its pool, then it starts again (not counted against the restart cap)."""
-    operator_commands.restart_server(operator_commands.connect(get_settings()), name, host)
+    settings = get_settings()
+    operator_commands.restart_server(operator_commands.connect(settings), name, host or settings.host_name)
 
 
 def run() -> None:

@@ -3,13 +3,12 @@ worker reset."""
 
 from __future__ import annotations
 
-import socket
 
 from rich.console import Console
 from rich.table import Column, Table
 
 from ..config import Settings
-from ..database import Database, database_url, embedded_pgdata, embedded_running, open_database
+from ..database import Database, embedded_pgdata, embedded_running, open_configured
 from ..domain import overview, webhooks
 from ..domain.keys import create_key, list_keys, revoke_key
 from ..domain.overview import describe_age
@@ -28,7 +27,7 @@ def connect(settings: Settings) -> Database:
     if not settings.database_url and not embedded_running(settings):
         raise CommandError(f"the database is not running: DATABASE_URL is empty and no embedded PostgreSQL "
                            f"runs under {embedded_pgdata(settings)} (start the stack with scripts/start-all.sh)")
-    return open_database(database_url(settings), pool_size=1)
+    return open_configured(settings, pool_size=1)
 
 
 def workers_table(db: Database) -> None:
@@ -110,8 +109,7 @@ def revoke(db: Database, key_id: int) -> None:
     console.print(f"key {key_id} revoked: requests presenting it are refused from now on")
 
 
-def restart_server(db: Database, slot: str, host: str | None) -> None:
-    host = host or socket.gethostname()
+def restart_server(db: Database, slot: str, host: str) -> None:
     with db.begin() as conn:
         if not is_server_slot(conn, host, slot):
             raise CommandError(f"no server slot named {slot!r} has run on host {host!r} (see batchctl workers)")
@@ -120,8 +118,7 @@ def restart_server(db: Database, slot: str, host: str | None) -> None:
                   f"(what it holds finishes or moves to the other servers) and starts it again")
 
 
-def reset_worker(db: Database, slot: str, host: str | None) -> None:
-    host = host or socket.gethostname()
+def reset_worker(db: Database, slot: str, host: str) -> None:
     with db.begin() as conn:
         if not slot_has_run(conn, host, slot):
             raise CommandError(f"no worker named {slot!r} has run on host {host!r} (see batchctl workers)")

@@ -104,7 +104,7 @@ _REQUEST_COMMAND = text("INSERT INTO slot_commands (host, slot, command) VALUES 
 
 _TAKE_COMMANDS = text("""
 UPDATE slot_commands SET taken_at = now()
-WHERE host = :host AND taken_at IS NULL
+WHERE host = :host AND slot = ANY(:slots) AND taken_at IS NULL
 RETURNING slot, command
 """)
 
@@ -113,9 +113,10 @@ def request_command(conn: Connection, host: str, slot: str, command: SlotCommand
     conn.execute(_REQUEST_COMMAND, {"host": host, "slot": slot, "command": command})
 
 
-def take_commands(conn: Connection, host: str) -> list:
-    """The commands waiting for this host's watchdog, each taken once."""
-    return conn.execute(_TAKE_COMMANDS, {"host": host}).all()
+def take_commands(conn: Connection, host: str, slots: list[str]) -> list:
+    """The commands waiting for these slots of this host, each taken once (by the watchdog that
+    runs the slot: another on the same host leaves them)."""
+    return conn.execute(_TAKE_COMMANDS, {"host": host, "slots": slots}).all()
 
 
 # --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old. ---

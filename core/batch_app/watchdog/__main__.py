@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .. import alerts
 from ..config import Settings, get_settings
-from ..database import database_url, migrate, open_database
+from ..database import migrate, migration_url, open_configured
 from ..logs import configure_logging
 from ..outage import outage
 from .supervisor import Supervisor
@@ -26,9 +26,9 @@ log = logging.getLogger("core.batch_app.watchdog")
 def main() -> int:
     settings = get_settings()
     configure_logging("watchdog", settings, "watchdog")
-    url = database_url(settings)
+    url = migration_url(settings)
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
-    db = open_database(url, pool_size=4)  # supervision, housekeeping, webhooks, and a spare
+    db = open_configured(settings, pool_size=4)  # supervision, housekeeping, webhooks, and a spare
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
     try:
         if settings.backends.strip() and not settings.workers.strip():

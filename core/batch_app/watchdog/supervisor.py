@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # Exits that are no crash: a drain on request (0) and a worker fenced by its heartbeat.
 _UNCHARGED_EXITS = {0: "stopped cleanly", FENCED_EXIT_CODE: "was declared dead elsewhere and stopped"}
+# A worker (or server) whose heartbeats stopped reaching the database while this host could not
+# reach it either: a cut link, not the worker, and another host declared it dead meanwhile.
+_FENCED_ELSEWHERE = "declared dead elsewhere while this host was cut off from the database"
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Supervisor:
     def __init__(self, db: Database, settings: Settings):
         self.db = db
         self.settings = settings
-        self.host = socket.gethostname()
+        self.host = settings.host_name
         self.slots = [SlotState(config=slot, log_path=slot_log_path(settings, slot))
                       for slot in settings.worker_slots()]
         self.stopping = threading.Event()
@@ -151,6 +153,7 @@ class Supervisor:
 
     def _worker_states(self, running: list[SlotState]) -> dict[str, object] | None:
         """The registry rows of the running workers, or None while the database is unreachable."""
+        started = time.monotonic()
         try:
             with self.db.connect() as conn:
                 states = registry.worker_states(conn, [slot.worker_id for slot in running])
@@ -160,6 +163,8 @@ class Supervisor:
             outage.failed(exc, "checking workers")
             return None
         outage.reached()
+        if (took := time.monotonic() - started) > self.settings.heartbeat_timeout / 2:
+            outage.stalled(took, "checking workers")
         return states
 
     def _failure(self, slot: SlotState, states: dict | None, now: float) -> tuple[str | None, int | None]:
@@ -196,6 +201,8 @@ class Supervisor:
                 return f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s", None
             if state is None:
                 return None, None
+        if state.status == WorkerStatus.DEAD and outage.ended_at > now - state.heartbeat_age:
+            return _FENCED_ELSEWHERE, None
         if state.heartbeat_age > self.settings.heartbeat_timeout:
             return (f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
                     f"(process state: {_process_status(process.pid)})"), None
@@ -213,7 +220,7 @@ class Supervisor:
         worker sends new ones to the other servers meanwhile."""
         try:
             with self.db.begin() as conn:
-                commands = registry.take_commands(conn, self.host)
+                commands = registry.take_commands(conn, self.host, [slot.config.slot for slot in self.slots])
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -221,10 +228,9 @@ class Supervisor:
             return
         by_name = {slot.config.slot: slot for slot in self.slots}
         for row in commands:
-            slot = by_name.get(row.slot)
-            if row.command != SlotCommand.RESTART or slot is None or not slot.config.is_server:
-                log.warning("ignoring the command %r for %s: no server slot of that name on this host",
-                            row.command, row.slot)
+            slot = by_name[row.slot]
+            if row.command != SlotCommand.RESTART or not slot.config.is_server:
+                log.warning("ignoring the command %r for %s: not a server slot", row.command, row.slot)
             elif slot.process is None or slot.restart_asked_at is not None:
                 log.info("server %s: restart asked, but it is not running now (it starts when due)", row.slot)
             else:
@@ -239,8 +245,9 @@ class Supervisor:
         """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
         name, pid = slot.config.slot, slot.process.pid
         # A server holds no request of the queue: its pool worker retries what it sent there.
-        blames = not slot.config.is_server and death_blames_requests(exit_code, slot.oom_kills_at_start)
-        uncharged = reason if slot.restart_asked_at is not None else _UNCHARGED_EXITS.get(exit_code)
+        fenced = reason == _FENCED_ELSEWHERE
+        blames = not slot.config.is_server and not fenced and death_blames_requests(exit_code, slot.oom_kills_at_start)
+        uncharged = reason if slot.restart_asked_at is not None or fenced else _UNCHARGED_EXITS.get(exit_code)
         if slot.probe is not None:
             slot.probe.stop()
         log.warning("%s %s (pid %d): %s%s; killing its process group", slot.kind, name, pid, reason,

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
 
 from ..alerts import init_sentry
 from ..config import POOL_ENGINE, Settings, WorkerSlot, get_settings
-from ..database import database_url, open_database
+from ..database import open_configured
 from ..domain import registry
 from ..engines import load_engine
 from ..engines.base import EngineSpec
@@ -59,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = engine_spec(slot, settings)
 
     # The engine loop, the result writer, the heartbeat, housekeeping and the wake-up listener.
-    db = open_database(database_url(settings), pool_size=5)
+    db = open_configured(settings, pool_size=5)
     worker_id = args.worker_id or str(uuid.uuid4())
 
     def register() -> None:
         with db.begin() as conn:
-            registry.register_worker(conn, worker_id=worker_id, slot=slot.slot, host=socket.gethostname(),
+            registry.register_worker(conn, worker_id=worker_id, slot=slot.slot, host=settings.host_name,
                                      pid=os.getpid(), model=spec.served_name, gpu_ids=slot.gpus)
 
     outage.retry(register, "registering this worker")

