@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,8 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
 from core.batch_app.domain import queue, registry  # noqa: E402
-from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import open_database, database_url, migrate, stop_embedded  # noqa: E402
+from bench.scratch import scratch_database  # noqa: E402
 from core.batch_app.domain.queue import Completion  # noqa: E402
 
 MODEL = "bench-model"
@@ -91,21 +89,23 @@ def measured(db, work, before=None) -> dict:
     return result
 
 
-def fill_queue(db, queued: int) -> None:
+def fill_queue(db, queued: int, model: str = MODEL) -> str:
+    """A batch of `queued` chat requests for `model`, queued as ingest leaves them; its id."""
     batch_id = f"batch_{uuid.uuid4().hex}"
     with db.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO batches (id, project, endpoint, model, input_file_id, completion_window, status, total,"
             " created_at, expires_at) VALUES (:id, 'default', '/v1/chat/completions', :model, 'file-bench', '24h',"
-            " 'in_progress', :total, now(), now() + interval '1 day')"), {"id": batch_id, "model": MODEL,
+            " 'in_progress', :total, now(), now() + interval '1 day')"), {"id": batch_id, "model": model,
                                                                           "total": queued})
         conn.execute(sa.text(
-            "INSERT INTO batch_requests (batch_id, line, custom_id, model, body)"
-            " SELECT :id, n, 'request-' || n, :model,"
+            "INSERT INTO batch_requests (batch_id, project, line, custom_id, model, body)"
+            " SELECT :id, 'default', n, 'request-' || n, :model,"
             "  jsonb_build_object('model', CAST(:model AS text), 'max_tokens', 128, 'messages',"
             "   jsonb_build_array(jsonb_build_object('role', 'user', 'content', 'Request ' || n)))"
-            " FROM generate_series(1, :total) AS n"), {"id": batch_id, "model": MODEL, "total": queued})
+            " FROM generate_series(1, :total) AS n"), {"id": batch_id, "model": model, "total": queued})
         conn.execute(sa.text("ANALYZE batch_requests"))
+    return batch_id
 
 
 def main() -> int:
@@ -114,46 +114,38 @@ def main() -> int:
     parser.add_argument("--results", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="queue-bench-") as tmp:
-        settings = Settings(data_dir=Path(tmp) / "data", database_url="")
-        url = database_url(settings)
-        migrate(url)
-        db = open_database(url, pool_size=1)
-        try:
-            fill_queue(db, args.queued)
-            worker_id = str(uuid.uuid4())
-            with db.begin() as conn:
-                registry.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
-                                      gpu_ids="")
-                claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True, max_attempts=3)
-            completions = [Completion(id=r.id, attempt=r.attempt, status_code=200, response=chat_response(i),
-                                      prompt_tokens=30, completion_tokens=85) for i, r in enumerate(claimed)]
-            groups = [completions[i:i + GROUP_SIZE] for i in range(0, len(completions), GROUP_SIZE)]
-            claims = [lambda conn: queue.claim(conn, worker_id, MODEL, CLAIM_SIZE, engine_idle=False,
-                                               max_attempts=3)] * 20
-            contenders = {
-                "claim": {"ours": lambda: measured(db, claims),
-                          "baseline": lambda: measured(db, claims, before="DROP INDEX batch_requests_suspects")},
-                "store": {"ours": lambda: measured(db, [lambda c, g=g: queue.complete(c, worker_id, g)
-                                                        for g in groups]),
-                          "baseline": lambda: measured(db, [lambda c, g=g: array_complete(c, worker_id, g)
-                                                            for g in groups])},
-            }
-            print(f"{args.queued} queued requests; claims of {CLAIM_SIZE}; {len(completions)} results stored in "
-                  f"groups of {GROUP_SIZE}; median of {args.repeats} repeats")
-            for name, runs in contenders.items():
-                results = {contender: [] for contender in runs}
-                for repeat in range(args.repeats):
-                    for contender in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-                        results[contender].append(runs[contender]())
-                for contender, samples in results.items():
-                    wall, cpu, pg_cpu = (statistics.median(sample[key] for sample in samples)
-                                         for key in ("wall", "cpu", "pg_cpu"))
-                    print(f"  {name:5s} {contender:8s} per call {1000 * wall:7.2f} ms wall; over {samples[0]['calls']}"
-                          f" calls, CPU: bench {cpu:5.3f} s, PostgreSQL {pg_cpu:5.3f} s")
-        finally:
-            db.dispose()
-            stop_embedded(settings)
+    with scratch_database("queue-bench-") as (_, _, db):
+        fill_queue(db, args.queued)
+        worker_id = str(uuid.uuid4())
+        with db.begin() as conn:
+            registry.register_worker(conn, worker_id=worker_id, slot="bench", host="bench", pid=1, model=MODEL,
+                                  gpu_ids="")
+            claimed = queue.claim(conn, worker_id, MODEL, args.results, engine_idle=True, max_attempts=3)
+        completions = [Completion(id=r.id, attempt=r.attempt, status_code=200, response=chat_response(i),
+                                  prompt_tokens=30, completion_tokens=85) for i, r in enumerate(claimed)]
+        groups = [completions[i:i + GROUP_SIZE] for i in range(0, len(completions), GROUP_SIZE)]
+        claims = [lambda conn: queue.claim(conn, worker_id, MODEL, CLAIM_SIZE, engine_idle=False,
+                                           max_attempts=3)] * 20
+        contenders = {
+            "claim": {"ours": lambda: measured(db, claims),
+                      "baseline": lambda: measured(db, claims, before="DROP INDEX batch_requests_suspects")},
+            "store": {"ours": lambda: measured(db, [lambda c, g=g: queue.complete(c, worker_id, g)
+                                                    for g in groups]),
+                      "baseline": lambda: measured(db, [lambda c, g=g: array_complete(c, worker_id, g)
+                                                        for g in groups])},
+        }
+        print(f"{args.queued} queued requests; claims of {CLAIM_SIZE}; {len(completions)} results stored in "
+              f"groups of {GROUP_SIZE}; median of {args.repeats} repeats")
+        for name, runs in contenders.items():
+            results = {contender: [] for contender in runs}
+            for repeat in range(args.repeats):
+                for contender in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                    results[contender].append(runs[contender]())
+            for contender, samples in results.items():
+                wall, cpu, pg_cpu = (statistics.median(sample[key] for sample in samples)
+                                     for key in ("wall", "cpu", "pg_cpu"))
+                print(f"  {name:5s} {contender:8s} per call {1000 * wall:7.2f} ms wall; over {samples[0]['calls']}"
+                      f" calls, CPU: bench {cpu:5.3f} s, PostgreSQL {pg_cpu:5.3f} s")
     return 0
 
 

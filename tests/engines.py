@@ -20,6 +20,7 @@ class EchoEngine:
         self.max_in_flight = spec.max_in_flight or 8
         self.progress = EngineProgress()
         self.step_seconds = float(os.environ.get("ECHO_STEP_SECONDS", "0.05"))
+        self.per_step: int | None = 4  # requests answered a step (None: all it holds)
         self._pending: dict[str, EngineRequest] = {}
         # Like vLLM and its C++ kernels, write past `logging`: the worker's log must stamp these too.
         print(f"echo engine ready for {self.model_name}", flush=True)
@@ -30,8 +31,9 @@ class EchoEngine:
         return None
 
     def step(self) -> list[EngineResult]:
-        time.sleep(self.step_seconds)
-        finished = [self._pending.pop(key) for key in list(self._pending)[:4]]
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        finished = [self._pending.pop(key) for key in list(self._pending)[:self.per_step]]
         self.progress.steps += 1
         self.progress.requests_finished += len(finished)
         self.progress.tokens_generated += len(finished)
@@ -53,6 +55,16 @@ class EchoEngine:
 
     def close(self) -> None:
         pass
+
+
+class InstantEngine(EchoEngine):
+    """Answers every request it holds at its next step, with no wait: what is left of a batch's
+    time is the queue's own (bench/queue_ceiling.py)."""
+
+    def __init__(self, spec: EngineSpec):
+        super().__init__(spec)
+        self.max_in_flight = spec.max_in_flight or 1024
+        self.step_seconds, self.per_step = 0.0, None
 
 
 class HangingEngine(EchoEngine):

@@ -30,6 +30,27 @@ def test_rendered_systemd_units_verify(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_role_installs_its_own_unit_alone(tmp_path):
+    for role, expected in (("worker", ["vllm-batch-watchdog.service"]), ("api", ["vllm-batch-api.service"])):
+        subprocess.run([str(REPO / "scripts/install-systemd.sh"), "--role", role, "--dest", str(tmp_path / role)],
+                       check=True, capture_output=True)
+        assert sorted(unit.name for unit in (tmp_path / role).glob("*.service")) == expected
+    refused = subprocess.run([str(REPO / "scripts/install-systemd.sh"), "--role", "gpu", "--dest", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown role 'gpu'" in refused.stderr
+
+
+def test_a_worker_host_needs_the_shared_database(tmp_path):
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "LOG_DIR": str(tmp_path / "logs"), "DATABASE_URL": ""}
+    refused = subprocess.run([str(REPO / "scripts/start-all.sh"), "--role", "worker"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--role worker needs DATABASE_URL" in refused.stderr
+    assert not (tmp_path / "data" / "postgres").exists()  # no database was started for it
+    wrong = subprocess.run([str(REPO / "scripts/start-all.sh"), "--role", "gpu"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unknown role 'gpu'" in wrong.stderr
+
+
 def stack_processes(data_dir: Path) -> list[psutil.Process]:
     """Every process of the stack under data_dir: ours by environment, PostgreSQL by its data path."""
     found = []

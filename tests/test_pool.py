@@ -209,6 +209,23 @@ def test_a_request_every_try_of_which_gets_a_5xx_ends_as_an_error_line(database,
             assert "HTTP 500: " in line["response"]["body"]["error"]["message"]
 
 
+def test_a_backend_that_fails_fast_is_not_tried_again_for_the_same_request(database, data_dir, db, client,
+                                                                            servers):
+    """As a vLLM server draining on SIGTERM: 500 to every request, 200 to /health (so it is re-admitted
+    at once, with the fewest in flight): each request it failed is retried on the other server."""
+    with fault_server(servers[0].url, "500") as failing, \
+            running_watchdog(database, data_dir, "watchdog-pool-draining", [pool_slot([failing, servers[1].url])],
+                             **FAST) as watchdog:
+        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        # Enough that the healthy server stays full: a retry waits for room, meanwhile the failing
+        # one is re-admitted and has the most.
+        done = wait_for_batch(client, submit(client, chat_lines(200, max_tokens=32)).id, 300)
+        assert done.status == "completed" and done.request_counts.completed == 200
+        assert all(line["response"]["status_code"] == 200 for line in assert_each_once(client, done, 200))
+        failed = re.findall(rf"backend {re.escape(failing)} failed request \d+ \(custom_id (r\d+)\)", worker_log(watchdog))
+        assert failed and len(failed) == len(set(failed)), sorted(failed)
+
+
 def test_a_request_every_server_drops_under_it_ends_as_a_poison_request(database, data_dir, db, client, servers):
     """A request each of whose tries ended with the server going away under it may be what kills
     servers: it is not sent round again."""

@@ -24,7 +24,7 @@ def main() -> None:
     init_sentry(settings.sentry_dsn, "api_server")
     url = migration_url(settings)
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
-    db = open_configured(settings, pool_size=settings.api_database_pool)
+    db = open_configured(settings, pool_size=settings.api_database_pool, process="api_server")
     if settings.api_key:
         def seed() -> None:
             with db.begin() as conn:

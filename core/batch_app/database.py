@@ -86,18 +86,23 @@ _CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, 
                  "keepalives_count": 3, "tcp_user_timeout": 30_000}
 
 
-def open_database(url: str, pool_size: int = 5, transaction_pooling: bool = False) -> Database:
-    """A pool of connections; behind a pooler in transaction mode, with no prepared statements
-    (psycopg prepares a query it has run five times, on a server connection the next
-    transaction may not get)."""
-    connect_args = {**_CONNECT_ARGS, "prepare_threshold": None} if transaction_pooling else _CONNECT_ARGS
+def open_database(url: str, pool_size: int = 5, transaction_pooling: bool = False,
+                  application_name: str = "vllm-batch") -> Database:
+    """A pool of connections, named in pg_stat_activity by `application_name`; behind a pooler in
+    transaction mode, with no prepared statements (psycopg prepares a query it has run five
+    times, on a server connection the next transaction may not get)."""
+    connect_args = {**_CONNECT_ARGS, "application_name": application_name[:63]}
+    if transaction_pooling:
+        connect_args["prepare_threshold"] = None
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                             connect_args=connect_args)
 
 
-def open_configured(settings: Settings, pool_size: int) -> Database:
-    """The database of the stack `settings` describe."""
-    return open_database(database_url(settings), pool_size, settings.database_transaction_pooling)
+def open_configured(settings: Settings, pool_size: int, process: str) -> Database:
+    """The database of the stack `settings` describe, for one of its processes: its connections
+    are named `<process>@<host>` (pg_stat_activity's application_name, for sizing max_connections)."""
+    return open_database(database_url(settings), pool_size, settings.database_transaction_pooling,
+                         f"{process}@{settings.host_name}")
 
 
 def migration_url(settings: Settings) -> str:

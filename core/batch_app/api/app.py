@@ -20,7 +20,8 @@ from .errors import RefuseNulBytes, install_error_handlers
 log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, db: Database) -> FastAPI:
-    batch_endings = BatchEndings(db, listen=not settings.database_transaction_pooling)
+    batch_endings = BatchEndings(db, listen=not settings.database_transaction_pooling,
+                                 application_name=f"api_server listener@{settings.host_name}")
     database_probe = DatabaseProbe(db)
 
     @contextlib.asynccontextmanager

@@ -26,8 +26,8 @@ RECHECK = 5.0
 
 
 class BatchEndings:
-    def __init__(self, db: Database, listen: bool = True):
-        self.listen = listen
+    def __init__(self, db: Database, listen: bool = True, application_name: str = "api_server listener"):
+        self.listen, self.application_name = listen, application_name
         self._conninfo = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
@@ -51,7 +51,8 @@ class BatchEndings:
     async def _listen(self) -> None:
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
+                                                                application_name=self.application_name) as conn:
                     await conn.execute(f"LISTEN {BATCH_ENDED_CHANNEL}")
                     self._wake(list(self._waiters))  # whatever changed before listening went unheard
                     async for notify in conn.notifies():

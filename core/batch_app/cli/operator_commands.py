@@ -27,7 +27,7 @@ def connect(settings: Settings) -> Database:
     if not settings.database_url and not embedded_running(settings):
         raise CommandError(f"the database is not running: DATABASE_URL is empty and no embedded PostgreSQL "
                            f"runs under {embedded_pgdata(settings)} (start the stack with scripts/start-all.sh)")
-    return open_configured(settings, pool_size=1)
+    return open_configured(settings, pool_size=1, process="batchctl")
 
 
 def workers_table(db: Database) -> None:

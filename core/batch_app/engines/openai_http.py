@@ -211,10 +211,11 @@ class OpenAIHttpEngine:
 
     async def _serve_on_backends(self, request: EngineRequest) -> None:
         tries, server_errors, lost = 0, 0, 0
+        failed_on: set[str] = set()  # URLs of the backends this request failed on
         while True:
             # A retry waits a little for a backend to be re-admitted: with a single backend, one
             # failure must not send the request straight back to the queue.
-            backend = await self._pick(patience=3 * RECHECK_AFTER_FAILURE if tries else 0.0)
+            backend = await self._pick(patience=3 * RECHECK_AFTER_FAILURE if tries else 0.0, avoid=failed_on)
             if backend is None:
                 self._results.put(error_result(request.key, "No backend of the pool is healthy.",
                                                status_code=RETRY_STATUS, error_type="server_error",
@@ -226,6 +227,7 @@ class OpenAIHttpEngine:
                 return
             except _Failure as failure:
                 self._failed(backend, failure, request, tries)
+                failed_on.add(backend.url)
                 last = failure
                 server_errors += failure.server_error
                 lost += failure.lost
@@ -247,17 +249,20 @@ class OpenAIHttpEngine:
                 return
             await asyncio.sleep(min(0.5 * 2 ** (tries - 1), 8.0))
 
-    async def _pick(self, patience: float) -> _Backend | None:
-        """A healthy backend with room, by the strategy; waits while all are full, and up to
-        `patience` seconds while none is healthy (a backend that just failed is checked again
-        within RECHECK_AFTER_FAILURE); then None."""
+    async def _pick(self, patience: float, avoid: set[str] = frozenset()) -> _Backend | None:
+        """A healthy backend with room, by the strategy, one not in `avoid` (URLs of those that failed
+        this request) if any has room; waits while all are full, and up to `patience` seconds
+        while none is healthy (a backend that just failed is checked again within
+        RECHECK_AFTER_FAILURE); then None. Without `avoid`, a server that fails fast (a vLLM
+        draining on SIGTERM answers 500 to new requests and 200 to /health) would draw the
+        retries of least_busy, having the fewest in flight."""
         deadline = time.monotonic() + patience
         async with self._room:
             while True:
                 healthy = [b for b in self._backends if b.status.state == HEALTHY]
                 free = [b for b in healthy if b.status.in_flight < self.slot.max_in_flight_per_backend]
                 if free:
-                    backend = self._choose(free)
+                    backend = self._choose([b for b in free if b.url not in avoid] or free)
                     backend.status.in_flight += 1
                     return backend
                 if healthy:

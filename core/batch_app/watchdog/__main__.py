@@ -28,7 +28,7 @@ def main() -> int:
     configure_logging("watchdog", settings, "watchdog")
     url = migration_url(settings)
     outage.retry(lambda: migrate(url), "migrating the database")  # a database down at boot is waited for
-    db = open_configured(settings, pool_size=4)  # supervision, housekeeping, webhooks, and a spare
+    db = open_configured(settings, pool_size=4, process="watchdog")  # supervision, housekeeping, webhooks, and a spare
     alerts.init_sentry(settings.sentry_dsn, "watchdog")
     try:
         if settings.backends.strip() and not settings.workers.strip():

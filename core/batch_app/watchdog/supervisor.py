@@ -53,9 +53,6 @@ log = logging.getLogger(__name__)
 
 # Exits that are no crash: a drain on request (0) and a worker fenced by its heartbeat.
 _UNCHARGED_EXITS = {0: "stopped cleanly", FENCED_EXIT_CODE: "was declared dead elsewhere and stopped"}
-# A worker (or server) whose heartbeats stopped reaching the database while this host could not
-# reach it either: a cut link, not the worker, and another host declared it dead meanwhile.
-_FENCED_ELSEWHERE = "declared dead elsewhere while this host was cut off from the database"
 
 
 @dataclass
@@ -163,6 +160,9 @@ class Supervisor:
             outage.failed(exc, "checking workers")
             return None
         outage.reached()
+        # A call held that long (a cut link mended while its packets waited) is an outage: the
+        # workers' beats were held too, and each gets HEARTBEAT_TIMEOUT to beat again (a worker
+        # declared dead meanwhile then stops itself, uncharged) before it is judged.
         if (took := time.monotonic() - started) > self.settings.heartbeat_timeout / 2:
             outage.stalled(took, "checking workers")
         return states
@@ -201,8 +201,6 @@ class Supervisor:
                 return f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s", None
             if state is None:
                 return None, None
-        if state.status == WorkerStatus.DEAD and outage.ended_at > now - state.heartbeat_age:
-            return _FENCED_ELSEWHERE, None
         if state.heartbeat_age > self.settings.heartbeat_timeout:
             return (f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
                     f"(process state: {_process_status(process.pid)})"), None
@@ -245,9 +243,8 @@ class Supervisor:
         """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
         name, pid = slot.config.slot, slot.process.pid
         # A server holds no request of the queue: its pool worker retries what it sent there.
-        fenced = reason == _FENCED_ELSEWHERE
-        blames = not slot.config.is_server and not fenced and death_blames_requests(exit_code, slot.oom_kills_at_start)
-        uncharged = reason if slot.restart_asked_at is not None or fenced else _UNCHARGED_EXITS.get(exit_code)
+        blames = not slot.config.is_server and death_blames_requests(exit_code, slot.oom_kills_at_start)
+        uncharged = reason if slot.restart_asked_at is not None else _UNCHARGED_EXITS.get(exit_code)
         if slot.probe is not None:
             slot.probe.stop()
         log.warning("%s %s (pid %d): %s%s; killing its process group", slot.kind, name, pid, reason,

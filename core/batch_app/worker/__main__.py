@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = engine_spec(slot, settings)
 
     # The engine loop, the result writer, the heartbeat, housekeeping and the wake-up listener.
-    db = open_configured(settings, pool_size=5)
+    db = open_configured(settings, pool_size=5, process=f"worker:{slot.slot}")
     worker_id = args.worker_id or str(uuid.uuid4())
 
     def register() -> None:

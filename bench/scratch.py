@@ -1,0 +1,26 @@
+"""A scratch embedded PostgreSQL for a benchmark: migrated, and stopped and removed afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from core.batch_app.config import Settings
+from core.batch_app.database import Database, database_url, migrate, open_database, stop_embedded
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[tuple[Path, str, Database]]:
+    """(its DATA_DIR, its URL, a pool of one connection to it)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data", database_url="")
+        url = database_url(settings)
+        migrate(url)
+        db = open_database(url, pool_size=1)
+        try:
+            yield settings.data_dir, url, db
+        finally:
+            db.dispose()
+            stop_embedded(settings)
