@@ -255,6 +255,8 @@ def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_the_batch
         assert len(restarts(db, "broken-srv-0")) == 2
         [error] = receiver.messages("error")
         assert "reached 2 restarts" in error["message"] and error["tags"]["slot"] == "broken-srv-0"
+        assert "server broken-srv-0 cannot start: model /nonexistent/model: no such file or directory" in \
+            (watchdog.log_dir / "server-broken-srv-0.log").read_text()
         assert restarts(db, "slow-0") == []  # slow but answering: never restarted
         assert answered(db, slow) >= 60
     finally:

@@ -124,7 +124,7 @@ def test_engine_hang_behind_a_live_heartbeat_is_caught_by_the_progress_check(dat
 @pytest.mark.vllm
 def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, data_dir, db, sentry):
     slot = "broken-0"
-    bad = {"slot": slot, "model": "/nonexistent/model", "engine": "vllm"}  # the real engine, a bad path
+    bad = {"slot": slot, "model": "/nonexistent/model", "engine": "vllm"}  # the vLLM engine, a path with nothing there
     with running_watchdog(database, data_dir, "watchdog-cap", [bad], SENTRY_DSN=sentry.dsn,
                           MAX_RESTARTS_PER_HOUR="2", RESTART_BACKOFF_MIN="0.2", RESTART_BACKOFF_MAX="0.5"):
         wait_for(lambda: sentry.messages("error"), 300, message="error event")
@@ -133,6 +133,8 @@ def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, dat
         assert len(sentry.messages("error")) == 1
         assert len(sentry.messages("warning")) == 2
         assert "reached 2 restarts" in sentry.messages("error")[0]["message"]
+        log = (data_dir / "logs" / "watchdog-cap" / f"worker-{slot}.log").read_text()
+        assert "model load failed: FileNotFoundError: model /nonexistent/model: no such file or directory" in log
 
     # A new watchdog keeps the count: the slot stays stopped until an operator resets it.
     with running_watchdog(database, data_dir, "watchdog-cap-2", [bad], MAX_RESTARTS_PER_HOUR="2",

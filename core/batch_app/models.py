@@ -31,6 +31,13 @@ def served_name_of(reference: str, served_name: str = "") -> str:
     return Path(reference.rstrip("/")).name
 
 
+def check_local_model(path: str) -> None:
+    """A model given as a local path (absolute, or starting with ./, ../ or ~) must be there: said
+    at once, rather than after vLLM's import and start-up (a name is vLLM's to find)."""
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model {path}: no such file or directory")
+
+
 def resolve_model(reference: str, data_dir: Path, served_name: str = "") -> ModelChoice:
     """`""`/`demo` -> the demo chat model; `all-MiniLM-L6-v2` -> the packaged embedder; else a path."""
     name = served_name_of(reference, served_name)

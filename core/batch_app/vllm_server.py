@@ -19,7 +19,7 @@ import sys
 from .config import ServerSpec, get_settings
 from .engines.vllm_engine import vllm_environment
 from .logs import configure_logging, server_log_stem
-from .models import resolve_model
+from .models import check_local_model, resolve_model
 
 log = logging.getLogger("core.batch_app.vllm_server")
 
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in vllm_environment(settings.data_dir / "cache").items():
         os.environ.setdefault(name, value)
     choice = resolve_model(spec.model, settings.data_dir, spec.served_name)
+    try:
+        check_local_model(choice.path)
+    except FileNotFoundError as exc:
+        log.error("server %s cannot start: %s", args.slot, exc)
+        return 1
     sys.argv = ["vllm.entrypoints.openai.api_server",
                 *vllm_arguments(spec, choice.path, choice.runner, settings.shutdown_grace)]
     log.info("server %s (pid %d): vLLM %s", args.slot, os.getpid(), " ".join(sys.argv[1:]))

@@ -148,11 +148,14 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
         rows = conn.execute(_CLAIM_SUSPECT, {**params, "limit": 1}).all()
     if not rows:  # no suspect, or another worker took the last one
         rows = conn.execute(_CLAIM_ORDINARY, {**params, "limit": limit}).all()
+    # Rows are read as tuples, in _TAKE's RETURNING order: by column name, reading a thousand
+    # rows cost a fifth of the claim's time in the worker.
     if rows:
-        conn.execute(_MARK_IN_PROGRESS, {"batch_ids": sorted({row.batch_id for row in rows})})
+        conn.execute(_MARK_IN_PROGRESS, {"batch_ids": sorted({row[1] for row in rows})})
     # UPDATE ... RETURNING has no order: hand requests to the engine in claim order.
-    return [ClaimedRequest(row.id, row.batch_id, row.endpoint, row.custom_id, row.body, row.attempt, row.crashes)
-            for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
+    return [ClaimedRequest(id_, batch_id, endpoint, custom_id, body, attempt, crashes)
+            for id_, batch_id, endpoint, custom_id, body, attempt, crashes, _, _
+            in sorted(rows, key=lambda row: (-row[7], row[0]))]
 
 
 # Counts what the `done` rows of a statement finished into batch_progress (a batch's
@@ -201,8 +204,7 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
         "id": c.id, "attempt": c.attempt, **_answer(c),
         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
     } for c in completions])
-    rows = conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all()
-    return {row.id: row.batch_id for row in rows}
+    return dict(conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all())
 
 
 # The succeeded lines of a batch in the order their results were stored, after the first

@@ -9,11 +9,13 @@ import os
 from pathlib import Path
 
 from ..config import POOL_ENGINE
+from ..models import check_local_model
 from .base import Engine, EngineSpec
 
 
 def load_engine(spec: EngineSpec, cache_dir: Path) -> Engine:
     if spec.kind == "vllm":
+        check_local_model(spec.model_path)
         from .vllm_engine import VllmEngine, default_options, has_cuda_gpu, vllm_environment
 
         for name, value in vllm_environment(cache_dir).items():
