@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +40,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from bench.scratch import scratch_database  # noqa: E402
 from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 
 API_KEY = "sk-bench"
@@ -197,12 +194,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"{args.clients} readers and {args.creators} creators, {args.seconds:.0f} s a phase, "
           f"{os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory(prefix="api-load-") as tmp:
-        data_dir = Path(tmp) / "data"
-        settings = Settings(data_dir=data_dir, database_url="")
-        url = database_url(settings)
-        migrate(url)
-        db = open_database(url, pool_size=1)
+    with scratch_database("api-load-") as (data_dir, url, db):
         api = start_api(url, data_dir, "api", API_KEY=API_KEY)
         watchdog = start_watchdog(url, data_dir, "watchdog", [{"slot": "chat-0", "model": "demo"}], API_KEY=API_KEY)
         port = free_port()
@@ -246,8 +238,6 @@ def main() -> int:
             minimal_app.wait(15)
             watchdog.stop()
             api.stop()
-            db.dispose()
-            stop_embedded(settings)
     return 0
 
 

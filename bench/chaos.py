@@ -32,7 +32,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from bench.scratch import scratch_database  # noqa: E402
 from core.batch_app.domain.batch_format import FINAL_STATUSES  # noqa: E402
 from tests.conftest import live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 
@@ -105,13 +103,8 @@ def main() -> int:
     print(f"chaos: {args.requests} chat requests (max_tokens {args.max_tokens}), two vLLM workers, "
           f"{args.in_flight} in flight each, {args.kills} kills and {args.outages} outages of 10-30 s over "
           f"{args.spread:.0f} s, MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        root = Path(tmp)
-        data_dir = root / "data"
-        settings = Settings(data_dir=data_dir, database_url="")
-        url = database_url(settings)
-        migrate(url)
-        db = open_database(url, pool_size=2)
+    with scratch_database("chaos-", pool_size=2) as (data_dir, url, db):
+        root = data_dir.parent
         api = start_api(url, data_dir, "api", API_KEY="")
         slots = [{"slot": name, "model": "demo", "max_in_flight": args.in_flight} for name in SLOT_NAMES]
         watchdog = start_watchdog(url, data_dir, "watchdog", slots, MAX_ATTEMPTS=str(args.max_attempts), **LIVENESS)
@@ -150,8 +143,6 @@ def main() -> int:
         finally:
             watchdog.stop()
             api.stop()
-            db.dispose()
-            stop_embedded(settings)
     return 0
 
 

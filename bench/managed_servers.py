@@ -23,7 +23,6 @@ import re
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,8 +32,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from bench.scratch import scratch_database  # noqa: E402
 from core.batch_app.watchdog.process_control import group_members  # noqa: E402
 from tests.conftest import free_port, start_api, start_watchdog, wait_for  # noqa: E402
 
@@ -154,12 +152,7 @@ def main() -> int:
                     "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     print(f"HEARTBEAT_INTERVAL 1 s, HEARTBEAT_TIMEOUT {args.heartbeat_timeout:g} s, "
           f"STALL_TIMEOUT {args.stall_timeout:g} s, {args.rounds} rounds")
-    with tempfile.TemporaryDirectory(prefix="managed-servers-") as tmp:
-        data_dir = Path(tmp) / "data"
-        settings = Settings(data_dir=data_dir, database_url="")
-        url = database_url(settings)
-        migrate(url)
-        db = open_database(url, pool_size=1)
+    with scratch_database("managed-servers-") as (data_dir, url, db):
         ports = [free_port(), free_port()]
         slots = [{"slot": f"srv-{i}", "serve": {"model": "demo", "served_name": SERVED, "port": port,
                                                 "args": VLLM_ARGS}} for i, port in enumerate(ports)]
@@ -187,8 +180,6 @@ def main() -> int:
         finally:
             watchdog.stop()
             api.stop()
-            db.dispose()
-            stop_embedded(settings)
     return 0
 
 

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.throughput import wait_until_completed  # noqa: E402
-from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from bench.scratch import scratch_database  # noqa: E402
 from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 from tests.vllm_servers import VllmServer  # noqa: E402
 
@@ -99,13 +97,8 @@ def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # rounds show as they end, also into a file
     print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, two vLLM servers on the demo "
           f"model; {os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory(prefix="pool-") as tmp:
-        root = Path(tmp)
-        data_dir = root / "data"
-        settings = Settings(data_dir=data_dir, database_url="")
-        url = database_url(settings)
-        migrate(url)
-        db = open_database(url, pool_size=1)
+    with scratch_database("pool-") as (data_dir, url, db):
+        root = data_dir.parent
         servers = [VllmServer(data_dir, f"bench-{i}", free_port(), served_name=MODEL).start() for i in range(2)]
         api = watchdog = None
         try:
@@ -149,8 +142,6 @@ def main() -> int:
                 api.stop()
             for server in servers:
                 server.stop()
-            db.dispose()
-            stop_embedded(settings)
     return 0
 
 
