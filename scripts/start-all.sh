@@ -51,7 +51,8 @@ fi
 url="http://$API_HOST:$API_PORT/health"
 for _ in $(seq 1 120); do
   if curl -fsS "$url" >/dev/null 2>&1; then
-    echo "API ready at http://$API_HOST:$API_PORT (workers load in the background: see $LOG_DIR)"
+    if [ "$role" = api ]; then echo "API ready at http://$API_HOST:$API_PORT (no workers on this host: --role api)"
+    else echo "API ready at http://$API_HOST:$API_PORT (workers load in the background: see $LOG_DIR)"; fi
     exit 0
   fi
   pid_alive "$RUN_DIR/api_server.pid" || { echo "API server exited; last lines of its log:"; tail -20 "$LOG_DIR/api_server.log"; exit 1; }
