@@ -247,9 +247,9 @@ def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_the_batch
     try:
         for name in ("slow-0", POOL):
             wait_for(lambda: slot_row(db, name), 300, interval=1, message=f"{name} up")
-        done = wait_for_batch(client, submit(client, chat_lines(60, max_tokens=64)).id, 600)
+        done = wait_for_batch(client, submit(client, chat_lines(20, max_tokens=32)).id, 600)
         assert done.status == "completed"
-        assert_each_once(client, done, 60)
+        assert_each_once(client, done, 20)
         wait_for(lambda: receiver.messages("error"), 300, message="the error event at the cap")
         time.sleep(2)  # nothing more happens once the cap is reached
         assert len(restarts(db, "broken-srv-0")) == 2
@@ -258,7 +258,7 @@ def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_the_batch
         assert "server broken-srv-0 cannot start: model /nonexistent/model: no such file or directory" in \
             (watchdog.log_dir / "server-broken-srv-0.log").read_text()
         assert restarts(db, "slow-0") == []  # slow but answering: never restarted
-        assert answered(db, slow) >= 60
+        assert answered(db, slow) >= 20
     finally:
         assert watchdog.stop() == 0
         receiver.close()
