@@ -4,8 +4,9 @@
 
 Phases, each `--seconds` long:
 - idle, retrieve only: `--clients` loops retrieving one batch, against a minimal FastAPI app
-  answering one primary-key SELECT on the same PostgreSQL with the same load generator (the
-  ceiling), in alternating rounds (`--rounds`, each side a third of the phase);
+  answering one primary-key SELECT on the same PostgreSQL, awaited on its event loop, with the
+  same load generator (the ceiling), in alternating rounds (`--rounds`, each side a third of the
+  phase);
 - idle, then while a real vLLM worker runs a 3,000-request batch: `--clients` readers, each
   calling /health, retrieve and list (20) in turn, while `--creators` loops upload a 5-line file
   and create a batch of it, again and again, each client calling again as soon as it has its
@@ -46,24 +47,29 @@ from tests.conftest import free_port, live_worker, start_api, start_watchdog, wa
 API_KEY = "sk-bench"
 MODEL = "demo-tiny-llama"
 
-# The ceiling: one route, one primary-key SELECT on a pooled connection, nothing else.
+# The ceiling: one route, one primary-key SELECT awaited on the event loop on a kept asyncio
+# connection in autocommit, nothing else: the fastest way known here to read a row from FastAPI
+# (docs/benchmarks.md has the threadpool-and-SQLAlchemy app it replaced).
 MINIMAL_APP = """
+import asyncio
 import sys
-import sqlalchemy as sa
+import psycopg
 import uvicorn
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.engine import make_url
 
-db = sa.create_engine(sys.argv[1], pool_size=10, max_overflow=10)
+url = make_url(sys.argv[1]).set(drivername="postgresql").render_as_string(hide_password=False)
+slots, idle = asyncio.Semaphore(10), []
 app = FastAPI()
-
-def read(batch_id):
-    with db.connect() as conn:
-        return conn.execute(sa.text("SELECT id, status FROM batches WHERE id = :id"), {"id": batch_id}).one()._asdict()
 
 @app.get("/v1/batches/{batch_id}")
 async def retrieve(batch_id: str):
-    return await run_in_threadpool(read, batch_id)
+    async with slots:
+        conn = idle.pop() if idle else await psycopg.AsyncConnection.connect(url, autocommit=True)
+        cursor = await conn.execute("SELECT id, status FROM batches WHERE id = %s", (batch_id,))
+        row = await cursor.fetchone()
+        idle.append(conn)
+    return {"id": row[0], "status": row[1]}
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """

@@ -223,6 +223,7 @@ def test_live_models_are_listed(client, live_model):
 
 def test_retrieving_a_batch_costs_the_same_whatever_its_size(project_client, live_model, db):
     from core.batch_app.domain.batches import get_batch
+    from core.batch_app.domain.query import run
 
     from .simulated_worker import answer, claim, complete, new_worker
 
@@ -246,7 +247,7 @@ def test_retrieving_a_batch_costs_the_same_whatever_its_size(project_client, liv
         for size, batch_id in sizes.items():
             statements.clear()
             with db.connect() as conn:
-                body = get_batch(conn, project, batch_id)
+                body = run(conn, get_batch(project, batch_id))
             assert body["request_counts"] == {"total": size, "completed": size, "failed": 0}
             assert body["usage"]["output_tokens"] == 2 * size
             per_size[size] = list(statements)

@@ -24,7 +24,10 @@ def test_every_line_of_every_log_is_stamped_and_named(database, data_dir, db):
     log_dir = data_dir / "logs" / "logs-stack"
     assert sorted(path.name for path in log_dir.iterdir()) == ["api_server.log", "watchdog.log", "worker-log-echo.log"]
     api_lines = log_lines(log_dir / "api_server.log")
-    assert any('"POST /v1/batches HTTP/1.1" 200' in line and " uvicorn.access: " in line for line in api_lines)
+    access = [line for line in api_lines if " core.batch_app.api.access_log: " in line]
+    assert any('"POST /v1/batches HTTP/1.1" 200 ' in line and line.endswith(" ms") for line in access), access
+    # Successful reads (the client's polling) are not logged by default; what changes something is.
+    assert not [line for line in access if '"GET ' in line], access
     assert any("started worker log-echo" in line for line in log_lines(log_dir / "watchdog.log"))
     worker = log_lines(log_dir / "worker-log-echo.log")
     for expected in ("loaded in", "claimed 8 requests", "echo engine ready for log-echo",
@@ -32,8 +35,24 @@ def test_every_line_of_every_log_is_stamped_and_named(database, data_dir, db):
         assert any(expected in line for line in worker), expected
 
 
+def test_a_refused_request_is_logged_and_every_request_with_api_access_log_all(database, data_dir):
+    api = start_api(database, data_dir, "logs-access")
+    quiet = start_api(database, data_dir, "logs-access-none", API_ACCESS_LOG="none")
+    try:
+        assert httpx.get(f"{api.base_url}/v1/batches", timeout=10).status_code == 401
+        assert httpx.get(f"{api.base_url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{quiet.base_url}/v1/nothing-here", timeout=10).status_code == 404
+    finally:
+        api.stop()
+        quiet.stop()
+    lines = log_lines(data_dir / "logs" / "logs-access" / "api_server.log")
+    assert any('"GET /v1/batches HTTP/1.1" 401 ' in line for line in lines)
+    assert not any('"GET /health HTTP/1.1"' in line for line in lines)
+    assert not any("HTTP/1.1" in line for line in log_lines(data_dir / "logs" / "logs-access-none" / "api_server.log"))
+
+
 def test_logs_rotate_by_size(database, data_dir):
-    api = start_api(database, data_dir, "logs-rotation", LOG_MAX_BYTES="20000", LOG_BACKUPS="2")
+    api = start_api(database, data_dir, "logs-rotation", LOG_MAX_BYTES="20000", LOG_BACKUPS="2", API_ACCESS_LOG="all")
     try:
         for _ in range(400):  # one access line of ~150 bytes each: about three files' worth
             httpx.get(f"{api.base_url}/health", timeout=10)

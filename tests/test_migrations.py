@@ -3,7 +3,9 @@ status checks go onto a database that already holds rows of every status."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +16,18 @@ from core.batch_app.domain.statuses import BatchStatus, RequestStatus, WorkerSta
 from core.batch_app.domain.tables import metadata
 
 from .conftest import scratch_database
+
+
+@contextlib.contextmanager
+def database_at(database: str, revision: str) -> Iterator[tuple[str, sa.Engine]]:
+    """A scratch database migrated to `revision`: its URL and an engine on it."""
+    with scratch_database(database) as url:
+        command.upgrade(alembic_config(url), revision)
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            yield url, scratch
+        finally:
+            scratch.dispose()
 
 
 def check_constraints(db) -> dict[str, str]:
@@ -65,9 +79,7 @@ def _insert_worker(conn, status: str) -> None:
 
 
 def test_status_checks_apply_to_a_database_holding_every_status(database):
-    with scratch_database(database) as url:
-        command.upgrade(alembic_config(url), "0002")
-        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with database_at(database, "0002") as (url, scratch):
         with scratch.begin() as conn:
             _insert_every_status(conn)
         migrate(url)
@@ -85,13 +97,10 @@ def test_status_checks_apply_to_a_database_holding_every_status(database):
         command.downgrade(alembic_config(url), "0002")
         with scratch.begin() as conn:  # and off again
             conn.execute(sa.text("UPDATE workers SET status = 'asleep'"))
-        scratch.dispose()
 
 
 def test_progress_counts_are_carried_over_from_stored_results(database):
-    with scratch_database(database) as url:
-        command.upgrade(alembic_config(url), "0003")
-        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with database_at(database, "0003") as (url, scratch):
         worker = str(uuid.uuid4())
         with scratch.begin() as conn:
             conn.execute(sa.text("""
@@ -109,13 +118,10 @@ def test_progress_counts_are_carried_over_from_stored_results(database):
             row = conn.execute(sa.text("SELECT * FROM batch_progress")).one()
         assert (row.batch_id, str(row.worker_id), row.completed, row.failed, row.input_tokens, row.output_tokens) == \
             ("batch_old", worker, 2, 1, 12, 24)
-        scratch.dispose()
 
 
 def test_crashes_are_carried_over_from_the_attempts_of_requests_still_to_run(database):
-    with scratch_database(database) as url:
-        command.upgrade(alembic_config(url), "0005")
-        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with database_at(database, "0005") as (url, scratch):
         with scratch.begin() as conn:
             conn.execute(sa.text("""
                 INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status)
@@ -131,13 +137,10 @@ def test_crashes_are_carried_over_from_the_attempts_of_requests_still_to_run(dat
             crashes = conn.execute(sa.text("SELECT crashes FROM batch_requests ORDER BY line")).scalars().all()
         assert crashes == [0, 2, 0, 2, 0]
         command.downgrade(alembic_config(url), "0005")
-        scratch.dispose()
 
 
 def test_workers_of_the_previous_head_are_worker_slots(database):
-    with scratch_database(database) as url:
-        command.upgrade(alembic_config(url), "0007")
-        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with database_at(database, "0007") as (url, scratch):
         with scratch.begin() as conn:
             conn.execute(sa.text("""
                 INSERT INTO workers (id, slot, host, pid, model, status)
@@ -150,13 +153,10 @@ def test_workers_of_the_previous_head_are_worker_slots(database):
                 with conn.begin_nested():
                     conn.execute(sa.text("UPDATE workers SET kind = 'other'"))
         command.downgrade(alembic_config(url), "0007")
-        scratch.dispose()
 
 
 def test_results_of_running_batches_are_listed_first_after_the_upgrade(database):
-    with scratch_database(database) as url:
-        command.upgrade(alembic_config(url), "0008")
-        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with database_at(database, "0008") as (url, scratch):
         with scratch.begin() as conn:
             for batch, status in (("batch_running", "in_progress"), ("batch_done", "completed")):
                 conn.execute(sa.text("""
@@ -174,4 +174,28 @@ def test_results_of_running_batches_are_listed_first_after_the_upgrade(database)
         assert [tuple(row) for row in rows] == [("batch_done", 1, None), ("batch_done", 2, None),
                                                 ("batch_running", 1, 0), ("batch_running", 2, None)]
         command.downgrade(alembic_config(url), "0008")
-        scratch.dispose()
+
+
+def test_batches_are_listed_newest_first_from_their_index_after_the_upgrade(database):
+    from core.batch_app.domain.batches import list_batches
+    from core.batch_app.domain.query import run
+
+    with database_at(database, "0011") as (url, scratch):
+        with scratch.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status, created_at)
+                SELECT 'batch_' || g, 'p' || (g % 2), '/v1/chat/completions', 'file-x', '24h', 'completed',
+                       now() - g * interval '1 minute'
+                FROM generate_series(1, 2000) g"""))
+        migrate(url)
+        with scratch.connect() as conn:
+            first = run(conn, list_batches("p1", None, 3))
+            second = run(conn, list_batches("p1", first["last_id"], 3))
+            everyone = run(conn, list_batches(None, None, 2))
+            conn.execute(sa.text("SET enable_seqscan = off"))  # as on a table too large to scan
+            plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + list_batches("p1", None, 3).sql,
+                                                  {"project": "p1", "limit": 4}).scalars())
+        assert [b["id"] for b in first["data"] + second["data"]] == [f"batch_{g}" for g in (1, 3, 5, 7, 9, 11)]
+        assert [b["id"] for b in everyone["data"]] == ["batch_1", "batch_2"] and everyone["has_more"]
+        assert "batches_project_newest" in plan and "Sort" not in plan.split("batch_progress")[0]
+        command.downgrade(alembic_config(url), "0011")

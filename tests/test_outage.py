@@ -99,3 +99,17 @@ def _gone(pid: int) -> bool:
         return False
     except ProcessLookupError:
         return True
+
+
+def test_reads_go_on_when_the_database_closed_their_connections(db, api, client, live_model):
+    """A restart closes every connection the API keeps for its reads on the event loop; the next
+    read finds its connection dead, drops them all and answers from a new one, not a 503."""
+    batch = submit(client, [request_line("r0", live_model)])
+    assert client.batches.retrieve(batch.id).id == batch.id
+    with db.connect() as conn:
+        closed = conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE application_name LIKE 'api_server reads@%'")).scalar()
+    assert closed >= 1
+    for _ in range(3):
+        assert client.with_options(max_retries=0).batches.retrieve(batch.id).id == batch.id
+        assert batch.id in [b.id for b in client.with_options(max_retries=0).batches.list(limit=100).data]

@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     api_key: str = ""
     api_database_pool: int = 10  # connections the API keeps; as many again may open under load
     status_page_public: bool = False  # true: the status page at / is readable without a key
+    api_access_log: Literal["changes", "all", "none"] = "changes"  # which requests get a log line
     sentry_dsn: str = ""
 
     # Models and engines.

@@ -86,16 +86,22 @@ _CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, 
                  "keepalives_count": 3, "tcp_user_timeout": 30_000}
 
 
-def open_database(url: str, pool_size: int = 5, transaction_pooling: bool = False,
-                  application_name: str = "vllm-batch") -> Database:
-    """A pool of connections, named in pg_stat_activity by `application_name`; behind a pooler in
+def _connect_args(transaction_pooling: bool, application_name: str) -> dict:
+    """Connections named in pg_stat_activity by `application_name`; behind a pooler in
     transaction mode, with no prepared statements (psycopg prepares a query it has run five
     times, on a server connection the next transaction may not get)."""
     connect_args = {**_CONNECT_ARGS, "application_name": application_name[:63]}
     if transaction_pooling:
         connect_args["prepare_threshold"] = None
+    return connect_args
+
+
+def open_database(url: str, pool_size: int = 5, transaction_pooling: bool = False,
+                  application_name: str = "vllm-batch") -> Database:
+    """A pool of connections, each checked before use so that one a database restart closed is
+    replaced instead of failing the caller."""
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                            connect_args=connect_args)
+                            connect_args=_connect_args(transaction_pooling, application_name))
 
 
 def open_configured(settings: Settings, pool_size: int, process: str) -> Database:
@@ -103,6 +109,13 @@ def open_configured(settings: Settings, pool_size: int, process: str) -> Databas
     are named `<process>@<host>` (pg_stat_activity's application_name, for sizing max_connections)."""
     return open_database(database_url(settings), pool_size, settings.database_transaction_pooling,
                          f"{process}@{settings.host_name}")
+
+
+def libpq_connection(settings: Settings, process: str) -> tuple[str, dict]:
+    """(URL, connection arguments) of the stack's database for psycopg itself, with the same
+    timeouts and naming as every pool here (the API's reads on its event loop use it)."""
+    url = make_url(database_url(settings)).set(drivername="postgresql").render_as_string(hide_password=False)
+    return url, _connect_args(settings.database_transaction_pooling, f"{process}@{settings.host_name}")
 
 
 def migration_url(settings: Settings) -> str:

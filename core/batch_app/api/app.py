@@ -13,13 +13,15 @@ from .. import __version__
 from ..config import Settings
 from ..database import Database
 from . import batches, files, metrics, status_page, system, webhooks
+from .access_log import AccessLog
 from .batch_endings import BatchEndings
 from .database_probe import DatabaseProbe
+from .reads import Reads
 from .errors import RefuseNulBytes, install_error_handlers
 
 log = logging.getLogger(__name__)
 
-def create_app(settings: Settings, db: Database) -> FastAPI:
+def create_app(settings: Settings, db: Database, reads: Reads) -> FastAPI:
     batch_endings = BatchEndings(db, listen=not settings.database_transaction_pooling,
                                  application_name=f"api_server listener@{settings.host_name}")
     database_probe = DatabaseProbe(db)
@@ -30,16 +32,19 @@ def create_app(settings: Settings, db: Database) -> FastAPI:
         yield
         await database_probe.close()
         await batch_endings.close()
+        await reads.close()
 
     app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
+    app.state.reads = reads
     app.state.batch_endings = batch_endings
     app.state.database_probe = database_probe
     app.state.upload_slots = threading.BoundedSemaphore(max(1, settings.api_database_pool // 2))
     app.state.metrics_registry = metrics.metrics_registry(db)
     install_error_handlers(app)
     app.add_middleware(RefuseNulBytes)
+    app.add_middleware(AccessLog, mode=settings.api_access_log)
 
     app.openapi = lambda: _without_422(app)
     app.include_router(files.router)

@@ -8,15 +8,14 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..database import Database
 from ..domain import batches, finalize, queue
 from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT, output_line
+from ..domain.query import run
 from ..domain.statuses import BatchStatus
 from .batch_endings import RECHECK
-from .deps import DB, AppSettings, Project
+from .deps import DB, AppSettings, DBReads, Project
 from .errors import APIError, documented
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -58,39 +57,33 @@ def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Proj
         completion_window=body.completion_window, metadata=body.metadata, priority=body.priority,
         output_expires_after=body.output_expires_after)
     with db.connect() as conn:
-        return batches.get_batch(conn, project, batch_id)
+        return run(conn, batches.get_batch(project, batch_id))
 
 
 @router.get("", responses=documented(400, 401, 503), operation_id="listBatches")
-def list_batches(db: DB, project: Project, after: str | None = None,
-                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
-    with db.connect() as conn:
-        return batches.list_batches(conn, project, after, limit)
+async def list_batches(reads: DBReads, project: Project, after: str | None = None,
+                       limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    return await reads.run(batches.list_batches(project, after, limit))
 
 
 @router.get("/{batch_id}", responses=documented(400, 401, 404, 503), operation_id="retrieveBatch")
-async def retrieve_batch(batch_id: str, db: DB, project: Project, request: Request,
+async def retrieve_batch(batch_id: str, reads: DBReads, project: Project, request: Request,
                          wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> dict:
     """`wait` (not in OpenAI's API; the SDK sends it with `extra_query`) holds the answer up to
     that many seconds until the batch reaches a final status, so a client sees the end at once
     instead of at its next poll."""
     if not wait:
-        return await run_in_threadpool(_read_batch, db, project, batch_id)
+        return await reads.run(batches.get_batch(project, batch_id))
     deadline = time.monotonic() + wait
     with request.app.state.batch_endings.watch(batch_id) as changed:
         while True:
             changed.clear()
-            batch = await run_in_threadpool(_read_batch, db, project, batch_id)
+            batch = await reads.run(batches.get_batch(project, batch_id))
             left = deadline - time.monotonic()
             if batch["status"] in FINAL_STATUSES or left <= 0:
                 return batch
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, RECHECK))
-
-
-def _read_batch(db: Database, project: str, batch_id: str) -> dict:
-    with db.connect() as conn:
-        return batches.get_batch(conn, project, batch_id)
 
 
 @router.get("/{batch_id}/output", response_class=Response, operation_id="downloadBatchOutputSoFar", responses={
@@ -103,7 +96,7 @@ def output_so_far(batch_id: str, db: DB, project: Project, after: Annotated[int,
     finished, after the first `after` of them (what an earlier call returned), at most `limit`.
     `X-Next-After` is the `after` of the next call; the lines end up those of the output file."""
     with db.connect() as conn:
-        batches.get_batch(conn, project, batch_id)  # 404 for another project's batch
+        run(conn, batches.get_batch(project, batch_id))  # 404 for another project's batch
         rows = queue.finished_so_far(conn, batch_id, after, limit)
     body = b"".join(output_line(batch_id, row.line, row.custom_id, row.attempt, row.status_code, row.response, None)
                     for row in rows)
@@ -116,15 +109,15 @@ def retry_batch(batch_id: str, db: DB, settings: AppSettings, project: Project) 
     lines only, its metadata naming the parent (`retry_of`)."""
     new_id = batches.retry_batch(db, settings, project=project, batch_id=batch_id)
     with db.connect() as conn:
-        return batches.get_batch(conn, project, new_id)
+        return run(conn, batches.get_batch(project, new_id))
 
 
 @router.post("/{batch_id}/cancel", responses=documented(400, 401, 404, 409, 503), operation_id="cancelBatch")
 def cancel_batch(batch_id: str, db: DB, project: Project) -> dict:
     with db.connect() as conn:
-        status = batches.get_batch(conn, project, batch_id)["status"]
+        status = run(conn, batches.get_batch(project, batch_id))["status"]
     if status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED) and not finalize.cancel(db, batch_id):
         raise APIError(409, f"Batch '{batch_id}' is {status} and can no longer be cancelled.",
                        param="batch_id", code="batch_not_cancellable")
     with db.connect() as conn:
-        return batches.get_batch(conn, project, batch_id)
+        return run(conn, batches.get_batch(project, batch_id))

@@ -11,14 +11,21 @@ from ..config import Settings
 from ..database import Database
 from ..domain.keys import DEFAULT_PROJECT, project_of
 from .errors import APIError
+from .reads import Reads
 
 
-def get_db(request: Request) -> Database:
+# Dependencies are coroutines even where they do not wait: FastAPI runs a plain function
+# dependency on a worker thread, a thread hop per request for an attribute read.
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+async def get_reads(request: Request) -> Reads:
+    return request.app.state.reads
 
 
 def _presented_key(header: str) -> str:
@@ -34,15 +41,15 @@ def _presented_key(header: str) -> str:
     return ""
 
 
-def authenticate(request: Request, db: Annotated[Database, Depends(get_db)]) -> str:
-    """The caller's project, from `Authorization: Bearer <key>`.
+async def authenticate(request: Request, reads: Annotated[Reads, Depends(get_reads)]) -> str:
+    """The caller's project, from `Authorization: Bearer <key>`, looked up on every request (a
+    revoked key is refused at once).
 
     With no key configured anywhere the server is open (bound to loopback by default) and every
     caller belongs to the default project.
     """
     key = _presented_key(request.headers.get("authorization", ""))
-    with db.connect() as conn:
-        project, any_keys = project_of(conn, key or None)
+    project, any_keys = await reads.run(project_of(key or None))
     if project is not None:
         return project
     if not any_keys:
@@ -54,5 +61,6 @@ def authenticate(request: Request, db: Annotated[Database, Depends(get_db)]) -> 
 
 
 DB = Annotated[Database, Depends(get_db)]
+DBReads = Annotated[Reads, Depends(get_reads)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 Project = Annotated[str, Depends(authenticate)]

@@ -12,12 +12,15 @@ from datetime import datetime, timezone
 from html import escape
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..domain import overview
 from ..domain.batches import list_batches
+from ..database import Database
 from ..domain.overview import describe_age
-from .deps import authenticate, get_db, get_settings
+from ..domain.query import run
+from .deps import authenticate
 from .errors import APIError, error_response
 
 router = APIRouter()
@@ -37,22 +40,26 @@ th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid #dde2e8; 
 
 
 @router.get("/", include_in_schema=False, response_model=None)
-def status_page(request: Request) -> HTMLResponse | JSONResponse:
-    settings, db = get_settings(request), get_db(request)
+async def status_page(request: Request) -> HTMLResponse | JSONResponse:
     project = None
-    if not settings.status_page_public:
+    state = request.app.state
+    if not state.settings.status_page_public:
         try:
-            project = authenticate(request, db)
+            project = await authenticate(request, state.reads)
         except APIError as exc:
             response = error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
             response.headers["WWW-Authenticate"] = 'Basic realm="vLLM Batch Server (password: your API key)"'
             return response
+    return HTMLResponse(await run_in_threadpool(_page_of, state.db, project))
+
+
+def _page_of(db: Database, project: str | None) -> str:
     with db.connect() as conn:
-        batches = list_batches(conn, project, None, 20)["data"]
+        batches = run(conn, list_batches(project, None, 20))["data"]
         workers = overview.workers(conn)
         restarts = overview.restart_history(conn, 10)
         backends = overview.backends(conn)
-    return HTMLResponse(_page(batches, workers, restarts, backends))
+    return _page(batches, workers, restarts, backends)
 
 
 def _page(batches: list[dict], workers: list, restarts: list, backends: list) -> str:

@@ -17,6 +17,7 @@ from .batch_format import ENDPOINTS, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_ME
 from .errors import Conflict, InvalidRequest, NoLiveWorker, NotFound
 from .ids import new_id
 from .ingest import IngestLimits, ingest_lines
+from .query import Query
 from .registry import model_liveness
 from .statuses import FINAL_BATCH_STATUSES, BatchStatus, RequestStatus, sql_list
 from .storage import LIVE_FILE, FileWriter, expiry_seconds, iter_lines, read_chunks
@@ -160,16 +161,18 @@ def _model_errors(conn: Connection, settings: Settings, model: str | None,
     return []
 
 
-def batch_objects(conn: Connection, rows: list) -> list[dict[str, Any]]:
-    """Batch rows as OpenAI Batch objects, with counts and usage kept as results are stored: one
-    small query whatever the batches' sizes."""
-    counts = queue.progress(conn, [row.id for row in rows])
-    return [_batch_object(row, counts.get(row.id)) for row in rows]
+# Batch rows with their counts and usage, which batch_progress keeps as results are stored: one
+# statement whatever the batches' sizes, so a read sees a row and its counts at one instant.
+_WITH_PROGRESS = """
+SELECT b.*, p.completed, p.failed, p.input_tokens, p.output_tokens FROM ({batches}) b
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(completed), 0) AS completed, coalesce(sum(failed), 0) AS failed,
+           coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens
+    FROM batch_progress WHERE batch_id = b.id) p
+"""
 
 
-def _batch_object(row, counts) -> dict[str, Any]:
-    input_tokens = counts.input_tokens if counts else 0
-    output_tokens = counts.output_tokens if counts else 0
+def _batch_object(row) -> dict[str, Any]:
     body = {
         "id": row.id,
         "object": "batch",
@@ -181,11 +184,10 @@ def _batch_object(row, counts) -> dict[str, Any]:
         "status": row.status,
         "output_file_id": row.output_file_id,
         "error_file_id": row.error_file_id,
-        "request_counts": {"total": row.total, "completed": counts.completed if counts else 0,
-                           "failed": counts.failed if counts else 0},
-        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": input_tokens + output_tokens},
+        "request_counts": {"total": row.total, "completed": row.completed, "failed": row.failed},
+        "usage": {"input_tokens": row.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": row.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": row.input_tokens + row.output_tokens},
         "metadata": row.metadata,
     }
     for name in TIMESTAMPS:
@@ -206,24 +208,39 @@ def _estimated_completion(batch: dict[str, Any]) -> int | None:
     return int(time.time() + (counts["total"] - done) * elapsed / done)
 
 
-def get_batch(conn: Connection, project: str, batch_id: str) -> dict[str, Any]:
-    row = conn.execute(text("SELECT * FROM batches WHERE id = :id AND project = :project"),
-                       {"id": batch_id, "project": project}).first()
-    if row is None:
-        raise NotFound("batch", batch_id, "batch_id")
-    return batch_objects(conn, [row])[0]
+_GET_BATCH = _WITH_PROGRESS.format(batches="SELECT * FROM batches WHERE id = %(id)s AND project = %(project)s")
 
 
-def list_batches(conn: Connection, project: str | None, after: str | None, limit: int) -> dict[str, Any]:
-    """Newest first; `after` is the id of the last batch of the previous page; project None: all projects."""
-    rows = conn.execute(text("""
-        SELECT * FROM batches
-        WHERE (CAST(:project AS text) IS NULL OR project = :project)
-          AND (CAST(:after AS text) IS NULL OR (created_at, id) < (
-               SELECT created_at, id FROM batches
-               WHERE id = :after AND (CAST(:project AS text) IS NULL OR project = :project)))
-        ORDER BY created_at DESC, id DESC LIMIT :limit"""),
-        {"project": project, "after": after, "limit": limit + 1}).all()
-    page = batch_objects(conn, rows[:limit])
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(rows) > limit}
+def get_batch(project: str, batch_id: str) -> Query[dict[str, Any]]:
+    def batch(rows: list) -> dict[str, Any]:
+        if not rows:
+            raise NotFound("batch", batch_id, "batch_id")
+        return _batch_object(rows[0])
+
+    return Query(_GET_BATCH, {"id": batch_id, "project": project}, batch)
+
+
+# Newest first; `after` is the id of the last batch of the previous page. A statement for each
+# shape of the call, so that each reads one page of its index (batches_project_newest, or
+# batches_newest for every project) rather than a plan that must allow for either shape.
+_PAGE = """
+    SELECT * FROM batches WHERE {scope} {after}
+    ORDER BY created_at DESC, id DESC LIMIT %(limit)s"""
+_SCOPES = {True: "project = %(project)s", False: "TRUE"}
+_AFTER = {True: "AND (created_at, id) < (SELECT created_at, id FROM batches WHERE id = %(after)s AND {scope})", False: ""}
+_LIST_BATCHES = {
+    (in_project, paged): _WITH_PROGRESS.format(batches=_PAGE.format(
+        scope=_SCOPES[in_project], after=_AFTER[paged].format(scope=_SCOPES[in_project])))
+    + "ORDER BY b.created_at DESC, b.id DESC"
+    for in_project in (True, False) for paged in (True, False)}
+
+
+def list_batches(project: str | None, after: str | None, limit: int) -> Query[dict[str, Any]]:
+    """A page of a project's batches, or of every project's with `project` None."""
+    def page(rows: list) -> dict[str, Any]:
+        data = [_batch_object(row) for row in rows[:limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+    return Query(_LIST_BATCHES[project is not None, after is not None],
+                 {"project": project, "after": after, "limit": limit + 1}, page)

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
 
+from .query import Query
 from .tables import api_keys
 
 DEFAULT_PROJECT = "default"
@@ -57,11 +58,9 @@ def create_key(conn: Connection, project: str, name: str = "") -> str:
     return key
 
 
-def project_of(conn: Connection, key: str | None) -> tuple[str | None, bool]:
-    """(the key's project or None, whether any key exists at all) in one query."""
-    row = conn.execute(
-        sa.text("SELECT (SELECT project FROM api_keys WHERE key_hash = :h),"
-                " EXISTS (SELECT 1 FROM api_keys)"),
-        {"h": hash_key(key) if key else ""},
-    ).one()
-    return row[0], row[1]
+_PROJECT_OF = "SELECT (SELECT project FROM api_keys WHERE key_hash = %(key_hash)s), EXISTS (SELECT 1 FROM api_keys)"
+
+
+def project_of(key: str | None) -> Query[tuple[str | None, bool]]:
+    """(the key's project or None, whether any key exists at all)."""
+    return Query(_PROJECT_OF, {"key_hash": hash_key(key) if key else ""}, lambda rows: (rows[0][0], rows[0][1]))

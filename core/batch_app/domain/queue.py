@@ -260,18 +260,6 @@ def _answer(completion: Completion) -> dict[str, Any]:
             "param": None, "code": "result_not_json"}})}
 
 
-_PROGRESS = text("""
-SELECT batch_id, sum(completed) AS completed, sum(failed) AS failed,
-       sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens
-FROM batch_progress WHERE batch_id = ANY(:ids) GROUP BY batch_id
-""")
-
-
-def progress(conn: Connection, batch_ids: list[str]) -> dict[str, Any]:
-    """{batch id: its completed, failed, input_tokens, output_tokens} (batches with any finished)."""
-    return {row.batch_id: row for row in conn.execute(_PROGRESS, {"ids": batch_ids})}
-
-
 _HELD_BY = text(f"SELECT id FROM batch_requests WHERE worker_id = :worker_id AND status = '{_RUNNING}'")
 
 

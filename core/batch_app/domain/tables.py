@@ -104,6 +104,8 @@ batches = Table(
     _optional_time("cancelled_at"),
     Index("batches_project_id", "project", "id"),
     Index("batches_status", "status"),
+    Index("batches_project_newest", "project", "created_at", "id"),  # lists: newest first
+    Index("batches_newest", "created_at", "id"),
     _status_check("batches", BatchStatus),
 )
 
