@@ -214,12 +214,11 @@ def test_a_backend_that_fails_fast_is_not_tried_again_for_the_same_request(datab
     """As a vLLM server draining on SIGTERM: 500 to every request, 200 to /health (so it is re-admitted
     at once, with the fewest in flight): each request it failed is retried on the other server."""
     with fault_server(servers[0].url, "500") as failing, \
-            running_watchdog(database, data_dir, "watchdog-pool-draining", [pool_slot([failing, servers[1].url])],
-                             **FAST) as watchdog:
+            running_watchdog(database, data_dir, "watchdog-pool-draining",
+                             [pool_slot([failing, servers[1].url], max_in_flight_per_backend=4)], **FAST) as watchdog:
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
-        # Enough that the healthy server is often full, so that retries may wait for room while the
-        # failing one is re-admitted (this does not happen on every run: see the operator-restart
-        # test of tests/test_managed_servers.py for the case that made this rule).
+        # Few in flight a server, so the healthy one is full nearly always while the failing one,
+        # re-admitted, has room: a retry must wait for the healthy one, not go back to the other.
         done = wait_for_batch(client, submit(client, chat_lines(200, max_tokens=32)).id, 300)
         assert done.status == "completed" and done.request_counts.completed == 200
         assert all(line["response"]["status_code"] == 200 for line in assert_each_once(client, done, 200))

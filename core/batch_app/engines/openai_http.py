@@ -250,19 +250,20 @@ class OpenAIHttpEngine:
             await asyncio.sleep(min(0.5 * 2 ** (tries - 1), 8.0))
 
     async def _pick(self, patience: float, avoid: set[str] = frozenset()) -> _Backend | None:
-        """A healthy backend with room, by the strategy, one not in `avoid` (URLs of those that failed
-        this request) if any has room; waits while all are full, and up to `patience` seconds
-        while none is healthy (a backend that just failed is checked again within
-        RECHECK_AFTER_FAILURE); then None. Without `avoid`, a server that fails fast (a vLLM
+        """A healthy backend with room, by the strategy, and while any healthy one is not in `avoid`
+        (URLs of those that failed this request) one of those; waits while they are full, and up
+        to `patience` seconds while none is healthy (a backend that just failed is checked again
+        within RECHECK_AFTER_FAILURE); then None. Without `avoid`, a server that fails fast (a vLLM
         draining on SIGTERM answers 500 to new requests and 200 to /health) would draw the
-        retries of least_busy, having the fewest in flight."""
+        retries, having room when the others are full."""
         deadline = time.monotonic() + patience
         async with self._room:
             while True:
                 healthy = [b for b in self._backends if b.status.state == HEALTHY]
-                free = [b for b in healthy if b.status.in_flight < self.slot.max_in_flight_per_backend]
+                untried = [b for b in healthy if b.url not in avoid]
+                free = [b for b in untried or healthy if b.status.in_flight < self.slot.max_in_flight_per_backend]
                 if free:
-                    backend = self._choose([b for b in free if b.url not in avoid] or free)
+                    backend = self._choose(free)
                     backend.status.in_flight += 1
                     return backend
                 if healthy:
