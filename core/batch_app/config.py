@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     log_max_bytes: int = 50 * 1024 * 1024  # each process's log is rotated at this size
     log_backups: int = 5
     api_key: str = ""
-    api_database_pool: int = 10  # connections the API keeps; as many again may open under load
+    api_database_pool: int = 10  # the API's connections for threads (as many again under load) and for its event-loop reads
     status_page_public: bool = False  # true: the status page at / is readable without a key
     api_access_log: Literal["changes", "all", "none"] = "changes"  # which requests get a log line
     sentry_dsn: str = ""

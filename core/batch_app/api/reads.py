@@ -35,11 +35,11 @@ class Reads:
             rows = await self._rows(query)
         return query.result(rows)
 
-    async def _rows(self, query: Query) -> list:
+    async def _rows(self, query: Query, reuse: bool = True) -> list:
         """Idle connections are not checked before use: when one turns out dead (a database
         restart closed it, and so every other idle one), they are all dropped and the read is
         tried once more on a new connection."""
-        reused = bool(self._idle)
+        reused = reuse and bool(self._idle)
         conn = self._idle.pop() if reused else await psycopg.AsyncConnection.connect(
             self.conninfo, autocommit=True, row_factory=namedtuple_row, **self.connect_args)
         try:
@@ -50,7 +50,7 @@ class Reads:
             if not reused:
                 raise
             await self._close_idle()
-            return await self._rows(query)
+            return await self._rows(query, reuse=False)
         except BaseException:  # cancelled or refused mid-statement: its state is unknown
             await conn.close()
             raise

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from ..database import Database
 from ..domain import overview
 from ..domain.batches import list_batches
-from ..database import Database
 from ..domain.overview import describe_age
 from ..domain.query import run
 from .deps import authenticate

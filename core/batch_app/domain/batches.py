@@ -223,16 +223,16 @@ def get_batch(project: str, batch_id: str) -> Query[dict[str, Any]]:
 # Newest first; `after` is the id of the last batch of the previous page. A statement for each
 # shape of the call, so that each reads one page of its index (batches_project_newest, or
 # batches_newest for every project) rather than a plan that must allow for either shape.
-_PAGE = """
-    SELECT * FROM batches WHERE {scope} {after}
-    ORDER BY created_at DESC, id DESC LIMIT %(limit)s"""
-_SCOPES = {True: "project = %(project)s", False: "TRUE"}
-_AFTER = {True: "AND (created_at, id) < (SELECT created_at, id FROM batches WHERE id = %(after)s AND {scope})", False: ""}
-_LIST_BATCHES = {
-    (in_project, paged): _WITH_PROGRESS.format(batches=_PAGE.format(
-        scope=_SCOPES[in_project], after=_AFTER[paged].format(scope=_SCOPES[in_project])))
-    + "ORDER BY b.created_at DESC, b.id DESC"
-    for in_project in (True, False) for paged in (True, False)}
+def _page_sql(in_project: bool, paged: bool) -> str:
+    scope = "project = %(project)s" if in_project else "TRUE"
+    after = (f"AND (created_at, id) < (SELECT created_at, id FROM batches WHERE id = %(after)s AND {scope})"
+             if paged else "")
+    page = f"SELECT * FROM batches WHERE {scope} {after} ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
+    return _WITH_PROGRESS.format(batches=page) + "ORDER BY b.created_at DESC, b.id DESC"
+
+
+_LIST_BATCHES = {(in_project, paged): _page_sql(in_project, paged) for in_project in (True, False)
+                 for paged in (True, False)}
 
 
 def list_batches(project: str | None, after: str | None, limit: int) -> Query[dict[str, Any]]:
