@@ -105,7 +105,7 @@ def main() -> int:
           f"{args.spread:.0f} s, MAX_ATTEMPTS {args.max_attempts}, seed {seed}")
     with scratch_database("chaos-", pool_size=2) as (data_dir, url, db):
         root = data_dir.parent
-        api = start_api(url, data_dir, "api", API_KEY="")
+        api = start_api(url, data_dir, "api", API_KEY="", OPEN_ACCESS="true")
         slots = [{"slot": name, "model": "demo", "max_in_flight": args.in_flight} for name in SLOT_NAMES]
         watchdog = start_watchdog(url, data_dir, "watchdog", slots, MAX_ATTEMPTS=str(args.max_attempts), **LIVENESS)
         try:

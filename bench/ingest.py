@@ -79,7 +79,7 @@ def main() -> int:
         with db.begin() as conn:  # a live worker for the model, as a running worker would register
             registry.register_worker(conn, worker_id=str(uuid.uuid4()), slot="bench", host="bench", pid=1,
                                   model=MODEL, gpu_ids="")
-        server = start_api(url, root, "api", API_KEY="")
+        server = start_api(url, root, "api", API_KEY="", OPEN_ACCESS="true")
         try:
             client = server.client()
             monitor = PeakRss(server.process.pid)

@@ -114,7 +114,7 @@ def main() -> int:
             best = max(tried, key=lambda c: rate(tried[c]))
             print(f"  (a) keeps {best} in flight per server")
 
-            api = start_api(url, data_dir, "api", API_KEY="")
+            api = start_api(url, data_dir, "api", API_KEY="", OPEN_ACCESS="true")
             slot = {"slot": "pool-0", "engine": "openai-http", "model": MODEL, "backends": urls,
                     "max_in_flight_per_backend": best}
             watchdog = start_watchdog(url, data_dir, "watchdog", [slot], API_KEY="")

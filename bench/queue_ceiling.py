@@ -89,12 +89,12 @@ class CpuSampler(threading.Thread):
 
 
 class Stack:
-    def __init__(self, root: Path, url: str, workers: int):
+    def __init__(self, root: Path, url: str, workers: int, env: dict[str, str] | None = None):
         slots = [{"slot": f"instant-{i}", "model": f"/models/{MODEL}", "served_name": MODEL,
                   "engine": "tests.engines:InstantEngine"} for i in range(workers)]
         self.db = open_database(url, pool_size=1)
-        self.api = start_api(url, root, f"api-{workers}", API_KEY="", MAX_FILE_LINES="1000000")
-        self.watchdog = start_watchdog(url, root, f"watchdog-{workers}", slots, API_KEY="")
+        self.api = start_api(url, root, f"api-{workers}", API_KEY="", OPEN_ACCESS="true", MAX_FILE_LINES="1000000")
+        self.watchdog = start_watchdog(url, root, f"watchdog-{workers}", slots, API_KEY="", **(env or {}))
         self.client = self.api.client()
         wait_for(lambda: self._live() == workers, 120, interval=0.5, message="workers up")
         self.sampler = CpuSampler([psutil.Process(self.api.process.pid), psutil.Process(self.watchdog.process.pid)])

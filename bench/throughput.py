@@ -138,7 +138,7 @@ class OurServer:
 
         self.requests = requests
         self.db = open_database(url, pool_size=1)
-        self.api = start_api(url, root / "data", "api", API_KEY="")
+        self.api = start_api(url, root / "data", "api", API_KEY="", OPEN_ACCESS="true")
         self.watchdog = start_watchdog(url, root / "data", "watchdog", [{"slot": "chat-0", "model": "demo"}],
                                        API_KEY="")
         wait_for(lambda: live_worker(self.db, "chat-0"), 600, interval=0.5, message="worker loaded")

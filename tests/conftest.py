@@ -90,7 +90,10 @@ def stack_env(database: str, data_dir: Path, name: str, **overrides: str) -> dic
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL")}
     env.update(DATABASE_URL=database, DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs" / name),
                PYTHONPATH=str(REPO), API_KEY=API_KEY,
-               MIN_COMPLETION_WINDOW="1")  # tests expire batches in seconds, not the default minute
+               MIN_COMPLETION_WINDOW="1",  # tests expire batches in seconds, not the default minute
+               # Tests read finished batches' request rows (attempts, crashes); retention's own
+               # tests set it to 0, the default.
+               FINISHED_REQUESTS_RETENTION="3600")
     env.update(overrides)
     Path(env["LOG_DIR"]).mkdir(parents=True, exist_ok=True)
     return env

@@ -6,9 +6,10 @@ import httpx
 import openai
 import pytest
 
-from core.batch_app.domain.keys import seed_key
+from core.batch_app.database import open_database
+from core.batch_app.domain.keys import create_key, list_keys
 
-from .conftest import API_KEY, start_api
+from .conftest import API_KEY, batchctl, scratch_database, start_api
 from .jsonl import request_line, submit, upload
 
 
@@ -64,19 +65,71 @@ def test_health_and_ready(api):
     assert httpx.get(f"{api.base_url}/ready").status_code == 200
 
 
-def test_a_new_api_key_retires_the_one_it_seeded_before(database, data_dir, db):
+def test_a_new_api_key_retires_the_one_it_seeded_before_for_good(database, data_dir):
     first, second = "sk-rotation-first", "sk-rotation-second"
-    try:
+    with scratch_database(database) as url:
         for key in (first, second):
-            server = start_api(database, data_dir, "api-rotation", API_KEY=key)
-            try:
-                assert server.client(key).batches.list() is not None
-                if key == second:
-                    with pytest.raises(openai.AuthenticationError):
-                        server.client(first).batches.list()
-                    assert "API_KEY changed" in server.log_path.read_text()
-            finally:
-                server.stop()
-    finally:
-        with db.begin() as conn:  # the session's own API seeded API_KEY: it stays the seeded key
-            seed_key(conn, API_KEY)
+            start_api(url, data_dir, "api-rotation", API_KEY=key).stop()
+        server = start_api(url, data_dir, "api-rotation", API_KEY=second)
+        try:
+            assert server.client(second).batches.list() is not None
+            with pytest.raises(openai.AuthenticationError):
+                server.client(first).batches.list()
+            assert "API_KEY changed" in server.log_path.read_text()
+        finally:
+            server.stop()
+        server = start_api(url, data_dir, "api-rotation", API_KEY=first)  # back to the retired key
+        try:
+            with pytest.raises(openai.AuthenticationError, match="revoked"):
+                server.client(first).batches.list()
+            assert server.client(second).batches.list() is not None  # the live key is kept
+            assert "API_KEY is a revoked key: it stays refused" in server.log_path.read_text()
+        finally:
+            server.stop()
+
+
+def status(server, key: str | None) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{server.base_url}/v1/batches", headers=headers, timeout=10).status_code
+
+
+def test_every_key_revoked_leaves_the_api_closed_across_restarts(database, data_dir):
+    seeded = "sk-last-key-seeded"
+    with scratch_database(database) as url:
+        server = start_api(url, data_dir, "api-last-key", API_KEY=seeded)
+        try:
+            scratch = open_database(url, pool_size=1)
+            with scratch.begin() as conn:
+                other = create_key(conn, "research")
+            assert status(server, seeded) == status(server, other) == 200 and status(server, None) == 401
+            env = dict(server.env, DATABASE_URL=url)
+            with scratch.connect() as conn:
+                ids = [row.id for row in list_keys(conn)]
+            assert len(ids) == 2
+            for key_id in ids:
+                assert batchctl(env, "keys", "revoke", str(key_id)).returncode == 0
+            assert "no live API keys" in batchctl(env, "keys", "list").stdout
+            assert {status(server, key) for key in (seeded, other, None, "sk-anything")} == {401}
+            server.stop()
+            server = start_api(url, data_dir, "api-last-key", API_KEY=seeded)  # seeds the revoked key again
+            assert {status(server, key) for key in (seeded, other, None, "sk-anything")} == {401}
+            assert "API_KEY is a revoked key" in server.log_path.read_text()
+            scratch.dispose()
+        finally:
+            server.stop()
+
+
+def test_open_access_is_a_setting_announced_at_start(database, data_dir):
+    with scratch_database(database) as url:
+        server = start_api(url, data_dir, "api-open", API_KEY="", OPEN_ACCESS="true")
+        try:
+            assert status(server, None) == status(server, "sk-anything") == 200
+            assert "OPEN_ACCESS is on" in server.log_path.read_text()
+        finally:
+            server.stop()
+        server = start_api(url, data_dir, "api-closed", API_KEY="")  # no key at all, and not open
+        try:
+            assert status(server, None) == status(server, "sk-anything") == 401
+            assert "every request is refused (401)" in server.log_path.read_text()
+        finally:
+            server.stop()

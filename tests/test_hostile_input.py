@@ -245,3 +245,65 @@ def test_slow_uploads_never_take_the_connections_other_calls_need(database, data
         for sock in stalled:
             sock.close()
         server.stop()
+
+
+@pytest.mark.parametrize("seconds", ["²", "9" * 5000, "-1", " 3600"])
+def test_an_upload_expiry_that_is_no_small_number_is_a_400(api, seconds):
+    answer = httpx.post(f"{api.base_url}/v1/files", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30,
+                        files={"file": ("e.jsonl", b'{"a": 1}\n')},
+                        data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                              "expires_after[seconds]": seconds})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] in ("expires_after.seconds", "expires_after[seconds]")  # a long field
+    assert_healthy(api)
+
+
+@pytest.mark.parametrize(("seconds", "param"), [
+    (b'"\xc2\xb2"', "output_expires_after.seconds"), (b'"' + b"9" * 5000 + b'"', "output_expires_after.seconds"),
+    (b"3600.5", "output_expires_after.seconds"),
+    (b"9" * 5000, None),  # a number no JSON parser of Python reads: the body as a whole is refused
+])
+def test_an_output_expiry_that_is_no_small_number_is_a_400(api, live_model, seconds, param):
+    file = upload(api.client(), jsonl([request_line("x", live_model)]))
+    body = (b'{"input_file_id": "' + file.id.encode() + b'", "endpoint": "/v1/chat/completions", '
+            b'"completion_window": "24h", "output_expires_after": {"anchor": "created_at", "seconds": '
+            + seconds + b"}}")
+    answer = httpx.post(f"{api.base_url}/v1/batches", content=body, timeout=30,
+                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.text
+    assert_healthy(api)
+
+
+def nested(depth: int) -> bytes:
+    """A request line whose body holds a value `depth` levels deep, counting the line itself."""
+    head = b'{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "M", ' \
+           b'"messages": [{"role": "user", "content": "hi"}], "metadata": '
+    return head + b"[" * (depth - 2) + b"]" * (depth - 2) + b"}}"
+
+
+@pytest.mark.parametrize("depth", [65, 990, 5000])
+def test_a_line_nested_past_the_limit_is_a_line_error(api, project_client, live_model, accepted, depth):
+    batch = submit(project_client, [request_line("good", live_model),
+                                    nested(depth).replace(b'"M"', f'"{live_model}"'.encode())])
+    assert batch.status == "failed"
+    [error] = batch.errors.data
+    assert (error.code, error.line) == ("invalid_json_line", 2) and "more than 64 levels" in error.message
+    assert_healthy(api)
+
+
+def test_a_line_nested_to_the_limit_is_accepted(project_client, live_model):
+    batch = submit(project_client, [nested(64).replace(b'"M"', f'"{live_model}"'.encode())])
+    assert batch.status == "validating", batch.errors
+    project_client.batches.cancel(batch.id)
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" * 400 + b".0"])
+def test_a_number_past_a_float_is_a_line_error(api, project_client, live_model, accepted, number):
+    line = (b'{"custom_id": "big", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "'
+            + live_model.encode() + b'", "temperature": ' + number + b', "messages": [{"role": "user", '
+            b'"content": "hi"}]}}')
+    batch = submit(project_client, [request_line("good", live_model), line])
+    [error] = batch.errors.data
+    assert (error.code, error.line) == ("invalid_json_line", 2) and "too large" in error.message
+    assert_healthy(api)

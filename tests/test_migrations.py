@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from alembic import command
 
 from core.batch_app.database import alembic_config, migrate
-from core.batch_app.domain.statuses import BatchStatus, RequestStatus, WorkerStatus
+from core.batch_app.domain.statuses import (FINAL_BATCH_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus,
+                                             RequestStatus, WorkerStatus)
 from core.batch_app.domain.tables import metadata
 
 from .conftest import scratch_database
@@ -199,3 +200,64 @@ def test_batches_are_listed_newest_first_from_their_index_after_the_upgrade(data
         assert [b["id"] for b in everyone["data"]] == ["batch_1", "batch_2"] and everyone["has_more"]
         assert "batches_project_newest" in plan and "Sort" not in plan.split("batch_progress")[0]
         command.downgrade(alembic_config(url), "0011")
+
+
+def test_dead_workers_keep_whether_their_deaths_were_charged_as_causes(database):
+    with database_at(database, "0015") as (url, scratch):
+        with scratch.begin() as conn:
+            for slot, status, blames in (("crashed", "dead", True), ("killed", "dead", False), ("live", "idle", True)):
+                conn.execute(sa.text("""
+                    INSERT INTO workers (id, slot, host, pid, model, status, blames_requests)
+                    VALUES (gen_random_uuid(), :slot, 'h', 1, 'm', :status, :blames)"""),
+                    {"slot": slot, "status": status, "blames": blames})
+        migrate(url)
+        with scratch.connect() as conn:
+            causes = conn.execute(sa.text("SELECT w.slot, d.cause, d.requests FROM workers w "
+                                          "LEFT JOIN worker_deaths d ON d.worker_id = w.id ORDER BY w.slot")).all()
+            assert "blames_requests" not in {c["name"] for c in sa.inspect(conn).get_columns("workers")}
+        assert [tuple(row) for row in causes] == [("crashed", "exited", 0), ("killed", "killed", 0),
+                                                  ("live", None, None)]
+        command.downgrade(alembic_config(url), "0015")
+        with scratch.connect() as conn:
+            blames = conn.execute(sa.text("SELECT slot, blames_requests FROM workers ORDER BY slot")).all()
+        assert [tuple(row) for row in blames] == [("crashed", True), ("killed", False), ("live", True)]
+
+
+def test_finished_batches_become_compact_and_running_ones_keep_working_after_the_upgrade(database):
+    from core.batch_app.domain import queue, registry, retention
+
+    with database_at(database, "0012") as (url, scratch):
+        with scratch.begin() as conn:
+            for status in BatchStatus:
+                conn.execute(sa.text("""
+                    INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status, completed_at)
+                    VALUES (:id, 'p', '/v1/chat/completions', 'file-x', '24h', :status, now())"""),
+                    {"id": f"batch_{status}", "status": status})
+                # A finished batch has only finished requests; the others any.
+                statuses = [s for s in RequestStatus if status not in FINAL_BATCH_STATUSES
+                            or s not in UNFINISHED_REQUEST_STATUSES]
+                for line, request_status in enumerate(statuses, 1):
+                    conn.execute(sa.text("""
+                        INSERT INTO batch_requests (batch_id, line, custom_id, model, project, body, status)
+                        VALUES (:batch, :line, :line, 'm', 'p', '{}', :status)"""),
+                        {"batch": f"batch_{status}", "line": line, "status": request_status})
+        migrate(url)
+        finished = [s for s in RequestStatus if s not in UNFINISHED_REQUEST_STATUSES]
+        unsuccessful = [line for line, status in enumerate(finished, 1) if status != RequestStatus.SUCCEEDED]
+        worker = str(uuid.uuid4())
+        with scratch.begin() as conn:
+            lines = dict(conn.execute(sa.text("SELECT batch_id, lines FROM unsuccessful_lines")).all())
+            assert lines == {f"batch_{status}": unsuccessful for status in FINAL_BATCH_STATUSES}
+            registry.register_worker(conn, worker_id=worker, slot="w", host="h", pid=1, model="m", gpu_ids="")
+            claimed = queue.claim(conn, worker, "m", 100, engine_idle=True, max_attempts=3)
+            # Queued requests of unfinished batches are claimed as before.
+            assert sorted(r.batch_id for r in claimed) == sorted(
+                f"batch_{s}" for s in BatchStatus if s not in FINAL_BATCH_STATUSES)
+        for _ in range(len(FINAL_BATCH_STATUSES) + 1):
+            with scratch.begin() as conn:
+                if batch_id := retention.next_finished_batch(conn, 0):
+                    retention.delete_finished_requests(conn, batch_id, 100)
+        with scratch.connect() as conn:
+            left = dict(conn.execute(sa.text("SELECT batch_id, count(*) FROM batch_requests GROUP BY 1")).all())
+        assert left == {f"batch_{s}": len(RequestStatus) for s in BatchStatus if s not in FINAL_BATCH_STATUSES}
+        command.downgrade(alembic_config(url), "0012")

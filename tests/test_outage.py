@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 import sqlalchemy as sa
 
-from .conftest import REPO, batchctl, cannot_run, live_worker, running_watchdog, wait_for, wait_for_batch
+from .conftest import API_KEY, REPO, batchctl, cannot_run, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import jsonl, request_line, submit, upload
 
 MODEL = "outage-echo"
@@ -44,12 +45,19 @@ def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
         embedded_database, database, data_dir, db, api, client):
     with running_watchdog(database, data_dir, "watchdog-outage", SLOTS, HEARTBEAT_INTERVAL="0.5",
                           HEARTBEAT_TIMEOUT="3", STALL_TIMEOUT="3", ECHO_STEP_SECONDS="0.1",
-                          HOUSEKEEPING_INTERVAL="1") as watchdog:
+                          HOUSEKEEPING_INTERVAL="1", FINISHED_REQUESTS_RETENTION="600", RETENTION_INTERVAL="0.2",
+                          RETENTION_BATCH_ROWS="1") as watchdog:
         workers = [wait_for(lambda: live_worker(db, slot["slot"]), 60, message="worker up") for slot in SLOTS]
+        earlier = wait_for_batch(client, submit(client, [request_line(f"e{i}", MODEL) for i in range(300)]).id, 60)
         batch = submit(client, [request_line(f"r{i}", MODEL) for i in range(1500)])
         later = upload(client, jsonl([request_line("later", MODEL)]))
         wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 300, 60, message="progress")
 
+        # The earlier batch's rows are due for deletion (a row a transaction): the outage cuts it short.
+        with db.begin() as conn:
+            conn.execute(sa.text("UPDATE batches SET completed_at = now() - interval '1 hour' WHERE id = :b"),
+                         {"b": earlier.id})
+        wait_for(lambda: _rows(db, earlier.id) < 300, 30, interval=0.05, message="retention deleting rows")
         database_command(data_dir, "stop")
         down_at = time.monotonic()
         time.sleep(OUTAGE_SECONDS)
@@ -76,6 +84,13 @@ def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
         assert watchdog.process.poll() is None  # the same watchdog
         assert [live_worker(db, slot["slot"]).pid for slot in SLOTS] == [w.pid for w in workers]  # the same workers
 
+        # Retention went on where it was: the earlier batch's rows are gone, its output whole.
+        wait_for(lambda: _rows(db, earlier.id) == 0, 60, message="the earlier batch's rows deleted")
+        output = client.files.content(earlier.output_file_id).text.splitlines()
+        assert len({json.loads(line)["custom_id"] for line in output}) == len(output) == 300
+        page = httpx.get(f"{api.base_url}/v1/batches/{earlier.id}/output", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert page.text.splitlines() == output
+
         after = wait_for_batch(client, submit(client, [request_line(f"n{i}", MODEL) for i in range(50)]).id, 60)
         assert after.status == "completed" and after.request_counts.completed == 50
 
@@ -91,6 +106,11 @@ def test_a_database_outage_ends_no_process_charges_nothing_and_loses_nothing(
         for slot in SLOTS:
             worker_log = (watchdog.log_dir / f"worker-{slot['slot']}.log").read_text()
             assert "database unreachable while" in worker_log and "database reachable again after" in worker_log
+
+
+def _rows(db, batch_id: str) -> int:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b"), {"b": batch_id}).scalar()
 
 
 def _gone(pid: int) -> bool:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from core.batch_app.domain import finalize, housekeeping, queue, registry
 from core.batch_app.config import Settings
 from core.batch_app.domain.queue import Completion
+from core.batch_app.domain.statuses import DeathCause
 
 from .conftest import wait_for_batch
 from .jsonl import request_line, submit
@@ -113,7 +114,7 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
         claimed = claim(db, worker, own_model, 1, max_attempts=2)
         assert [(r.custom_id, r.attempt) for r in claimed] == [("poison", attempt)]
         with db.begin() as conn:
-            registry.mark_worker_dead(conn, worker)
+            registry.mark_worker_dead(conn, worker, DeathCause.EXITED)
         housekeeping.run_once(db, settings)
         assert complete(db, worker, [answer(claimed[0])]) == {}  # the dead worker's late result is refused
     assert statuses(db, batch.id) == {"failed": 1, "queued": 1}
@@ -137,12 +138,12 @@ def test_a_worker_killed_from_outside_charges_its_requests_no_crash(client, db, 
         [claimed] = claim(db, worker, own_model, 5, max_attempts=2)
         assert (claimed.attempt, claimed.crashes, claimed.is_last_attempt(2)) == (attempt, 0, False)
         with db.begin() as conn:
-            registry.mark_worker_dead(conn, worker, blames_requests=False)
+            registry.mark_worker_dead(conn, worker, DeathCause.KILLED)
         housekeeping.run_once(db, settings)
     crashed = new_worker(db, own_model)  # a crash counts: with MAX_ATTEMPTS 2 it is now a suspect
     claim(db, crashed, own_model, 5, max_attempts=2)
     with db.begin() as conn:
-        registry.mark_worker_dead(conn, crashed)
+        registry.mark_worker_dead(conn, crashed, DeathCause.EXITED)
     housekeeping.run_once(db, settings)
     [suspect] = claim(db, new_worker(db, own_model), own_model, 5, max_attempts=2)
     assert (suspect.attempt, suspect.crashes, suspect.is_last_attempt(2)) == (5, 1, True)
@@ -153,7 +154,7 @@ def test_crash_survivors_on_their_last_attempt_run_alone_so_bystanders_are_not_c
     crashed = new_worker(db, own_model)
     assert len(claim(db, crashed, own_model, 10)) == 3
     with db.begin() as conn:
-        registry.mark_worker_dead(conn, crashed)
+        registry.mark_worker_dead(conn, crashed, DeathCause.EXITED)
     housekeeping.run_once(db, Settings(max_attempts=2))
     fresh = submit(client, [request_line("new", own_model)])
 
@@ -266,7 +267,7 @@ def test_crash_survivors_before_their_last_attempt_run_in_ordinary_groups(client
         # After one crash all four run together again; after two, each is on its last attempt.
         assert [r.attempt for r in claimed] == ([1, 1, 1, 1] if crash == 1 else [2, 2, 2, 2])
         with db.begin() as conn:
-            registry.mark_worker_dead(conn, crashed)
+            registry.mark_worker_dead(conn, crashed, DeathCause.EXITED)
         housekeeping.rescue(db, settings)
     worker = new_worker(db, own_model)
     for expected in ("r0", "r1", "r2", "r3"):
@@ -317,7 +318,7 @@ def test_with_a_single_attempt_fresh_requests_are_claimed_and_a_crash_fails_them
     crashed = new_worker(db, own_model)
     assert len(claim(db, crashed, own_model, 10, max_attempts=1)) == 2
     with db.begin() as conn:
-        registry.mark_worker_dead(conn, crashed)
+        registry.mark_worker_dead(conn, crashed, DeathCause.EXITED)
     finalize.finalize_ready(db, housekeeping.rescue(db, Settings(max_attempts=1)))
     assert client.batches.retrieve(batch.id).request_counts.failed == 2
 

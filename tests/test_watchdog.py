@@ -76,17 +76,27 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
         assert warning["extra"]["last_log_lines"]
 
 
-def test_only_an_outside_sigkill_with_no_oom_kill_spares_the_requests_a_crash(monkeypatch):
+def test_a_death_is_charged_to_the_requests_only_when_they_may_have_caused_it(monkeypatch):
+    from core.batch_app.domain.queue import CHARGED_DEATHS
+    from core.batch_app.domain.statuses import DeathCause
+    from core.batch_app.shutdown import FENCED_EXIT_CODE
     from core.batch_app.watchdog import process_control
+    from core.batch_app.watchdog.process_control import death_cause
 
     monkeypatch.setattr(process_control, "oom_kills", lambda: 7)
-    assert not process_control.death_blames_requests(-signal.SIGKILL, 7)  # an operator's or a scheduler's kill
-    assert process_control.death_blames_requests(-signal.SIGKILL, 6)  # the OOM killer struck meanwhile
-    assert process_control.death_blames_requests(-signal.SIGKILL, None)  # unknown: charged
-    for exit_code in (-signal.SIGSEGV, -signal.SIGABRT, 1, 139, None):  # crashes, and the watchdog's own verdicts
-        assert process_control.death_blames_requests(exit_code, 7)
+    causes = {code: death_cause(code, 7) for code in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGSEGV,
+                                                      -signal.SIGABRT, 1, 139, 0, FENCED_EXIT_CODE)}
+    assert causes == {-signal.SIGKILL: DeathCause.KILLED, -signal.SIGTERM: DeathCause.KILLED,  # from outside
+                      -signal.SIGSEGV: DeathCause.CRASH_SIGNAL, -signal.SIGABRT: DeathCause.CRASH_SIGNAL,
+                      1: DeathCause.EXITED, 139: DeathCause.EXITED,  # an exception, or an engine's own exit
+                      0: DeathCause.DRAINED, FENCED_EXIT_CODE: DeathCause.FENCED}
+    assert death_cause(-signal.SIGKILL, 6) == DeathCause.OOM_KILLED  # the OOM killer struck meanwhile
+    assert death_cause(-signal.SIGKILL, None) == DeathCause.OOM_KILLED  # unknown: charged
     monkeypatch.setattr(process_control, "oom_kills", lambda: None)
-    assert process_control.death_blames_requests(-signal.SIGKILL, 7)
+    assert death_cause(-signal.SIGKILL, 7) == DeathCause.OOM_KILLED
+    assert {cause for cause in DeathCause if cause in CHARGED_DEATHS} == {
+        DeathCause.EXITED, DeathCause.CRASH_SIGNAL, DeathCause.OOM_KILLED, DeathCause.HUNG, DeathCause.STALLED,
+        DeathCause.FAILED_TO_START}
 
 
 def test_stopped_process_is_detected_as_hung_by_its_heartbeat(database, data_dir, db, client):

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -19,61 +17,22 @@ import sqlalchemy as sa
 from core.batch_app.database import migrate, open_database
 from core.batch_app.domain.keys import create_key
 
-from .conftest import (batchctl, echo_slot, live_worker, scratch_database, start_api, start_watchdog, wait_for,
-                       wait_for_batch)
+from .conftest import (
+    batchctl,
+    echo_slot,
+    live_worker,
+    scratch_database,
+    start_api,
+    start_watchdog,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import request_line, submit
+from .receivers import Receiver
 
 SLOT = "hook-echo"
 SENDER = {"WEBHOOK_ALLOW_PRIVATE": "true", "WEBHOOK_BACKOFF_MIN": "0.5", "WEBHOOK_BACKOFF_MAX": "1",
           "WEBHOOK_POLL_INTERVAL": "0.2", "HOUSEKEEPING_INTERVAL": "0.5", "ECHO_STEP_SECONDS": "0.2"}
-
-
-class Receiver:
-    """A local webhook receiver: answers `status` (200 by default) and keeps every delivery."""
-
-    def __init__(self):
-        self.deliveries: list[tuple[bytes, dict[str, str]]] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.deliveries.append((body, {k.lower(): v for k, v in self.headers.items()}))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self._handler = Handler
-        self.server: ThreadingHTTPServer | None = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hooks"
-        self._serve()
-
-    def _serve(self) -> None:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def up(self) -> None:
-        if self.server is None:
-            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler)
-            self._serve()
-
-    def down(self) -> None:
-        """Nothing listens on the port: connections are refused."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-    def events(self, client, secret: str) -> list:
-        """Every delivery, verified and parsed by the SDK (a bad signature raises)."""
-        return [client.webhooks.unwrap(body, headers, secret=secret) for body, headers in self.deliveries]
-
-    def for_batch(self, batch_id: str) -> list[tuple[bytes, dict]]:
-        return [(body, headers) for body, headers in self.deliveries if json.loads(body)["data"]["id"] == batch_id]
 
 
 @pytest.fixture(scope="module")

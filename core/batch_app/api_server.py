@@ -11,7 +11,7 @@ from .config import get_settings
 from .api.app import create_app
 from .api.reads import Reads
 from .database import libpq_connection, migrate, migration_url, open_configured
-from .domain.keys import seed_key
+from .domain.keys import list_keys, seed_key
 from .logs import configure_logging
 from .outage import outage
 
@@ -30,12 +30,26 @@ def main() -> None:
     if settings.api_key:
         def seed() -> None:
             with db.begin() as conn:
-                if seed_key(conn, settings.api_key):
-                    log.warning("API_KEY changed: the key it seeded before no longer works")
+                retired, revoked = seed_key(conn, settings.api_key)
+            if retired:
+                log.warning("API_KEY changed: the key it seeded before no longer works")
+            if revoked:
+                log.warning("API_KEY is a revoked key: it stays refused; set API_KEY to a new key")
 
         outage.retry(seed, "seeding API_KEY")
+    if settings.open_access:
+        log.warning("OPEN_ACCESS is on: any caller without a live key acts in the default project "
+                    "(API_HOST %s)", settings.api_host)
+    elif not outage.retry(lambda: _any_live_key(db), "reading the API keys"):
+        log.warning("no live API key and OPEN_ACCESS is off: every request is refused (401); set API_KEY "
+                    "or create one with batchctl keys create")
     uvicorn.run(create_app(settings, db, reads), host=settings.api_host, port=settings.api_port,
                 log_level="info", log_config=None, timeout_graceful_shutdown=10, access_log=False)
+
+
+def _any_live_key(db) -> bool:
+    with db.connect() as conn:
+        return bool(list_keys(conn))
 
 
 if __name__ == "__main__":

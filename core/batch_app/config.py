@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .models import served_name_of
@@ -23,6 +23,7 @@ class Backend(BaseModel):
 
     url: str
     api_key: str = ""
+    managed: bool = False  # a server slot's server: its key is derived on this host (server_keys.py)
 
     @field_validator("url")
     @classmethod
@@ -140,6 +141,22 @@ class Settings(BaseSettings):
     api_access_log: Literal["changes", "all", "none"] = "changes"  # which requests get a log line
     sentry_dsn: str = ""
 
+    # Open mode: with OPEN_ACCESS true a caller without a key is the `default` project (a key
+    # presented must still be good); false, every request needs a key that is not revoked.
+    open_access: bool = False
+
+    # Per project (a tenant): what it may keep stored and queued at once; past one, a create is
+    # refused with 429 naming the limit, and no other project notices.
+    project_max_files: int = Field(100_000, ge=1)  # files stored (uploads and batch outputs)
+    project_max_file_bytes: int = Field(100 * 1024**3, ge=1)  # bytes of those files (OpenAI's 100 GB)
+    project_max_active_batches: int = Field(1_000, ge=1)  # batches not yet finished
+    project_max_active_requests: int = Field(10_000_000, ge=1)  # requests of those batches
+    # Media by URL in a line (image_url, ...) is refused unless the URL is data: or its host is one
+    # of these, comma-separated: the server fetching it could otherwise reach internal addresses.
+    media_url_allowed_hosts: str = ""
+    # The largest answer a backend of a pool may send for one request; a larger one is that line's error.
+    backend_max_reply_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
     # Models and engines.
     model: str = ""
     engine: str = "vllm"
@@ -168,6 +185,17 @@ class Settings(BaseSettings):
     webhook_backoff_max: float = 3600.0
     webhook_retry_for: float = 72 * 3600.0
     webhook_poll_interval: float = 1.0  # how often each watchdog's sender looks for due deliveries
+    # Receivers are untrusted: each watchdog sends WEBHOOK_CONCURRENCY tries at once, at most
+    # WEBHOOK_CONCURRENCY_PER_ENDPOINT of them (over every watchdog) to one endpoint; after
+    # WEBHOOK_BREAKER_FAILURES failed tries in a row an endpoint is paused (WEBHOOK_BACKOFF_MIN
+    # doubling up to WEBHOOK_BACKOFF_MAX), then tried once before it gets its full share again.
+    webhook_concurrency: int = Field(8, ge=1)
+    webhook_concurrency_per_endpoint: int = Field(2, ge=1)
+    webhook_breaker_failures: int = Field(5, ge=1)
+    webhook_max_endpoints_per_project: int = Field(20, ge=1, le=100)  # an event goes to at most 100 endpoints
+    # Seals signing secrets in the database: one or more comma-separated keys, the first seals
+    # (domain/webhook_secrets.py); empty stores them as they are.
+    webhook_secret_key: SecretStr = SecretStr("")
 
     # Liveness and supervision.
     heartbeat_interval: float = 5.0
@@ -182,8 +210,32 @@ class Settings(BaseSettings):
     shutdown_grace: float = 30.0
     kill_grace: float = 5.0  # between SIGTERM and SIGKILL when the watchdog kills a failed worker
     max_attempts: int = 3
+    # A request in flight at this many host losses in a row (power, a cut link: never charged as
+    # crashes) is logged with its id for an operator to look at; it runs on.
+    warn_after_host_losses: int = Field(5, ge=1)
     # Seconds between housekeeping rounds (rescue, expiry, stranded batches) in every watchdog and worker.
     housekeeping_interval: float = 5.0
+
+    # Retention (watchdog/retention.py): what finished history is kept, in seconds, and how the
+    # deletes run (RETENTION_BATCH_ROWS rows a statement, every RETENTION_INTERVAL, one watchdog at a time).
+    retention_interval: float = 10.0
+    retention_batch_rows: int = Field(1000, ge=1)
+    finished_requests_retention: float = Field(0.0, ge=0)  # a finished batch's request rows, after its end
+    webhook_delivery_retention: float = Field(7 * 24 * 3600.0, ge=0)  # delivered or given-up deliveries, and events
+    worker_history_retention: float = Field(7 * 24 * 3600.0, ge=0)  # stopped workers' rows, their backends, taken commands
+    restart_history_retention: float = Field(7 * 24 * 3600.0, ge=3600)  # at least the restart cap's hour
+    # Bytes of one page of GET /v1/batches/{id}/output (a page holds at least one line).
+    output_page_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    # A watchdog with nothing to do (nothing queued for its workers' models, nothing in flight, no
+    # worker loading) for IDLE_EXIT seconds stops its workers and exits 0; 0: it never does.
+    idle_exit: float = Field(0.0, ge=0)
+    # `batchctl slurm up`: submit SLURM_JOB_SCRIPT while queued requests wait for a model that no
+    # live worker serves, at most SLURM_MAX_JOBS such jobs at once, checking every
+    # SLURM_POLL_INTERVAL seconds; each job exits after SLURM_IDLE_EXIT seconds with nothing to do.
+    slurm_job_script: Path = Path("deployment/slurm/worker.sbatch")
+    slurm_max_jobs: int = Field(1, ge=1)
+    slurm_poll_interval: float = Field(10.0, gt=0)
+    slurm_idle_exit: float = Field(300.0, gt=0)
     # JSON list of WorkerSlot objects; empty: the demo chat model (or MODEL) and the embedder, or
     # with BACKENDS set, one pool worker per model the backends serve.
     workers: str = ""
@@ -212,7 +264,7 @@ class Settings(BaseSettings):
             if slot.serve is not None:
                 servers.setdefault(slot.serve.name, []).append(slot.serve)
         pools = [WorkerSlot(slot=pool_slot_name(name), model=name, engine=POOL_ENGINE,
-                            backends=[{"url": spec.url} for spec in specs])
+                            backends=[{"url": spec.url, "managed": True} for spec in specs])
                  for name, specs in servers.items()]
         names = [slot.slot for slot in slots + pools]
         if twice := sorted({name for name in names if names.count(name) > 1}):

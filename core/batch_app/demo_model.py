@@ -22,10 +22,19 @@ _BOS, _EOS, _PAD, _END_OF_TURN = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|
 _ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 _SPECIAL_TOKENS = [_BOS, _EOS, _PAD, _END_OF_TURN, *_ROLE_TOKENS]  # ids 0..6, in this order
 
+# Tools, an assistant's tool calls and tool results are rendered in the Hermes format, which
+# vLLM's `hermes` tool parser reads back; a conversation without them renders as plain turns.
 _CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\nYou may call these functions:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|end|>\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "<tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -65,7 +74,15 @@ def build_demo_model(target_dir: Path) -> Path:
 
 
 def _is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in _REQUIRED_FILES)
+    if not all((directory / name).is_file() for name in _REQUIRED_FILES):
+        return False
+    # A build from before the template learned tools gets this template (the weights are the same).
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if config.get("chat_template") != _CHAT_TEMPLATE:
+        staging = directory / f".tokenizer_config.{uuid.uuid4().hex}"
+        _write_json(staging, {**config, "chat_template": _CHAT_TEMPLATE})
+        staging.replace(directory / "tokenizer_config.json")
+    return True
 
 
 def _training_text() -> list[str]:

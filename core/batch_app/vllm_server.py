@@ -4,8 +4,9 @@ The watchdog starts it in a process group of its own, with the slot's GPUs in
 CUDA_VISIBLE_DEVICES. It logs to LOG_DIR/server-<slot>.log in the format of every other process
 (vLLM's own lines and whatever its engine processes print included), then runs vLLM's
 `python -m vllm.entrypoints.openai.api_server` in this process with the slot's model, served
-name, loopback port and arguments. On SIGTERM vLLM stops taking requests and finishes those it
-holds for up to SHUTDOWN_GRACE seconds (`--shutdown-timeout`, unless the slot's arguments set it).
+name, loopback port and arguments, and the key only its probe and pool know (server_keys.py; a
+key is never logged). On SIGTERM vLLM stops taking requests and finishes those it holds for up to
+SHUTDOWN_GRACE seconds (`--shutdown-timeout`, unless the slot's arguments set it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import ServerSpec, get_settings
 from .engines.vllm_engine import vllm_environment
 from .logs import configure_logging, server_log_stem
 from .models import check_local_model, resolve_model
+from .server_keys import server_key
 
 log = logging.getLogger("core.batch_app.vllm_server")
 
@@ -33,6 +35,18 @@ def vllm_arguments(spec: ServerSpec, model_path: str, runner: str, shutdown_grac
     if not any(arg.split("=")[0] == "--shutdown-timeout" for arg in spec.args):
         arguments += ["--shutdown-timeout", str(int(shutdown_grace))]
     return arguments + spec.args
+
+
+def redacted(arguments: list[str]) -> list[str]:
+    """The arguments with any key among them hidden, for a log line."""
+    shown = []
+    for before, argument in zip(["", *arguments], arguments):
+        if before == "--api-key":
+            argument = "***"
+        elif argument.startswith("--api-key="):
+            argument = "--api-key=***"
+        shown.append(argument)
+    return shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sys.argv = ["vllm.entrypoints.openai.api_server",
                 *vllm_arguments(spec, choice.path, choice.runner, settings.shutdown_grace)]
-    log.info("server %s (pid %d): vLLM %s", args.slot, os.getpid(), " ".join(sys.argv[1:]))
+    # Its key in its environment, where only its own user can read it (a command line is public).
+    os.environ["VLLM_API_KEY"] = server_key(settings.data_dir, spec.port)
+    log.info("server %s (pid %d): vLLM %s", args.slot, os.getpid(), " ".join(redacted(sys.argv[1:])))
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
     return 0
 

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..domain import batches, finalize, queue
-from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT, output_line
+from ..domain import batches, finalize, results
+from ..domain.batch_format import FINAL_STATUSES, MAX_WAIT
 from ..domain.query import run
 from ..domain.statuses import BatchStatus
 from .batch_endings import RECHECK
@@ -50,7 +50,7 @@ _BATCH_LINKS = {200: {"description": "The new batch", "links": {
     for operation in ("retrieveBatch", "cancelBatch")}}}
 
 
-@router.post("", responses={**_BATCH_LINKS, **documented(400, 401, 404, 503)}, operation_id="createBatch")
+@router.post("", responses={**_BATCH_LINKS, **documented(400, 401, 404, 429, 503)}, operation_id="createBatch")
 def create_batch(body: BatchCreate, db: DB, settings: AppSettings, project: Project) -> dict:
     batch_id = batches.create_batch(
         db, settings, project=project, input_file_id=body.input_file_id, endpoint=body.endpoint,
@@ -89,25 +89,24 @@ async def retrieve_batch(batch_id: str, reads: DBReads, project: Project, reques
 @router.get("/{batch_id}/output", response_class=Response, operation_id="downloadBatchOutputSoFar", responses={
     200: {"description": "The succeeded lines so far, JSONL, in the order they finished",
           "content": {"application/jsonl": {"schema": {"type": "string"}}}},
-    **documented(400, 401, 404, 503)})
-def output_so_far(batch_id: str, db: DB, project: Project, after: Annotated[int, Query(ge=0)] = 0,
+    **documented(400, 401, 404, 410, 503)})
+def output_so_far(batch_id: str, db: DB, settings: AppSettings, project: Project,
+                  after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
                   limit: Annotated[int, Query(ge=1, le=MAX_LINES_SO_FAR)] = MAX_LINES_SO_FAR) -> Response:
     """Not in OpenAI's API: the output lines a batch has so far, running or not, in the order they
-    finished, after the first `after` of them (what an earlier call returned), at most `limit`.
-    `X-Next-After` is the `after` of the next call; the lines end up those of the output file."""
-    with db.connect() as conn:
-        run(conn, batches.get_batch(project, batch_id))  # 404 for another project's batch
-        rows = queue.finished_so_far(conn, batch_id, after, limit)
-    body = b"".join(output_line(batch_id, row.line, row.custom_id, row.attempt, row.status_code, row.response, None)
-                    for row in rows)
-    return Response(body, media_type="application/jsonl", headers={"X-Next-After": str(after + len(rows))})
+    finished, after the first `after` of them (what an earlier call returned), at most `limit` and
+    about OUTPUT_PAGE_BYTES. `X-Next-After` is the `after` of the next call; the lines end up those
+    of the output file, which an ended batch's pages are read from (410 once it is deleted)."""
+    body, count = results.output_page(db, project, batch_id, after, limit, settings.output_page_bytes)
+    return Response(body, media_type="application/jsonl", headers={"X-Next-After": str(after + count)})
 
 
-@router.post("/{batch_id}/retry", responses=documented(400, 401, 404, 409, 503), operation_id="retryBatch")
+@router.post("/{batch_id}/retry", responses=documented(400, 401, 404, 409, 429, 503), operation_id="retryBatch")
 def retry_batch(batch_id: str, db: DB, settings: AppSettings, project: Project) -> dict:
     """Not in OpenAI's API: a new batch of this finished batch's failed, expired and cancelled
-    lines only, its metadata naming the parent (`retry_of`)."""
-    new_id = batches.retry_batch(db, settings, project=project, batch_id=batch_id)
+    lines only, taken from its input file (409 once that is deleted), its metadata naming the
+    parent (`retry_of`)."""
+    new_id = results.retry_batch(db, settings, project=project, batch_id=batch_id)
     with db.connect() as conn:
         return run(conn, batches.get_batch(project, new_id))
 

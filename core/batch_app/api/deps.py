@@ -43,20 +43,22 @@ def _presented_key(header: str) -> str:
 
 async def authenticate(request: Request, reads: Annotated[Reads, Depends(get_reads)]) -> str:
     """The caller's project, from `Authorization: Bearer <key>`, looked up on every request (a
-    revoked key is refused at once).
+    revoked key is refused at once, and for good).
 
-    With no key configured anywhere the server is open (bound to loopback by default) and every
-    caller belongs to the default project.
+    Only OPEN_ACCESS opens the server: a caller without a live key then belongs to the default
+    project. Without it a live key is always required, however many keys exist (none included).
     """
     key = _presented_key(request.headers.get("authorization", ""))
-    project, any_keys = await reads.run(project_of(key or None))
-    if project is not None:
+    project, revoked = await reads.run(project_of(key)) if key else (None, False)
+    if project is not None and not revoked:
         return project
-    if not any_keys:
+    if request.app.state.settings.open_access:
         return DEFAULT_PROJECT
     if not key:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                        code="missing_api_key")
+    if revoked:
+        raise APIError(401, "This API key was revoked.", code="invalid_api_key")
     raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 

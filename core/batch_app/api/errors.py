@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..domain.errors import Conflict, DomainError, InvalidRequest, NoLiveWorker, NotFound, TooLarge
+from ..domain.errors import (Conflict, DomainError, Gone, InvalidRequest, LimitReached, NoLiveWorker, NotFound,
+                             TooLarge)
 from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
+    410: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",  # OpenAI's type for a limit reached
     503: "service_unavailable_error",
 }
 
@@ -46,7 +49,9 @@ _MEANINGS = {
     401: "Missing or incorrect API key",
     404: "No such object in the caller's project, or no such URL",
     409: "The object's state does not allow this",
+    410: "What was asked for existed but was deleted or has expired",
     413: "The upload is larger than MAX_FILE_BYTES",
+    429: "The project is at one of its limits (the message and `code` name it)",
     503: "The database is unreachable, or no live worker serves the model",
 }
 
@@ -69,7 +74,8 @@ class APIError(Exception):
 
 
 # The HTTP status of each kind of domain error.
-_DOMAIN_STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, TooLarge: 413, NoLiveWorker: 503}
+_DOMAIN_STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, Gone: 410, TooLarge: 413, LimitReached: 429,
+                  NoLiveWorker: 503}
 
 
 def error_response(status_code: int, message: str, error_type: str, param: str | None = None,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 
+from ..domain import limits
 from ..domain.errors import InvalidRequest, NotFound, TooLarge
 from ..domain.storage import LIVE_FILE, FileWriter, delete_file, expiry_seconds, iter_chunks
 from .deps import DB, AppSettings, Project
@@ -50,7 +51,7 @@ _FILE_LINKS = {200: {"description": "The new file", "links": {
     for operation in ("retrieveFile", "downloadFile", "deleteFile")}}}
 
 
-@router.post("", responses={**_FILE_LINKS, **documented(400, 401, 413, 503)}, openapi_extra=_UPLOAD_FORM,
+@router.post("", responses={**_FILE_LINKS, **documented(400, 401, 413, 429, 503)}, openapi_extra=_UPLOAD_FORM,
              operation_id="createFile")
 def upload_file(request: Request, db: DB, settings: AppSettings, project: Project) -> dict:
     """Multipart fields `file` (a .jsonl file), `purpose` ("batch") and optionally
@@ -63,6 +64,8 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
     # An upload holds a connection while its body arrives: slow uploads wait here, holding
     # none, rather than take every connection the other requests need.
     with request.app.state.upload_slots, db.begin() as conn:
+        limits.check_files(conn, settings, project, written=False)  # refused before its body is read
+
         def open_writer(filename: str) -> FileWriter:
             if not filename.endswith(".jsonl"):
                 raise InvalidRequest(f"File '{filename[:200]}' must be a .jsonl file.", param="file",
@@ -84,6 +87,7 @@ def upload_file(request: Request, db: DB, settings: AppSettings, project: Projec
         policy = {name: upload.fields[f"expires_after[{name}]"] for name in ("anchor", "seconds")
                   if f"expires_after[{name}]" in upload.fields}
         row = upload.writer.close(expiry_seconds(policy or None, settings, "expires_after"))
+        limits.check_files(conn, settings, project, written=True)
     return file_object(row)
 
 

@@ -43,6 +43,9 @@ class DatabaseCollector:
                                                 labels=["slot"]),
                             [((row.slot,), row.n) for row in overview.restarts_by_slot(conn)])
             yield from _backend_metrics(overview.backends(conn), *overview.backend_totals(conn))
+            yield _labelled(GaugeMetricFamily("batch_database_bytes", "Bytes of each table with its indexes.",
+                                              labels=["table"]),
+                            [((row.table,), row.bytes) for row in overview.table_bytes(conn)])
             yield _histogram("batch_queue_wait_seconds", "Time from a batch's creation to its first claim.",
                              QUEUE_WAIT_BOUNDS, *overview.queue_wait_histogram(conn, QUEUE_WAIT_BOUNDS))
             yield _histogram("batch_duration_seconds", "Time from creation to completion of completed batches.",

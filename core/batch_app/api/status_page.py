@@ -106,10 +106,10 @@ def _workers_table(workers: list) -> str:
     rows = [f'<tr><td>{escape(w.slot)}</td><td>{escape(w.kind)}</td><td class="{escape(w.status)}">{escape(w.status)}</td>'
             f'<td>{describe_age(w.heartbeat_age)} ago</td><td>{w.in_flight}</td><td>{w.requests_done}</td>'
             f'<td>{w.restarts_last_hour}</td><td>{escape(w.model)}</td><td>{escape(w.probe)}</td><td>{w.pid}</td>'
-            f'<td>{escape(w.host)}</td></tr>'
+            f'<td>{escape(w.host)}</td><td>{escape(overview.scheduler_place(w))}</td></tr>'
             for w in workers]
     return _table(["slot", "kind", "status", "last heartbeat", "in flight", "requests done", "restarts (1 h)", "model",
-                   "health check", "pid", "host"], rows, "No worker has registered yet.")
+                   "health check", "pid", "host", "SLURM job"], rows, "No worker has registered yet.")
 
 
 def _backends_table(backends: list) -> str:

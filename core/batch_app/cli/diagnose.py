@@ -22,6 +22,7 @@ from ..domain import overview, webhooks
 from ..domain.overview import describe_age
 from ..domain.statuses import LIVE_WORKER_STATUSES, SlotKind, WorkerStatus
 from ..logs import log_path, tail_lines, worker_log_path
+from ..slurm import commands as slurm_commands
 from .errors import describe
 from .operator_commands import connect
 
@@ -56,6 +57,7 @@ def report(settings: Settings, api_url: str) -> str:
         ("Restarts (latest 20)", lambda: _restarts(snapshot)),
         ("Worker logs (last 10 lines each)", lambda: _worker_logs(snapshot, settings)),
         ("GPU", _gpus),
+        ("SLURM jobs of this user", _slurm_jobs),
         ("Disk", lambda: _disk(settings, problems)),
     ]
     for title, section in sections:
@@ -161,7 +163,8 @@ def _workers(snapshot: tuple[list, list, list] | None, settings: Settings, probl
         yield (f"{row.slot} ({row.kind}): {row.status}, pid {row.pid} on {row.host}, process {state}, heartbeat "
                f"{describe_age(row.heartbeat_age)} ago, {row.in_flight} in flight, {row.requests_done} done, "
                f"{row.restarts_last_hour} restarts in the last hour, model {row.model}"
-               + (f", last health check: {row.probe}" if row.probe else ""))
+               + (f", last health check: {row.probe}" if row.probe else "")
+               + (f", SLURM {place}" if (place := overview.scheduler_place(row)) else ""))
         last_restart = (f"; last restart {describe_age(row.last_restart_age)} ago: {row.last_restart_reason}"
                         if row.last_restart_reason else "")
         if row.status in LIVE_WORKER_STATUSES and state == "gone":
@@ -241,6 +244,17 @@ def _gpus() -> Iterator[str]:
                              "temperature.gpu", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
     output = (result.stdout or result.stderr).strip()
     yield from (output.splitlines() if output else [f"nvidia-smi exited with {result.returncode} and said nothing"])
+
+
+def _slurm_jobs() -> Iterator[str]:
+    if not slurm_commands.installed():
+        yield "squeue not found: no SLURM here"
+        return
+    queued = slurm_commands.jobs()
+    if not queued:
+        yield "none"
+    for job in queued:
+        yield f"job {job.job_id} {job.name}: {job.state}, {job.elapsed} of {job.time_limit}, {job.where}"
 
 
 def _disk(settings: Settings, problems: list[str]) -> Iterator[str]:

@@ -13,7 +13,8 @@ from openai import OpenAI
 
 from ..config import get_settings
 from ..domain.statuses import BatchStatus
-from . import api_commands, operator_commands
+from ..slurm.elastic import ElasticOptions
+from . import api_commands, operator_commands, slurm
 from .diagnose import report
 from .errors import CommandError, run_reporting_errors
 
@@ -22,9 +23,11 @@ app = typer.Typer(name="batchctl", help="Submit and follow batches, and look aft
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 worker_app = typer.Typer(help="Supervised workers.", no_args_is_help=True)
 server_app = typer.Typer(help="vLLM servers the watchdog runs (server slots of WORKERS).", no_args_is_help=True)
+slurm_app = typer.Typer(help="Workers as SLURM jobs on a research cluster.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(worker_app, name="worker")
 app.add_typer(server_app, name="server")
+app.add_typer(slurm_app, name="slurm")
 
 
 class _Options:
@@ -53,7 +56,7 @@ def main(
 
 
 def _client() -> OpenAI:
-    # The SDK insists on a key; an open server (no keys configured) accepts any.
+    # The SDK insists on a key; an open server (OPEN_ACCESS) accepts any.
     return OpenAI(base_url=options.api_url, api_key=options.api_key or "none", max_retries=2, timeout=300)
 
 
@@ -143,6 +146,14 @@ def diagnose() -> None:
     print(report(get_settings(), options.api_url))
 
 
+@app.command()
+def storage() -> None:
+    """The database's size per table, what finished batches still hold, the oldest history and
+    what retention deletes next."""
+    settings = get_settings()
+    operator_commands.storage_report(operator_commands.connect(settings), settings)
+
+
 @keys_app.command("create")
 def keys_create(project: Annotated[str, typer.Option()] = "default",
                 name: Annotated[str, typer.Option()] = "") -> None:
@@ -181,6 +192,27 @@ def server_restart(name: str, host: Annotated[Optional[str], typer.Option(help="
     the other servers of its pool, then it starts again (not counted against the restart cap)."""
     settings = get_settings()
     operator_commands.restart_server(operator_commands.connect(settings), name, host or settings.host_name)
+
+
+@slurm_app.command("up")
+def slurm_up(
+    max_jobs: Annotated[Optional[int], typer.Option(min=1, help="worker jobs at once (default: SLURM_MAX_JOBS)")] = None,
+    script: Annotated[Optional[Path], typer.Option(help="job script (default: SLURM_JOB_SCRIPT)")] = None,
+    idle_exit: Annotated[Optional[float], typer.Option(min=1, help="seconds a job stays with nothing to do "
+                                                                    "(default: SLURM_IDLE_EXIT)")] = None,
+    poll_interval: Annotated[Optional[float], typer.Option(min=0.1, help="seconds between looks at the queue "
+                                                                          "(default: SLURM_POLL_INTERVAL)")] = None,
+    sbatch_options: Annotated[Optional[list[str]], typer.Argument(help="options for sbatch, after --, e.g. -- "
+                                                                       "--partition=gpu --gres=gpu:1")] = None,
+) -> None:
+    """Submit worker jobs while queued requests wait for a model no live worker serves; the jobs
+    end by themselves when idle. Runs until Ctrl-C."""
+    settings = get_settings()
+    slurm.up(settings, ElasticOptions(script=script or settings.slurm_job_script,
+                                      max_jobs=max_jobs or settings.slurm_max_jobs,
+                                      idle_exit=idle_exit or settings.slurm_idle_exit,
+                                      poll_interval=poll_interval or settings.slurm_poll_interval,
+                                      sbatch_options=tuple(sbatch_options or ())))
 
 
 def run() -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from ..config import Settings
 from ..database import Database, embedded_pgdata, embedded_running, open_configured
-from ..domain import overview, webhooks
+from ..domain import overview, retention, webhooks
 from ..domain.keys import create_key, list_keys, revoke_key
 from ..domain.overview import describe_age
 from ..domain.registry import is_server_slot, request_command, reset_restarts, slot_has_run
@@ -37,7 +38,7 @@ def workers_table(db: Database) -> None:
         console.print("no worker has registered yet (is the watchdog running? scripts/start-all.sh)")
         return
     table = Table(Column("slot", no_wrap=True), "kind", "status", "heartbeat", "progress", "restarts (1 h)", "model",
-                  Column("pid", no_wrap=True), "host")
+                  Column("pid", no_wrap=True), "host", "SLURM job")
     for row in rows:
         style = STATUS_STYLE.get(row.status, "")
         # A server's heartbeat is its last passed health check; the probe says how the last one went.
@@ -46,7 +47,7 @@ def workers_table(db: Database) -> None:
                     f"{row.requests_done} done, {row.tokens_done} tokens, {row.in_flight} in flight")
         table.add_row(row.slot, row.kind, f"[{style}]{row.status}[/{style}]" if style else row.status,
                       f"{describe_age(row.heartbeat_age)} ago", progress,
-                      str(row.restarts_last_hour), row.model, str(row.pid), row.host)
+                      str(row.restarts_last_hour), row.model, str(row.pid), row.host, overview.scheduler_place(row))
     console.print(table)
 
 
@@ -78,10 +79,17 @@ def webhooks_table(db: Database) -> None:
     for row in rows:
         style = {"delivered": "green", "failed": "bold red"}.get(row.status, "yellow")
         next_try = f"in {describe_age(row.next_in)}" if row.status == "pending" else ""
-        table.add_row(row.event_id, row.type, row.url, row.project, f"[{style}]{row.status}[/{style}]",
-                      str(row.attempts), "" if row.last_status_code is None else str(row.last_status_code),
-                      row.last_error, next_try)
+        table.add_row(_as_written(row.event_id), _as_written(row.type), _as_written(row.url),
+                      _as_written(row.project), Text(row.status, style=style), str(row.attempts),
+                      "" if row.last_status_code is None else str(row.last_status_code),
+                      _as_written(row.last_error), next_try)
     console.print(table)
+
+
+def _as_written(value: str) -> Text:
+    """Text from outside (a tenant's URL, a receiver's answer) shown as it is: never read as Rich
+    markup, and control characters (terminal escapes) shown escaped."""
+    return Text("".join(char if char.isprintable() else repr(char)[1:-1] for char in value))
 
 
 def create_api_key(db: Database, project: str, name: str) -> str:
@@ -93,7 +101,8 @@ def keys_table(db: Database) -> None:
     with db.connect() as conn:
         rows = list_keys(conn)
     if not rows:
-        console.print("no API keys: the API is open to anyone who reaches it (set API_KEY or batchctl keys create)")
+        console.print("no live API keys: the API refuses every request unless OPEN_ACCESS=true "
+                      "(set API_KEY or batchctl keys create)")
         return
     table = Table(Column("id", no_wrap=True), "project", "name", "created", Column("hash starts", no_wrap=True))
     for row in rows:
@@ -106,7 +115,7 @@ def revoke(db: Database, key_id: int) -> None:
     with db.begin() as conn:
         if not revoke_key(conn, key_id):
             raise CommandError(f"no API key with id {key_id} (see batchctl keys list)")
-    console.print(f"key {key_id} revoked: requests presenting it are refused from now on")
+    console.print(f"key {key_id} revoked: requests presenting it are refused from now on, for good")
 
 
 def restart_server(db: Database, slot: str, host: str) -> None:
@@ -124,3 +133,33 @@ def reset_worker(db: Database, slot: str, host: str) -> None:
             raise CommandError(f"no worker named {slot!r} has run on host {host!r} (see batchctl workers)")
         reset_restarts(conn, host, slot)
     console.print(f"worker {slot} on {host} reset: the watchdog starts it again within a few seconds")
+
+
+def storage_report(db: Database, settings: Settings) -> None:
+    """The database's size per table, what finished batches still hold in the queue's table, the
+    oldest history, and what the next retention round deletes."""
+    with db.connect() as conn:
+        tables, held, oldest, due = (overview.table_bytes(conn), overview.finished_held(conn),
+                                     overview.oldest(conn), retention.due(conn, settings))
+    table = Table("table", Column("size", justify="right"), Column("rows (estimate)", justify="right"))
+    for row in tables:
+        table.add_row(row.table, _size(row.bytes), f"{row.rows:,}")
+    table.add_row("[bold]all[/bold]", f"[bold]{_size(sum(row.bytes for row in tables))}[/bold]", "")
+    console.print(table)
+    console.print(f"finished batches whose request rows are not deleted yet: {held.batches:,} "
+                  f"({held.rows:,} rows, {_size(held.bytes)})")
+    console.print("oldest: " + ", ".join(f"{kind.replace('_', ' ')} {f'{at:%Y-%m-%d %H:%M %Z}' if at else 'none'}"
+                                         for kind, at in oldest.items()))
+    console.print("next retention round deletes: " + ", ".join(f"{n:,} {kind}" for kind, n in due.items()))
+    console.print(f"retention: finished requests after {describe_age(settings.finished_requests_retention)}, "
+                  f"webhook deliveries and events after {describe_age(settings.webhook_delivery_retention)}, "
+                  f"stopped workers after {describe_age(settings.worker_history_retention)}, "
+                  f"restart history after {describe_age(settings.restart_history_retention)}")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return ""

@@ -30,6 +30,9 @@ INPUT_FIELDS = (("custom_id", str), ("method", str), ("url", str), ("body", dict
 # The only `chat_template_kwargs` a line may pass to the model's chat template (switches that
 # templates of reasoning models read); anything else, a template of its own included, is refused.
 CHAT_TEMPLATE_KWARGS = ("enable_thinking", "thinking", "reasoning_effort")
+# How deeply a line's JSON may nest (objects and arrays): far more than any request needs, and far
+# from the recursion limits of the parsers and serializers each line passes through.
+MAX_NESTING = 64
 # A failed batch reports at most this many line errors.
 MAX_REPORTED_ERRORS = 100
 # OpenAI's limits on batch metadata.

@@ -12,15 +12,16 @@ from sqlalchemy.engine import Connection
 
 from ..config import Settings
 from ..database import Database
-from . import queue
+from . import limits, queue
 from .batch_format import ENDPOINTS, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_METADATA_VALUE, LineError
-from .errors import Conflict, InvalidRequest, NoLiveWorker, NotFound
+from .errors import InvalidRequest, NoLiveWorker, NotFound
 from .ids import new_id
 from .ingest import IngestLimits, ingest_lines
+from .line_policy import allowed_hosts
 from .query import Query
 from .registry import model_liveness
-from .statuses import FINAL_BATCH_STATUSES, BatchStatus, RequestStatus, sql_list
-from .storage import LIVE_FILE, FileWriter, expiry_seconds, iter_lines, read_chunks
+from .statuses import BatchStatus
+from .storage import LIVE_FILE, expiry_seconds, iter_lines, read_chunks
 
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -76,6 +77,7 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         if purpose != "batch":
             raise InvalidRequest(f"File '{input_file_id}' has purpose '{purpose}'; a batch needs a file "
                                  "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_value")
+        limits.check_batches(conn, settings, project)
         conn.execute(text("""
             INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status,
                                  priority, metadata, expires_at, output_expires_after)
@@ -90,8 +92,11 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         result = ingest_lines(conn, iter_lines(read_chunks(conn, input_file_id), settings.max_line_bytes),
                               batch_id=batch_id, project=project, endpoint=endpoint, priority=priority,
                               limits=IngestLimits(settings.max_file_lines, settings.max_line_bytes,
-                                                  settings.max_choices, settings.max_inputs))
+                                                  settings.max_choices, settings.max_inputs,
+                                                  allowed_hosts(settings.media_url_allowed_hosts)))
         errors = result.errors or _model_errors(conn, settings, result.model, result.model_line)
+        if not errors:
+            limits.check_requests(conn, settings, project, result.total)
         if errors:
             requests.rollback()
         else:
@@ -103,44 +108,6 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         else:
             queue.announce_work(conn)
     return batch_id
-
-
-# The lines of a finished batch that did not succeed, as they were submitted, in line order.
-_UNSUCCESSFUL_LINES = text(f"""
-SELECT custom_id, body FROM batch_requests
-WHERE batch_id = :id AND status IN ({sql_list((RequestStatus.FAILED, RequestStatus.EXPIRED, RequestStatus.CANCELLED))})
-ORDER BY line
-""")
-RETRY_OF = "retry_of"  # the metadata key naming the batch a retry was made from
-
-
-def retry_batch(db: Database, settings: Settings, *, project: str, batch_id: str) -> str:
-    """A new batch of the failed, expired and cancelled lines of a finished batch, with the same
-    endpoint, window and priority, its metadata naming the parent (`retry_of`); its input is a
-    new file of those lines. Returns the new batch's id."""
-    with db.begin() as conn:
-        parent = conn.execute(text("SELECT * FROM batches WHERE id = :id AND project = :project"),
-                              {"id": batch_id, "project": project}).first()
-        if parent is None:
-            raise NotFound("batch", batch_id, "batch_id")
-        if parent.status not in FINAL_BATCH_STATUSES:
-            raise Conflict(f"Batch '{batch_id}' is {parent.status}: only a finished batch can be retried.",
-                           param="batch_id", code="batch_not_finished")
-        writer = FileWriter(conn, project=project, purpose="batch", filename=f"retry-of-{batch_id}.jsonl")
-        for row in conn.execute(_UNSUCCESSFUL_LINES, {"id": batch_id}):
-            writer.write(json.dumps({"custom_id": row.custom_id, "method": "POST", "url": parent.endpoint,
-                                     "body": row.body}).encode() + b"\n")
-        if not writer.size:
-            raise Conflict(f"Batch '{batch_id}' has no failed, expired or cancelled line to retry.",
-                           param="batch_id", code="nothing_to_retry")
-        writer.close()
-    metadata = {**(parent.metadata or {}), RETRY_OF: batch_id}
-    if len(metadata) > MAX_METADATA_KEYS:
-        metadata = {RETRY_OF: batch_id}
-    return create_batch(db, settings, project=project, input_file_id=writer.id, endpoint=parent.endpoint,
-                        completion_window=parent.completion_window, metadata=metadata, priority=parent.priority,
-                        output_expires_after=None if parent.output_expires_after is None else
-                        {"anchor": "created_at", "seconds": parent.output_expires_after})
 
 
 def _model_errors(conn: Connection, settings: Settings, model: str | None,
@@ -163,11 +130,14 @@ def _model_errors(conn: Connection, settings: Settings, model: str | None,
 
 # Batch rows with their counts and usage, which batch_progress keeps as results are stored: one
 # statement whatever the batches' sizes, so a read sees a row and its counts at one instant.
+# PostgreSQL sums bigints as numeric, which reaches Python as Decimal and JSON as a string:
+# every count is cast back to bigint so it is a JSON integer, as OpenAI's schema types it.
 _WITH_PROGRESS = """
 SELECT b.*, p.completed, p.failed, p.input_tokens, p.output_tokens FROM ({batches}) b
 CROSS JOIN LATERAL (
-    SELECT coalesce(sum(completed), 0) AS completed, coalesce(sum(failed), 0) AS failed,
-           coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens
+    SELECT coalesce(sum(completed), 0)::bigint AS completed, coalesce(sum(failed), 0)::bigint AS failed,
+           coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
+           coalesce(sum(output_tokens), 0)::bigint AS output_tokens
     FROM batch_progress WHERE batch_id = b.id) p
 """
 

@@ -25,6 +25,14 @@ class Conflict(DomainError):
     """The object is in a state that does not allow this (cancelling an ended batch)."""
 
 
+class Gone(DomainError):
+    """The object existed but what was asked of it has been deleted or has expired."""
+
+
+class LimitReached(DomainError):
+    """A project is at one of its limits (limits.py); it may try again once it holds less."""
+
+
 class TooLarge(DomainError):
     """An upload past its size limit."""
 

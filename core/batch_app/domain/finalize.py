@@ -8,6 +8,7 @@ status itself is set by `queue.end_batch`, the only way into a final status.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -20,27 +21,51 @@ from .storage import FileWriter
 
 log = logging.getLogger(__name__)
 
+# In the order results were stored (unfinished ones, which end with the batch, last): the output
+# file then continues the pages `GET /v1/batches/{id}/output` gave while the batch ran
+# (queue.finished_so_far), and reading it after the end resumes them exactly. The order is found
+# on narrow rows, then the results are read a group at a time by id: a sort of the results
+# themselves would spill to disk for large ones.
+_ORDER = text("SELECT id FROM batch_requests WHERE batch_id = :batch_id ORDER BY finished_xid NULLS LAST, id")
 _RESULTS = text("""
-SELECT line, custom_id, attempt, status, status_code, response, error::text AS error
-FROM batch_requests WHERE batch_id = :batch_id ORDER BY line
+SELECT id, line, custom_id, attempt, status, status_code, response, error::text AS error
+FROM batch_requests WHERE id = ANY(:ids)
 """)
+_GROUP = 2000
 
 _OWNER = text("SELECT project, output_expires_after FROM batches WHERE id = :id")
+_KEEP_UNSUCCESSFUL = text("INSERT INTO unsuccessful_lines (batch_id, lines) VALUES (:batch_id, :lines)")
 
 
 def _build_files(conn: Connection, batch_id: str) -> tuple[str | None, str | None]:
+    """Write the batch's output and error files, and the line numbers a retry takes from its
+    input file: from here on its results live there, and retention deletes its request rows."""
     project, expires_in = conn.execute(_OWNER, {"id": batch_id}).one()
     writers = {
         name: FileWriter(conn, project=project, purpose="batch_output", filename=f"{batch_id}_{name}.jsonl")
         for name in ("output", "error")
     }
-    rows = conn.execute(_RESULTS.execution_options(stream_results=True, yield_per=2000), {"batch_id": batch_id})
-    for row in rows:
+    unsuccessful: list[int] = []
+    for row in _in_finishing_order(conn, batch_id):
         line = output_line(batch_id, row.line, row.custom_id, row.attempt, row.status_code, row.response, row.error)
-        writers["output" if row.status == RequestStatus.SUCCEEDED else "error"].write(line)
+        if row.status == RequestStatus.SUCCEEDED:
+            writers["output"].write(line)
+        else:
+            writers["error"].write(line)
+            unsuccessful.append(row.line)
+    if unsuccessful:
+        conn.execute(_KEEP_UNSUCCESSFUL, {"batch_id": batch_id, "lines": sorted(unsuccessful)})
     # OpenAI leaves a file id null when that file would be empty.
     output, errors = (writer.close(expires_in)["id"] if writer.size else None for writer in writers.values())
     return output, errors
+
+
+def _in_finishing_order(conn: Connection, batch_id: str) -> Iterator:
+    order = conn.execute(_ORDER, {"batch_id": batch_id}).scalars().all()
+    for start in range(0, len(order), _GROUP):
+        ids = order[start:start + _GROUP]
+        rows = {row.id: row for row in conn.execute(_RESULTS, {"ids": ids})}
+        yield from (rows[id_] for id_ in ids)
 
 
 def _end_with_files(conn: Connection, batch_id: str, status: BatchStatus) -> None:

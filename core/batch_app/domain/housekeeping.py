@@ -29,11 +29,16 @@ def rescue(db: Database, settings: Settings) -> list[str]:
     """
     silence = settings.heartbeat_timeout if outage.quiet_for(settings.heartbeat_timeout) else None
     with db.begin() as conn:
-        requeued, poisoned_batches = queue.rescue(conn, silence, settings.max_attempts)
-    if requeued or poisoned_batches:
+        rescued = queue.rescue(conn, silence, settings.max_attempts, settings.host_name)
+    if rescued.requeued or rescued.poisoned_batches:
         log.warning("rescued %d requests of dead workers; poison requests failed in %s",
-                    requeued, ", ".join(poisoned_batches) or "no batch")
-    return poisoned_batches
+                    rescued.requeued, ", ".join(rescued.poisoned_batches) or "no batch")
+    for row in rescued.lost_with_hosts:
+        if row.host_losses >= settings.warn_after_host_losses:
+            log.warning("request %d (custom_id %s of batch %s) was in flight at %d host losses in a row; it is "
+                        "not failed for that, but it may be what brings its hosts down", row.id, row.custom_id,
+                        row.batch_id, row.host_losses)
+    return rescued.poisoned_batches
 
 
 def run_once(db: Database, settings: Settings) -> None:

@@ -7,13 +7,15 @@ fails the batch with the collected errors, each naming its line.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
-from .batch_format import CHAT_TEMPLATE_KWARGS, ENDPOINTS, INPUT_FIELDS, MAX_REPORTED_ERRORS, LineError
+from .batch_format import CHAT_TEMPLATE_KWARGS, ENDPOINTS, INPUT_FIELDS, MAX_NESTING, MAX_REPORTED_ERRORS, LineError
+from .line_policy import refusal
 from .storage import Line
 
 _COPY_SQL = "COPY batch_requests (batch_id, project, line, custom_id, model, priority, body) FROM STDIN"
@@ -39,6 +41,7 @@ class IngestLimits:
     max_line_bytes: int
     max_choices: int  # `n`
     max_inputs: int  # items of a list-valued `prompt` or `input`
+    media_hosts: frozenset[str] = frozenset()  # hosts media URLs may name (line_policy.py)
 
 
 def ingest_lines(conn: Connection, lines: Iterable[Line], *, batch_id: str, project: str, endpoint: str,
@@ -87,6 +90,36 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a float (`1e400`) would become infinity, which
+    JSON (and so the stored body) cannot hold."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+# Made once: json.loads with hooks would build a decoder for every line. NaN and Infinity are not
+# JSON, nor is a number past a float.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+
+
+def _too_deep(number: int) -> LineError:
+    return LineError("invalid_json_line", f"Line {number} nests objects or arrays more than {MAX_NESTING} levels "
+                                          "deep.", number)
+
+
+def _nesting(value) -> int:
+    """How deeply `value` nests, counted up to one past MAX_NESTING (deeper is refused anyway)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_NESTING:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 def _parse_line(line: Line, endpoint: str, limits: IngestLimits) -> tuple[dict | None, LineError | None]:
     number, raw, ended = line.number, line.data, line.ended
     if line.length > limits.max_line_bytes:
@@ -104,16 +137,22 @@ def _parse_line(line: Line, endpoint: str, limits: IngestLimits) -> tuple[dict |
         return None, LineError("invalid_json_line",
                                f"Line {number} is blank; each line must hold one JSON request.", number)
     try:
-        request = json.loads(text, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
+        request = _DECODER.decode(text)
+    except RecursionError:
+        return None, _too_deep(number)
     except ValueError as exc:
         hint = " (the last line has no newline: was the file cut short?)" if not ended else ""
         return None, LineError("invalid_json_line", f"Line {number} is not valid JSON{hint}: {exc}.", number)
     if not isinstance(request, dict):
         return None, LineError("invalid_json_line", f"Line {number} is not a JSON object.", number)
+    # Only a line with more brackets than the limit can nest past it: most are never walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _nesting(request) > MAX_NESTING:
+        return None, _too_deep(number)
     if _SURROGATE_ESCAPE.search(raw) and not _encodable(request):
         return None, LineError("invalid_json_line", f"Line {number} contains half of a UTF-16 surrogate pair "
                                                     "(such as \\ud800 alone), which is no character.", number)
-    return request, _check_fields(number, request, endpoint) or _check_body(number, request["body"], limits)
+    return request, (_check_fields(number, request, endpoint) or _check_body(number, request["body"], limits)
+                     or refusal(number, endpoint, request["body"], limits.media_hosts, raw))
 
 
 def _encodable(request: dict) -> bool:

@@ -6,13 +6,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .registry import RESET_REASON, restarts_in_last_hour_sql
-from .statuses import ENDED_WORKER_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
+from .statuses import ENDED_WORKER_STATUSES, FINAL_BATCH_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
 
 # The newest process of every slot, with what an operator asks first: alive? how long since its
 # last beat? how far has it got? how often, and why last, has it been restarted lately?
 _WORKERS = text(f"""
 SELECT DISTINCT ON (w.host, w.slot)
        w.slot, w.host, w.pid, w.model, w.status, w.in_flight, w.requests_done, w.tokens_done, w.kind, w.probe,
+       w.scheduler_job, w.scheduler_node,
        extract(epoch FROM now() - w.last_seen) AS heartbeat_age,
        {restarts_in_last_hour_sql('w.host', 'w.slot')} AS restarts_last_hour,
        last.reason AS last_restart_reason,
@@ -34,6 +35,13 @@ def describe_age(seconds: float) -> str:
 
 def workers(conn: Connection) -> list:
     return conn.execute(_WORKERS).all()
+
+
+def scheduler_place(row) -> str:
+    """'job 4711 on gpu-node-3' for a worker row started in a SLURM job, '' for one that was not."""
+    if not row.scheduler_job:
+        return ""
+    return f"job {row.scheduler_job}" + (f" on {row.scheduler_node}" if row.scheduler_node else "")
 
 
 _RESTARTS = text("""
@@ -162,3 +170,39 @@ def _histogram(conn: Connection, values_sql: str, bounds: list[float]) -> tuple[
         running += count
         cumulative.append(running)
     return cumulative, total
+
+
+# --- Storage: what the database holds, for `batchctl storage` and /metrics. ---
+
+# Every table of ours with its indexes and TOAST, and PostgreSQL's estimate of its rows.
+_TABLE_BYTES = text("""
+SELECT c.relname AS table, pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 0)::bigint AS rows
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname <> 'alembic_version'
+ORDER BY bytes DESC, c.relname
+""")
+# Request rows of finished batches that retention has not deleted yet, and their bytes.
+_FINISHED_HELD = text(f"""
+SELECT count(DISTINCT b.id) AS batches, count(r.id) AS rows, coalesce(sum(pg_column_size(r.*)), 0) AS bytes
+FROM batches b LEFT JOIN batch_requests r ON r.batch_id = b.id
+WHERE b.requests_pruned_at IS NULL AND b.status IN ({sql_list(FINAL_BATCH_STATUSES)})
+""")
+_OLDEST = text("""
+SELECT (SELECT min(created_at) FROM batches) AS batch, (SELECT min(created_at) FROM files) AS file,
+       (SELECT min(created_at) FROM webhook_events) AS webhook_event,
+       (SELECT min(started_at) FROM workers) AS worker, (SELECT min(restarted_at) FROM worker_restarts) AS restart
+""")
+
+
+def table_bytes(conn: Connection) -> list:
+    return conn.execute(_TABLE_BYTES).all()
+
+
+def finished_held(conn: Connection):
+    """(batches, rows, bytes) of finished batches' request rows still in the queue's table."""
+    return conn.execute(_FINISHED_HELD).one()
+
+
+def oldest(conn: Connection) -> dict:
+    """When the oldest row of each kind of history was made (None: there is none)."""
+    return dict(conn.execute(_OLDEST).one()._mapping)

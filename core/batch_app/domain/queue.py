@@ -20,6 +20,7 @@ SKIP LOCKED.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from .statuses import (
     ENDED_WORKER_STATUSES,
     UNFINISHED_REQUEST_STATUSES,
     BatchStatus,
+    DeathCause,
     RequestStatus,
     sql_list,
 )
@@ -211,16 +213,23 @@ def complete(conn: Connection, worker_id: str, completions: list[Completion]) ->
 # `after` of them. Only results of transactions older than every transaction still running are
 # listed: any result stored later comes from a newer transaction and sorts after them, so the
 # list only ever grows at its end and `after` resumes it exactly.
+# The page is chosen on narrow rows, then its responses are read by id in that order: sorting
+# the responses themselves (embeddings are tens of KB each) would spill to disk.
 _FINISHED_SO_FAR = text(f"""
-SELECT line, custom_id, attempt, status_code, response FROM batch_requests
-WHERE batch_id = :batch_id AND status = '{_SUCCEEDED}'
-  AND finished_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-ORDER BY finished_xid, id OFFSET :after LIMIT :limit
+SELECT r.line, r.custom_id, r.attempt, r.status_code, r.response
+FROM (SELECT id, finished_xid FROM batch_requests
+      WHERE batch_id = :batch_id AND status = '{_SUCCEEDED}'
+        AND finished_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+      ORDER BY finished_xid, id OFFSET :after LIMIT :limit) page
+CROSS JOIN LATERAL (SELECT * FROM batch_requests WHERE id = page.id) r
+ORDER BY page.finished_xid, page.id
 """)
 
 
-def finished_so_far(conn: Connection, batch_id: str, after: int, limit: int) -> list:
-    return conn.execute(_FINISHED_SO_FAR, {"batch_id": batch_id, "after": after, "limit": limit}).all()
+def finished_so_far(conn: Connection, batch_id: str, after: int, limit: int) -> Iterator:
+    """Those rows, read a few hundred at a time (a page may be cut short by its size)."""
+    return conn.execute(_FINISHED_SO_FAR.execution_options(stream_results=True, yield_per=256),
+                        {"batch_id": batch_id, "after": after, "limit": limit})
 
 
 # A graceful hand-back (shutdown) does not count as an attempt.
@@ -277,19 +286,29 @@ def no_longer_owned(conn: Connection, worker_id: str, request_ids: list[int]) ->
 
 # --- Rescue: requests of dead workers go back to the queue, or fail as poison. ---
 
-# A death counts as a crash of the requests the worker held unless it was killed from outside
-# (`workers.blames_requests`, set by the watchdog): an operator's or a scheduler's SIGKILL says
-# nothing about the requests, while an exception, a crash signal, a hang or an OOM kill may be
-# their doing. Each run still counts in `attempt`.
+# The deaths a request may have caused, which charge a crash to each request the worker held: an
+# exception, a crash signal, an OOM kill, and a hang, a stall or a failed start seen by its own
+# host's watchdog while that host lived. A worker lost together with its host (its watchdog silent
+# too: a power loss, a cut link), killed from outside, fenced, drained, abandoned by a previous
+# watchdog or silent with nobody judging it charges nothing, and neither does a dead worker with
+# no recorded cause. Each run still counts in `attempt`.
+CHARGED_DEATHS = (DeathCause.EXITED, DeathCause.CRASH_SIGNAL, DeathCause.OOM_KILLED, DeathCause.HUNG,
+                  DeathCause.STALLED, DeathCause.FAILED_TO_START)
+
+# `host_losses` counts the runs in a row that ended with the host lost; any other death ends the row.
 _RESCUE = text(f"""
-WITH orphaned AS (SELECT r.id, w.blames_requests AND r.crashes + 1 >= :max_attempts AS poisoned,
-                         w.blames_requests::int AS crash
+WITH orphaned AS (SELECT r.id, r.worker_id, death.charged, death.host_lost,
+                         death.charged AND r.crashes + 1 >= :max_attempts AS poisoned
                   FROM batch_requests r JOIN workers w ON w.id = r.worker_id
+                  LEFT JOIN worker_deaths d ON d.worker_id = r.worker_id
+                  CROSS JOIN LATERAL (SELECT coalesce(d.cause IN ({sql_list(CHARGED_DEATHS)}), false) AS charged,
+                                             coalesce(d.cause = '{DeathCause.HOST_SILENT}', false) AS host_lost) death
                   WHERE r.status = '{_RUNNING}' AND w.status IN ({sql_list(ENDED_WORKER_STATUSES)})
                   ORDER BY r.id FOR UPDATE OF r),
 done AS (UPDATE batch_requests r
     SET status = CASE WHEN o.poisoned THEN '{_FAILED}' ELSE '{_QUEUED}' END,
-        crashes = r.crashes + o.crash,
+        crashes = r.crashes + o.charged::int,
+        host_losses = CASE WHEN o.host_lost THEN r.host_losses + 1 ELSE 0 END,
         error = CASE WHEN o.poisoned THEN jsonb_build_object(
             'code', 'poison_request',
             'message', format('This request was in flight on %s workers that crashed; it is not retried again.',
@@ -299,26 +318,34 @@ done AS (UPDATE batch_requests r
         worker_id = CASE WHEN o.poisoned THEN r.worker_id END
     FROM orphaned o
     WHERE r.id = o.id
-    RETURNING {_DONE_COLUMNS}),
-{_COUNT}
-SELECT id, batch_id, status FROM done
+    RETURNING {_DONE_COLUMNS}, r.custom_id, r.host_losses),
+{_COUNT},
+held AS (UPDATE worker_deaths d SET requests = d.requests + n.requests
+         FROM (SELECT worker_id, count(*) AS requests FROM orphaned GROUP BY worker_id ORDER BY worker_id) n
+         WHERE d.worker_id = n.worker_id)
+SELECT id, batch_id, custom_id, status, host_losses FROM done
 """)
 
 
-def rescue(conn: Connection, heartbeat_timeout: float | None, max_attempts: int) -> tuple[int, list[str]]:
-    """Declare workers silent for `heartbeat_timeout` dead (None: leave silence unjudged), then
-    hand the running requests of dead workers back (or fail poison ones).
+@dataclass(frozen=True)
+class Rescued:
+    requeued: int  # requests back in the queue
+    poisoned_batches: list[str]  # where a poison request failed: those may now be complete
+    lost_with_hosts: list  # (id, batch_id, custom_id, host_losses) of those whose host was just lost
 
-    Returns how many requests went back to the queue, and the batches in which a poison request
-    failed (those may now be complete: callers follow with `finalize.finalize_ready`).
-    """
+
+def rescue(conn: Connection, heartbeat_timeout: float | None, max_attempts: int, host: str) -> Rescued:
+    """Declare workers silent for `heartbeat_timeout` dead (None: leave silence unjudged), as seen
+    from `host`, then hand the running requests of dead workers back (or fail poison ones).
+    Callers follow with `finalize.finalize_ready` on the poisoned batches."""
     if heartbeat_timeout is not None:
-        registry.mark_silent_workers_dead(conn, heartbeat_timeout)
+        registry.mark_silent_workers_dead(conn, heartbeat_timeout, host)
     rows = conn.execute(_RESCUE, {"max_attempts": max_attempts}).all()
     requeued = sum(1 for row in rows if row.status == _QUEUED)
     if requeued:
         announce_work(conn)
-    return requeued, sorted({row.batch_id for row in rows if row.status == RequestStatus.FAILED})
+    return Rescued(requeued, sorted({row.batch_id for row in rows if row.status == RequestStatus.FAILED}),
+                   [row for row in rows if row.host_losses > 0])
 
 
 # --- Notifications, sent when the transaction commits (never on rollback). ---

@@ -7,7 +7,8 @@ health check of it, with the load its pool workers report on it.
 
 A worker row is one process start, under an id the watchdog chose for it. The restart count
 of a slot is the one query `RESTARTS_IN_LAST_HOUR`: restarts of the last hour since the slot's
-latest `batchctl worker reset`.
+latest `batchctl worker reset`. A dead worker's cause is a row of `worker_deaths`; each host's
+watchdog beats in `hosts`, which tells a worker lost with its host from a hung one.
 """
 
 from __future__ import annotations
@@ -17,15 +18,24 @@ import json
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .statuses import ENDED_WORKER_STATUSES, SERVING_WORKER_STATUSES, SlotCommand, SlotKind, WorkerStatus, sql_list
+from ..slurm.job import this_job
+from .statuses import (
+    ENDED_WORKER_STATUSES,
+    SERVING_WORKER_STATUSES,
+    DeathCause,
+    SlotCommand,
+    SlotKind,
+    WorkerStatus,
+    sql_list,
+)
 
 _ENDED = sql_list(ENDED_WORKER_STATUSES)
 
 # --- Registration and heartbeat, by the worker itself. ---
 
 _REGISTER = text(f"""
-INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status, kind)
-VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, '{WorkerStatus.LOADING}', :kind)
+INSERT INTO workers (id, slot, host, pid, model, gpu_ids, status, kind, scheduler_job, scheduler_node)
+VALUES (:id, :slot, :host, :pid, :model, :gpu_ids, '{WorkerStatus.LOADING}', :kind, :scheduler_job, :scheduler_node)
 """)
 
 _HEARTBEAT = text(f"""
@@ -42,8 +52,11 @@ RETURNING id
 
 def register_worker(conn: Connection, *, worker_id: str, slot: str, host: str, pid: int,
                     model: str, gpu_ids: str, kind: SlotKind = SlotKind.WORKER) -> None:
+    # Registered from inside its SLURM job (a worker, or the watchdog for a server): its job and node.
+    job = this_job()
     conn.execute(_REGISTER, {"id": worker_id, "slot": slot, "host": host, "pid": pid,
-                             "model": model, "gpu_ids": gpu_ids, "kind": kind})
+                             "model": model, "gpu_ids": gpu_ids, "kind": kind,
+                             "scheduler_job": job.job_id, "scheduler_node": job.node})
 
 
 def heartbeat(conn: Connection, *, worker_id: str, status: WorkerStatus, in_flight: int,
@@ -119,19 +132,46 @@ def take_commands(conn: Connection, host: str, slots: list[str]) -> list:
     return conn.execute(_TAKE_COMMANDS, {"host": host, "slots": slots}).all()
 
 
-# --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old. ---
+# --- Death: declared by the watchdog that saw it, or by anyone once a heartbeat is too old; each
+# with its cause (`worker_deaths`), which decides whether the requests it held are charged a crash.
+
+# A worker silent for the timeout is declared dead by whoever notices, but it is its own host's
+# watchdog that tells a hung worker (charged) while that host beats: anyone else takes it only
+# when its host is silent too (lost with it: power, a cut link), or, should its watchdog not judge
+# it, once it has been silent for UNWATCHED_SILENCES timeouts (nobody saw it fail: uncharged).
+UNWATCHED_SILENCES = 3
 
 _MARK_SILENT_DEAD = text(f"""
-UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = now()
-WHERE status NOT IN ({_ENDED}) AND last_seen < now() - make_interval(secs => :timeout)
-RETURNING id
+WITH silent AS (
+    SELECT w.id, h.last_seen IS NULL OR h.last_seen < now() - make_interval(secs => :timeout) AS host_silent,
+           format('no heartbeat for %s s; its host''s watchdog %s', round(extract(epoch FROM now() - w.last_seen)),
+                  coalesce(format('last beat %s s ago', round(extract(epoch FROM now() - h.last_seen))),
+                           'never beat')) AS detail
+    FROM workers w LEFT JOIN hosts h ON h.host = w.host
+    WHERE w.status NOT IN ({_ENDED}) AND w.last_seen < now() - make_interval(secs => :timeout)
+      AND (h.last_seen IS NULL OR h.last_seen < now() - make_interval(secs => :timeout)
+           OR w.last_seen < now() - make_interval(secs => :timeout * {UNWATCHED_SILENCES}))
+    ORDER BY w.id FOR UPDATE OF w SKIP LOCKED),  -- one beating now, or declared by another now, is skipped
+dead AS (
+    UPDATE workers w SET status = '{WorkerStatus.DEAD}', stopped_at = now()
+    FROM silent s WHERE w.id = s.id
+    RETURNING w.id, s.host_silent, s.detail)
+INSERT INTO worker_deaths (worker_id, cause, detail, declared_by)
+SELECT id, CASE WHEN host_silent THEN '{DeathCause.HOST_SILENT}' ELSE '{DeathCause.UNWATCHED}' END, detail, :declared_by
+FROM dead
+ON CONFLICT (worker_id) DO NOTHING
 """)
 
-# A worker that stopped cleanly keeps its `stopped`: it handed everything back itself.
+# A worker that stopped cleanly keeps its `stopped`: it handed everything back itself. The first
+# cause recorded stands (a fenced worker's exit comes after its death was declared elsewhere).
 _MARK_DEAD = text(f"""
-UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped_at, now()),
-                   blames_requests = :blames_requests
-WHERE id = :worker_id AND status NOT IN ({_ENDED})
+WITH dead AS (
+    UPDATE workers SET status = '{WorkerStatus.DEAD}', stopped_at = coalesce(stopped_at, now())
+    WHERE id = :worker_id AND status NOT IN ({_ENDED})
+    RETURNING id)
+INSERT INTO worker_deaths (worker_id, cause, detail, declared_by)
+SELECT id, :cause, :detail, :declared_by FROM dead
+ON CONFLICT (worker_id) DO NOTHING
 """)
 
 
@@ -140,19 +180,29 @@ UPDATE workers SET status = '{WorkerStatus.STOPPED}', stopped_at = now(), in_fli
 WHERE id = :worker_id AND status NOT IN ({_ENDED})
 """)
 
+_BEAT_HOST = text("""
+INSERT INTO hosts (host) VALUES (:host)
+ON CONFLICT (host) DO UPDATE SET last_seen = now()
+""")
+
 
 def mark_stopped(conn: Connection, worker_id: str) -> None:
     """A server the watchdog stopped on purpose (a worker records its own stop with its last beat)."""
     conn.execute(_MARK_STOPPED, {"worker_id": worker_id})
 
 
-def mark_silent_workers_dead(conn: Connection, heartbeat_timeout: float) -> None:
-    conn.execute(_MARK_SILENT_DEAD, {"timeout": heartbeat_timeout})
+def beat_host(conn: Connection, host: str) -> None:
+    """The host's watchdog lives and reaches the database."""
+    conn.execute(_BEAT_HOST, {"host": host})
 
 
-def mark_worker_dead(conn: Connection, worker_id: str, blames_requests: bool = True) -> None:
-    """`blames_requests` false: it was killed from outside, and its requests are not charged a crash."""
-    conn.execute(_MARK_DEAD, {"worker_id": worker_id, "blames_requests": blames_requests})
+def mark_silent_workers_dead(conn: Connection, heartbeat_timeout: float, declared_by: str) -> None:
+    conn.execute(_MARK_SILENT_DEAD, {"timeout": heartbeat_timeout, "declared_by": declared_by})
+
+
+def mark_worker_dead(conn: Connection, worker_id: str, cause: DeathCause, detail: str = "",
+                     declared_by: str = "") -> None:
+    conn.execute(_MARK_DEAD, {"worker_id": worker_id, "cause": cause, "detail": detail, "declared_by": declared_by})
 
 
 # --- What the API asks: which models are served, and is anyone alive for them. ---

@@ -46,6 +46,25 @@ class SlotKind(StrEnum):
     SERVER = "server"  # a vLLM server the watchdog runs and probes; a pool worker feeds it
 
 
+class DeathCause(StrEnum):
+    """Why a worker died, as whoever declared it dead saw it (registry.mark_worker_dead). Which of
+    these charge the requests it held a crash is the rescue's rule (queue.CHARGED_DEATHS)."""
+
+    EXITED = "exited"  # exited with an error (an exception), or died in a way its watchdog could not tell
+    CRASH_SIGNAL = "crash_signal"  # killed by SIGSEGV, SIGABRT, SIGBUS...
+    OOM_KILLED = "oom_killed"  # SIGKILLed while the kernel's OOM killer struck (or where that cannot be known)
+    HUNG = "hung"  # no heartbeat for HEARTBEAT_TIMEOUT, seen by its own host's watchdog
+    STALLED = "stalled"  # no progress for STALL_TIMEOUT while holding requests
+    FAILED_TO_START = "failed_to_start"  # did not register or load within STARTUP_TIMEOUT
+    KILLED = "killed"  # a signal from outside: an operator's or a scheduler's kill
+    DRAINED = "drained"  # exited cleanly
+    FENCED = "fenced"  # learnt from its heartbeat that it was declared dead elsewhere, and stopped
+    HOST_SILENT = "host_silent"  # silent together with its host's watchdog: a power loss, a cut link
+    UNWATCHED = "unwatched"  # silent while its host's watchdog beat, and not judged by it
+    ABANDONED = "abandoned"  # left running by a previous watchdog of its host
+    RESTARTED = "restarted"  # stopped for an operator's restart (a server)
+
+
 class DeliveryStatus(StrEnum):
     PENDING = "pending"  # to be sent (again) at its next_attempt_at
     DELIVERED = "delivered"  # the receiver answered 2xx

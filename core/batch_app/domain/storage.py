@@ -137,6 +137,35 @@ def iter_lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[Line]:
         yield Line(number + 1, bytes(pending), False, len(pending) + dropped)
 
 
+def page_of_lines(chunks: Iterable[bytes], after: int, limit: int, max_bytes: int) -> tuple[bytes, int]:
+    """The lines of a byte stream after the first `after`: at most `limit` of them and, but for a
+    first line longer than that, at most `max_bytes`. Returns them and how many they are."""
+    page, count, skipped = bytearray(), 0, 0
+    line_start = 0  # where in `page` the line being read begins
+    for chunk in chunks:
+        start = 0
+        if skipped < after:
+            if skipped + chunk.count(b"\n") < after:
+                skipped += chunk.count(b"\n")
+                continue
+            while skipped < after:
+                start = chunk.index(b"\n", start) + 1
+                skipped += 1
+        while (end := chunk.find(b"\n", start)) != -1:
+            page += chunk[start:end + 1]
+            start = end + 1
+            if count and len(page) > max_bytes:
+                return bytes(page[:line_start]), count
+            count += 1
+            line_start = len(page)
+            if count == limit:
+                return bytes(page), count
+        page += chunk[start:]
+        if count and len(page) > max_bytes:
+            break
+    return bytes(page[:line_start]), count
+
+
 def delete_file(conn: Connection, file_id: str) -> None:
     conn.execute(files.delete().where(files.c.id == file_id))
 
@@ -160,8 +189,8 @@ def expiry_seconds(policy, settings: Settings, param: str) -> int | None:
     if not isinstance(policy, dict) or policy.get("anchor") != "created_at":
         raise InvalidRequest(f"{param}.anchor must be 'created_at'.", param=f"{param}.anchor", code="invalid_value")
     seconds = policy.get("seconds")
-    if isinstance(seconds, str) and seconds.isdigit():
-        seconds = int(seconds)  # a multipart form sends it as text
+    if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 12:
+        seconds = int(seconds)  # a multipart form sends it as text (`isdigit` alone takes "²")
     if (not isinstance(seconds, int) or isinstance(seconds, bool)
             or not settings.min_file_expiry <= seconds <= settings.max_file_expiry):
         raise InvalidRequest(f"{param}.seconds must be an integer from {settings.min_file_expiry} to "

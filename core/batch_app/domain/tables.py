@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -23,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 
-from .statuses import BatchStatus, DeliveryStatus, RequestStatus, SlotCommand, SlotKind, WorkerStatus, sql_list
+from .statuses import FINAL_BATCH_STATUSES, BatchStatus, DeathCause, DeliveryStatus, RequestStatus, SlotCommand, SlotKind, WorkerStatus, sql_list
 
 metadata = MetaData()
 
@@ -50,6 +49,7 @@ api_keys = Table(
     Column("project", Text, nullable=False),
     Column("name", Text, nullable=False, server_default=""),
     _now_column("created_at"),
+    _optional_time("revoked_at"),  # a revoked key keeps its row, so it stays refused (keys.py)
 )
 
 files = Table(
@@ -102,11 +102,28 @@ batches = Table(
     _optional_time("expired_at"),
     _optional_time("cancelling_at"),
     _optional_time("cancelled_at"),
+    # When retention deleted its request rows (its results live in its files from its end on).
+    _optional_time("requests_pruned_at"),
     Index("batches_project_id", "project", "id"),
     Index("batches_status", "status"),
     Index("batches_project_newest", "project", "created_at", "id"),  # lists: newest first
     Index("batches_newest", "created_at", "id"),
+    # A project's unfinished batches, which its limits count (limits.py).
+    Index("batches_project_unfinished", "project",
+          postgresql_where=text(f"status NOT IN ({sql_list(FINAL_BATCH_STATUSES)})")),
+    # Finished batches whose request rows are still there: what retention deletes next.
+    Index("batches_unpruned", "id",
+          postgresql_where=text(f"requests_pruned_at IS NULL AND status IN ({sql_list(FINAL_BATCH_STATUSES)})")),
     _status_check("batches", BatchStatus),
+)
+
+# The line numbers of a finished batch's failed, expired and cancelled requests, written with its
+# files: a retry takes those lines from its input file once the request rows are gone.
+unsuccessful_lines = Table(
+    "unsuccessful_lines",
+    metadata,
+    Column("batch_id", Text, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("lines", ARRAY(Integer), nullable=False),
 )
 
 # One row per input line: the unit of durable work.
@@ -125,6 +142,9 @@ batch_requests = Table(
     Column("attempt", Integer, nullable=False, server_default="0"),  # runs, each under its own claim
     # Deaths of workers running it that may have been its fault: MAX_ATTEMPTS of them make it poison.
     Column("crashes", Integer, nullable=False, server_default="0"),
+    # Runs in a row that ended with their host lost (power, a cut link): never charged, but one that
+    # keeps losing its hosts is logged for an operator (WARN_AFTER_HOST_LOSSES).
+    Column("host_losses", Integer, nullable=False, server_default="0"),
     Column("worker_id", UUID(as_uuid=False)),
     # A finished request keeps the HTTP status and body it answered with (the engine's own
     # rejections included); `error` holds failures that have no response (expired, poison...).
@@ -187,8 +207,6 @@ workers = Table(
     Column("requests_done", BigInteger, nullable=False, server_default="0"),
     Column("tokens_done", BigInteger, nullable=False, server_default="0"),
     Column("in_flight", Integer, nullable=False, server_default="0"),
-    # Whether its death counts as a crash of the requests it held (not when it was killed from outside).
-    Column("blames_requests", Boolean, nullable=False, server_default="true"),
     _now_column("started_at"),
     _now_column("last_seen"),
     _now_column("last_progress_at"),
@@ -196,6 +214,9 @@ workers = Table(
     # A server row is written by the watchdog that runs the server: its beat is a passed health check.
     Column("kind", Text, nullable=False, server_default=SlotKind.WORKER.value),
     Column("probe", Text, nullable=False, server_default=""),  # a server's last health check, in words
+    # The scheduler's job (SLURM job id) and node the process runs in; empty outside a job.
+    Column("scheduler_job", Text, nullable=False, server_default=""),
+    Column("scheduler_node", Text, nullable=False, server_default=""),
     Index("workers_model_last_seen", "model", "last_seen"),
     _status_check("workers", WorkerStatus),
     _status_check("workers", SlotKind, "kind"),
@@ -244,7 +265,30 @@ worker_restarts = Table(
     Index("worker_restarts_slot_time", "host", "slot", "restarted_at"),
 )
 
-# Webhook endpoints of a project (webhooks.py); the secret signs, so it is kept as it is.
+# Each host's watchdog beats here: a worker silent while its host beats is its watchdog's to judge,
+# one silent together with its host was lost with it (registry.mark_silent_workers_dead).
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("host", Text, primary_key=True),
+    _now_column("last_seen"),
+)
+
+# Why each worker died, as whoever declared it dead saw it, and how many running requests it held:
+# the rescue charges those a crash only for the causes a request may have caused (queue.CHARGED_DEATHS).
+worker_deaths = Table(
+    "worker_deaths",
+    metadata,
+    Column("worker_id", UUID(as_uuid=False), ForeignKey("workers.id", ondelete="CASCADE"), primary_key=True),
+    Column("cause", Text, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Column("declared_by", Text, nullable=False, server_default=""),  # the host whose process declared it
+    _now_column("declared_at"),
+    Column("requests", Integer, nullable=False, server_default="0"),  # running requests it held, rescued
+    _status_check("worker_deaths", DeathCause, "cause"),
+)
+
+# Webhook endpoints of a project (webhooks.py); the secrets are sealed (webhook_secrets.py).
 webhook_endpoints = Table(
     "webhook_endpoints",
     metadata,
@@ -258,6 +302,9 @@ webhook_endpoints = Table(
     _optional_time("old_secret_until"),
     _now_column("created_at"),
     _now_column("updated_at"),
+    # The breaker: failed tries in a row, and the pause they earned (webhooks.py's claim skips it).
+    Column("failures", Integer, nullable=False, server_default="0"),
+    _optional_time("paused_until"),
     Index("webhook_endpoints_project_created", "project", "created_at"),
 )
 
@@ -286,7 +333,12 @@ webhook_deliveries = Table(
     Column("last_error", Text, nullable=False, server_default=""),
     _now_column("created_at"),
     _optional_time("delivered_at"),
-    Index("webhook_deliveries_due", "next_attempt_at",
+    _optional_time("leased_until"),  # set while a sender tries it: the endpoint's tries in flight
+    Index("webhook_deliveries_event", "event_id"),  # retention deletes events with no delivery left
+    Index("webhook_deliveries_endpoint", "endpoint_id"),  # deleting an endpoint deletes its deliveries
+    # The claim: endpoints with pending deliveries, and each one's due deliveries in turn.
+    Index("webhook_deliveries_endpoint_due", "endpoint_id", "next_attempt_at",
           postgresql_where=text(f"status = '{DeliveryStatus.PENDING}'")),
+    Index("webhook_deliveries_in_flight", "endpoint_id", postgresql_where=text("leased_until IS NOT NULL")),
     _status_check("webhook_deliveries", DeliveryStatus),
 )

@@ -15,21 +15,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
-import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..config import Settings
-from .errors import InvalidRequest, NotFound
+from .errors import InvalidRequest, LimitReached, NotFound
 from .ids import new_id
+from .query import Query
 from .statuses import BatchStatus, DeliveryStatus
+from .webhook_secrets import SecretBox, UnreadableSecret, secret_box
 
 # The events this server sends, by the batch status that causes each.
 BATCH_EVENTS = {BatchStatus.COMPLETED: "batch.completed", BatchStatus.FAILED: "batch.failed",
@@ -40,56 +39,38 @@ ROTATION_OVERLAP = 24 * 3600  # seconds the old secret keeps signing when asked 
 
 # --- Endpoints ---
 
+MAX_NAME_LENGTH = 256
+MAX_DELIVERIES_PER_EVENT = 100  # the most endpoints WEBHOOK_MAX_ENDPOINTS_PER_PROJECT allows
+
+
 def _new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _hint(secret: str) -> str:
-    return f"whsec_...{secret[-4:]}"
+def _hint(box: SecretBox, stored: str) -> str:
+    try:
+        return f"whsec_...{box.open(stored)[-4:]}"
+    except UnreadableSecret:
+        return "whsec_...????"  # its key is gone: the endpoint is still listed
 
 
-def endpoint_object(row, with_secret: bool = False) -> dict[str, Any]:
+def endpoint_object(row, box: SecretBox, with_secret: bool = False) -> dict[str, Any]:
     body = {"id": row.id, "object": "webhook_endpoint", "name": row.name, "url": row.url,
             "event_types": list(row.event_types), "created_at": int(row.created_at.timestamp()),
-            "updated_at": int(row.updated_at.timestamp()), "signing_secret_hint": _hint(row.secret)}
+            "updated_at": int(row.updated_at.timestamp()), "signing_secret_hint": _hint(box, row.secret)}
     if with_secret:
-        body["signing_secret"] = row.secret
+        body["signing_secret"] = box.open(row.secret)
     return body
 
 
-def check_url(url: str, settings: Settings) -> str:
-    """An http(s) URL whose host resolves to public addresses only (unless WEBHOOK_ALLOW_PRIVATE),
-    so the server cannot be made to probe its own network."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InvalidRequest(f"The URL '{url[:200]}' has a bad port.", param="url", code="invalid_url") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise InvalidRequest(f"The URL '{url[:200]}' is not an https:// URL.", param="url", code="invalid_url")
-    if parts.scheme == "http" and not settings.webhook_allow_private:
-        raise InvalidRequest("Webhook URLs must use https.", param="url", code="invalid_url")
-    if not settings.webhook_allow_private and (private := private_address(parts.hostname, port)):
-        raise InvalidRequest(f"The URL's host resolves to {private}, a loopback, link-local or private address; "
-                             f"set WEBHOOK_ALLOW_PRIVATE=true to allow it.", param="url", code="invalid_url")
-    return url
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH or not all(char.isprintable() for char in name):
+        raise InvalidRequest(f"name must be at most {MAX_NAME_LENGTH} printable characters (no control characters).",
+                             param="name", code="invalid_value")
+    return name
 
 
-def private_address(host: str, port: int) -> str | None:
-    """The first address `host` resolves to that is not public, or None (unresolvable counts as
-    not public: it cannot be checked)."""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (socket.gaierror, UnicodeError):
-        return f"nothing ({host} does not resolve)"
-    for address in sorted(addresses):
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global or ip.is_multicast:
-            return address
-    return None
-
-
-def _check_event_types(event_types: list[str]) -> list[str]:
+def check_event_types(event_types: list[str]) -> list[str]:
     if not event_types or any(kind not in EVENT_TYPES for kind in event_types):
         raise InvalidRequest(f"event_types must be a non-empty list of {', '.join(EVENT_TYPES)} (the events this "
                              f"server sends).", param="event_types", code="invalid_value")
@@ -106,30 +87,57 @@ def get_endpoint(conn: Connection, project: str, endpoint_id: str):
     return row
 
 
+def endpoint_query(project: str, endpoint_id: str) -> Query:
+    """get_endpoint as one statement for the API's event loop."""
+    def found(rows: list):
+        if not rows:
+            raise NotFound("webhook endpoint", endpoint_id, "webhook_endpoint_id")
+        return rows[0]
+
+    return Query("SELECT * FROM webhook_endpoints WHERE id = %(id)s AND project = %(project)s",
+                 {"id": endpoint_id, "project": project}, found)
+
+
+# Creates of one project wait for each other here (as limits.py's do), so two at once cannot both
+# take the last place; no other project waits.
+_LOCK_OWN = text("SELECT pg_advisory_xact_lock(hashtextextended('webhook_endpoints:' || :project, 0))")
+_OWN_ENDPOINTS = text("SELECT count(*) FROM webhook_endpoints WHERE project = :project")
+
+
 def create_endpoint(conn: Connection, settings: Settings, project: str, *, name: str, url: str,
                     event_types: list[str]):
+    """`url` is checked by the caller (webhook_transport.check_url), outside the transaction: its
+    lookup may be slow."""
+    conn.execute(_LOCK_OWN, {"project": project})
+    limit = settings.webhook_max_endpoints_per_project
+    if conn.execute(_OWN_ENDPOINTS, {"project": project}).scalar() >= limit:
+        raise LimitReached(f"This project has {limit} webhook endpoints, the most it may "
+                           f"(WEBHOOK_MAX_ENDPOINTS_PER_PROJECT = {limit}); delete one to create another.",
+                           code="webhook_max_endpoints_per_project")
     return conn.execute(text("""
         INSERT INTO webhook_endpoints (id, project, name, url, event_types, secret)
         VALUES (:id, :project, :name, :url, :event_types, :secret) RETURNING *"""),
-        # The event types first: they are checked without a DNS lookup.
-        {"id": new_id("we_"), "project": project, "name": name, "event_types": _check_event_types(event_types),
-         "url": check_url(url, settings), "secret": _new_secret()}).one()
+        {"id": new_id("we_"), "project": project, "name": name, "event_types": event_types, "url": url,
+         "secret": secret_box(settings).seal(_new_secret())}).one()
 
 
-def update_endpoint(conn: Connection, settings: Settings, project: str, endpoint_id: str, *,
-                    name: str | None, url: str | None, event_types: list[str] | None):
+def update_endpoint(conn: Connection, project: str, endpoint_id: str, *, name: str | None, url: str | None,
+                    event_types: list[str] | None):
+    """Each given field already checked (a new `url` by webhook_transport.check_url)."""
     row = get_endpoint(conn, project, endpoint_id)
-    changes = {"name": name if name is not None else row.name,
-               "url": check_url(url, settings) if url is not None else row.url,
-               "event_types": _check_event_types(event_types) if event_types is not None else list(row.event_types)}
+    changes = {"name": name if name is not None else row.name, "url": url if url is not None else row.url,
+               "event_types": event_types if event_types is not None else list(row.event_types)}
     if (changes["name"], changes["url"], changes["event_types"]) == (row.name, row.url, list(row.event_types)):
         return row  # an unchanged update does not advance updated_at
+    # A new URL is a new receiver: it starts with a closed breaker.
     return conn.execute(text("""
-        UPDATE webhook_endpoints SET name = :name, url = :url, event_types = :event_types, updated_at = now()
+        UPDATE webhook_endpoints SET name = :name, url = :url, event_types = :event_types, updated_at = now(),
+               failures = CASE WHEN url = :url THEN failures ELSE 0 END,
+               paused_until = CASE WHEN url = :url THEN paused_until END
         WHERE id = :id RETURNING *"""), {"id": endpoint_id, **changes}).one()
 
 
-def rotate_secret(conn: Connection, project: str, endpoint_id: str, keep_old_for_a_day: bool):
+def rotate_secret(conn: Connection, settings: Settings, project: str, endpoint_id: str, keep_old_for_a_day: bool):
     get_endpoint(conn, project, endpoint_id)
     return conn.execute(text("""
         UPDATE webhook_endpoints
@@ -137,31 +145,34 @@ def rotate_secret(conn: Connection, project: str, endpoint_id: str, keep_old_for
             old_secret_until = CASE WHEN :keep THEN now() + make_interval(secs => :overlap) END,
             secret = :secret, updated_at = now()
         WHERE id = :id RETURNING *"""),
-        {"id": endpoint_id, "keep": keep_old_for_a_day, "overlap": ROTATION_OVERLAP, "secret": _new_secret()}).one()
+        {"id": endpoint_id, "keep": keep_old_for_a_day, "overlap": ROTATION_OVERLAP,
+         "secret": secret_box(settings).seal(_new_secret())}).one()
 
 
-def list_endpoints(conn: Connection, project: str, after: str | None, limit: int) -> dict[str, Any]:
+def list_endpoints(conn: Connection, box: SecretBox, project: str, after: str | None, limit: int) -> dict[str, Any]:
     rows = conn.execute(text("""
         SELECT * FROM webhook_endpoints
         WHERE project = :project AND (CAST(:after AS text) IS NULL OR (created_at, id) < (
               SELECT created_at, id FROM webhook_endpoints WHERE id = :after AND project = :project))
         ORDER BY created_at DESC, id DESC LIMIT :limit"""),
         {"project": project, "after": after, "limit": limit + 1}).all()
-    page = [endpoint_object(row) for row in rows[:limit]]
+    page = [endpoint_object(row, box) for row in rows[:limit]]
     return {"object": "list", "data": page, "has_more": len(rows) > limit,
             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
 def delete_endpoint(conn: Connection, project: str, endpoint_id: str) -> None:
+    """Its deliveries go with it (found by webhook_deliveries_endpoint)."""
     get_endpoint(conn, project, endpoint_id)
     conn.execute(text("DELETE FROM webhook_endpoints WHERE id = :id"), {"id": endpoint_id})
 
 
 # --- Events: recorded with the batch's ending, one delivery per subscribed endpoint ---
 
-_RECORD_EVENT = text("""
+_RECORD_EVENT = text(f"""
 WITH subscribed AS (SELECT id FROM webhook_endpoints
-                    WHERE project = :project AND event_types @> ARRAY[CAST(:type AS text)]),
+                    WHERE project = :project AND event_types @> ARRAY[CAST(:type AS text)]
+                    ORDER BY created_at, id LIMIT {MAX_DELIVERIES_PER_EVENT}),
 event AS (INSERT INTO webhook_events (id, project, type, payload)
           SELECT :id, :project, :type, :payload WHERE EXISTS (SELECT 1 FROM subscribed)
           RETURNING id)
@@ -187,50 +198,112 @@ def record_batch_event(conn: Connection, project: str, batch_id: str, status: Ba
                                  "payload": event_payload(event_id, event_type, batch_id)})
 
 
-# --- Deliveries: claimed by a sender under a lease, then recorded ---
+# --- Deliveries: claimed by a sender under a lease, then recorded by the lease's holder ---
 
+_PENDING = DeliveryStatus.PENDING
+
+# A claim shares the senders between endpoints and projects, as the queue's claim shares workers
+# between projects (queue._PICK_FAIRLY). `pending` finds the endpoints with pending deliveries
+# with one index probe each (a loose scan). An endpoint offers its due deliveries up to its room:
+# WEBHOOK_CONCURRENCY_PER_ENDPOINT less those in flight (leased), or one while it is on probation
+# after its breaker opened, none while it is paused. The claim then takes round-robin: first
+# between projects, the projects with the fewest tries in flight first, then between one
+# project's endpoints. So a project's hostile receivers hold at most their own share of senders,
+# and a delivery of another project is next whenever a sender is free.
+# A lease (`leased_until`, and `next_attempt_at` so a dead sender's delivery is due again) lasts
+# longer than a try; `attempts` is the lease's token, checked when the try is recorded.
 _CLAIM = text(f"""
-WITH due AS (SELECT id FROM webhook_deliveries
-             WHERE status = '{DeliveryStatus.PENDING}' AND next_attempt_at <= now()
-             ORDER BY next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED),
-leased AS (UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
-                  next_attempt_at = now() + make_interval(secs => :lease)
-           FROM due WHERE d.id = due.id RETURNING d.*)
-SELECT leased.id, leased.attempts, leased.created_at, ev.id AS event_id, ev.payload, ep.url, ep.secret,
-       CASE WHEN ep.old_secret_until > now() THEN ep.old_secret END AS old_secret
+WITH RECURSIVE pending(endpoint_id) AS (
+    (SELECT endpoint_id FROM webhook_deliveries WHERE status = '{_PENDING}' ORDER BY endpoint_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.endpoint_id FROM webhook_deliveries d
+            WHERE d.status = '{_PENDING}' AND d.endpoint_id > p.endpoint_id ORDER BY d.endpoint_id LIMIT 1)
+    FROM pending p WHERE p.endpoint_id IS NOT NULL),
+endpoints AS (
+    SELECT ep.id, ep.project, ep.failures >= :breaker_failures AS on_probation,
+           ep.paused_until > now() AS paused,
+           (SELECT count(*) FROM webhook_deliveries l WHERE l.endpoint_id = ep.id AND l.leased_until > now())
+               AS in_flight
+    FROM pending p JOIN webhook_endpoints ep ON ep.id = p.endpoint_id),
+room AS (
+    SELECT id, project, CASE WHEN on_probation THEN 1 ELSE :per_endpoint END - in_flight AS room,
+           sum(in_flight) OVER (PARTITION BY project) AS project_in_flight
+    FROM endpoints WHERE paused IS NOT TRUE),
+offered AS (
+    SELECT mine.id, room.project, room.project_in_flight
+           + row_number() OVER (PARTITION BY room.project ORDER BY mine.turn, room.id) AS turn
+    FROM room CROSS JOIN LATERAL (
+        SELECT due.id, row_number() OVER (ORDER BY due.next_attempt_at, due.id) AS turn FROM (
+            SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+            WHERE d.endpoint_id = room.id AND d.status = '{_PENDING}' AND d.next_attempt_at <= now()
+            ORDER BY d.next_attempt_at, d.id LIMIT room.room FOR UPDATE SKIP LOCKED) due) mine
+    WHERE room.room > 0),
+picked AS (SELECT id FROM offered ORDER BY turn, project LIMIT :limit),
+leased AS (
+    UPDATE webhook_deliveries d SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => :lease),
+           next_attempt_at = now() + make_interval(secs => :lease)
+    FROM picked WHERE d.id = picked.id RETURNING d.*)
+SELECT leased.id, leased.attempts, leased.created_at, leased.endpoint_id, ev.id AS event_id, ev.payload, ep.url,
+       ep.project, ep.secret, CASE WHEN ep.old_secret_until > now() THEN ep.old_secret END AS old_secret
 FROM leased JOIN webhook_events ev ON ev.id = leased.event_id JOIN webhook_endpoints ep ON ep.id = leased.endpoint_id
 ORDER BY leased.id
 """)
 
+# The lease's holder only: a try recorded after another sender has claimed the delivery again
+# (and perhaps delivered it) changes nothing. Its endpoint's breaker closes.
 _DELIVERED = text(f"""
-UPDATE webhook_deliveries SET status = '{DeliveryStatus.DELIVERED}', delivered_at = now(),
-       last_status_code = :status_code, last_error = ''
-WHERE id = :id
+WITH delivered AS (
+    UPDATE webhook_deliveries SET status = '{DeliveryStatus.DELIVERED}', delivered_at = now(), leased_until = NULL,
+           last_status_code = :status_code, last_error = ''
+    WHERE id = :id AND attempts = :attempts AND status = '{_PENDING}'
+    RETURNING endpoint_id)
+UPDATE webhook_endpoints ep SET failures = 0, paused_until = NULL
+FROM delivered WHERE ep.id = delivered.endpoint_id
+RETURNING ep.id
 """)
 
-# A failed try: again after the backoff, or given up once the event is older than the retry period.
+# A failed try: again after the backoff, or given up once the event is older than the retry
+# period. Its endpoint counts one more failure in a row; from WEBHOOK_BREAKER_FAILURES on it is
+# paused, for longer the more tries have failed.
 _FAILED = text(f"""
-UPDATE webhook_deliveries
-SET last_status_code = :status_code, last_error = :error,
-    status = CASE WHEN created_at < now() - make_interval(secs => :retry_for)
-                  THEN '{DeliveryStatus.FAILED}' ELSE '{DeliveryStatus.PENDING}' END,
-    next_attempt_at = now() + make_interval(secs => :backoff)
-WHERE id = :id
+WITH failed AS (
+    UPDATE webhook_deliveries
+    SET last_status_code = :status_code, last_error = :error, leased_until = NULL,
+        status = CASE WHEN created_at < now() - make_interval(secs => :retry_for)
+                      THEN '{DeliveryStatus.FAILED}' ELSE '{_PENDING}' END,
+        next_attempt_at = now() + make_interval(secs => :backoff)
+    WHERE id = :id AND attempts = :attempts AND status = '{_PENDING}'
+    RETURNING endpoint_id)
+UPDATE webhook_endpoints ep SET failures = ep.failures + 1,
+       paused_until = CASE WHEN ep.failures + 1 >= :breaker_failures
+                           THEN now() + make_interval(secs => least(
+                               :pause_min * power(2, least(ep.failures + 1 - :breaker_failures, 30)), :pause_max))
+                      END
+FROM failed WHERE ep.id = failed.endpoint_id
+RETURNING ep.paused_until
 """)
 
 
-def claim_deliveries(conn: Connection, limit: int, lease: float) -> list:
-    return conn.execute(_CLAIM, {"limit": limit, "lease": lease}).all()
+def claim_deliveries(conn: Connection, settings: Settings, limit: int, lease: float) -> list:
+    return conn.execute(_CLAIM, {"limit": limit, "lease": lease, "per_endpoint": settings.webhook_concurrency_per_endpoint,
+                                 "breaker_failures": settings.webhook_breaker_failures}).all()
 
 
-def record_delivered(conn: Connection, delivery_id: int, status_code: int) -> None:
-    conn.execute(_DELIVERED, {"id": delivery_id, "status_code": status_code})
+def record_delivered(conn: Connection, delivery, status_code: int) -> bool:
+    """False when the caller no longer holds the delivery's lease (nothing changed)."""
+    return conn.execute(_DELIVERED, {"id": delivery.id, "attempts": delivery.attempts,
+                                     "status_code": status_code}).first() is not None
 
 
-def record_failed(conn: Connection, delivery_id: int, status_code: int | None, error: str, backoff: float,
-                  retry_for: float) -> None:
-    conn.execute(_FAILED, {"id": delivery_id, "status_code": status_code, "error": error[:1000],
-                           "backoff": backoff, "retry_for": retry_for})
+def record_failed(conn: Connection, settings: Settings, delivery, status_code: int | None, error: str,
+                  backoff: float) -> tuple[bool, Any]:
+    """(whether the caller still held the lease, when its endpoint's pause ends or None)."""
+    paused = conn.execute(_FAILED, {
+        "id": delivery.id, "attempts": delivery.attempts, "status_code": status_code,
+        "error": error[:1000].replace("\x00", "\\x00"), "backoff": backoff, "retry_for": settings.webhook_retry_for,
+        "breaker_failures": settings.webhook_breaker_failures, "pause_min": settings.webhook_backoff_min,
+        "pause_max": settings.webhook_backoff_max}).first()
+    return paused is not None, paused.paused_until if paused is not None else None
 
 
 def signed_headers(event_id: str, payload: str, secrets_: list[str]) -> dict[str, str]:

@@ -17,6 +17,8 @@ each request as it is and returning the backend's own answer.
   they timed out) has what it holds taken from it, and tried elsewhere at once. A request held `request_timeout` without an
   answer is a timeout of that backend. A request whose every try was lost by a server that
   went away under it (`max_attempts` of them) may be what kills them: it ends `poison_request`.
+- Size: an answer longer than BACKEND_MAX_REPLY_BYTES is read no further and is that request's
+  error (`response_too_large`), never held whole.
 - Progress (the watchdog's stall check) moves with every answer and every passed health check
   of a backend holding requests, so it stops only when the whole pool is stuck.
 
@@ -39,12 +41,15 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 
 from ..config import Backend as BackendConfig
-from ..config import WorkerSlot
+from ..config import WorkerSlot, get_settings
+from ..domain.batch_format import RESPONSES
+from ..server_keys import server_key
 from .base import RETRY_STATUS, EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ class _Backend:
     taken: set[asyncio.Task] = field(default_factory=set)  # of those, cancelled to be tried elsewhere
     failed_checks: int = 0  # health checks failed in a row
     session: aiohttp.ClientSession | None = None  # its own connection pool, unbounded: `_pick` bounds it
+    headers: dict[str, str] = field(default_factory=dict)  # its key
 
     @property
     def url(self) -> str:
@@ -91,6 +97,10 @@ class _Answer:
     def excerpt(self) -> str:
         """The start of the body, for a log line or the database (which refuses NUL)."""
         return _printable(self.content[:BODY_EXCERPT].decode("utf-8", "replace"))
+
+
+class _TooLarge(Exception):
+    """A backend's answer ran past BACKEND_MAX_REPLY_BYTES (it was read no further)."""
 
 
 class _Failure(Exception):
@@ -114,8 +124,11 @@ class OpenAIHttpEngine:
             raise ValueError("the openai-http engine needs at least one backend (`backends` in WORKERS, or BACKENDS)")
         self.model_name = spec.served_name
         self._backend_model = spec.model_path  # the name the backends serve it under
+        settings = get_settings()
+        self._max_reply = settings.backend_max_reply_bytes
         self.progress = EngineProgress()
-        self._backends = [_Backend(config, BackendState(config.url)) for config in self.slot.backends]
+        self._backends = [_Backend(config, BackendState(config.url), headers=self._headers(config, settings.data_dir))
+                          for config in self.slot.backends]
         self._turns = itertools.count()
         self._results: queue.SimpleQueue[EngineResult] = queue.SimpleQueue()
         self._running: dict[str, concurrent.futures.Future] = {}
@@ -283,11 +296,17 @@ class OpenAIHttpEngine:
 
     async def _send(self, backend: _Backend, request: EngineRequest) -> EngineResult:
         body = {**request.body, "model": self._backend_model}
+        if request.endpoint == RESPONSES:
+            body.setdefault("store", False)  # vLLM stores a response unless told not to; no batch reads it back
         attempt = asyncio.ensure_future(self._fetch(backend, "POST", request.endpoint, self.slot.request_timeout,
                                                     json=body))
         backend.attempts.add(attempt)
         try:
             response = await attempt
+        except _TooLarge:
+            return error_result(request.key, f"The answer to this request is larger than {self._max_reply} bytes "
+                                             "(BACKEND_MAX_REPLY_BYTES); ask for less (max_tokens, n, logprobs).",
+                                status_code=502, error_type="server_error", code="response_too_large")
         except asyncio.CancelledError:
             if attempt not in backend.taken:
                 raise  # aborted by the worker (cancelled batch, shutdown): the connection closes
@@ -310,9 +329,9 @@ class OpenAIHttpEngine:
         """One HTTP exchange with a backend; a failure to get an answer is a `_Failure` saying why."""
         try:
             async with backend.session.request(
-                    method, backend.url + path, headers=self._headers(backend),
+                    method, backend.url + path, headers=backend.headers,
                     timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT), **options) as response:
-                return _Answer(response.status, await response.read())
+                return _Answer(response.status, await self._read(response))
         except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
             raise _Failure("timeout", type(exc).__name__, f"no answer to {method} {path} within {timeout:.0f} s") \
                 from None
@@ -320,6 +339,17 @@ class OpenAIHttpEngine:
             raise _Failure("connection_refused", type(exc).__name__, _message(exc)) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _Failure("connection_error", type(exc).__name__, _message(exc), lost=True) from None
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, read no further than BACKEND_MAX_REPLY_BYTES."""
+        if (response.content_length or 0) > self._max_reply:
+            raise _TooLarge()
+        body = bytearray()
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > self._max_reply:
+                raise _TooLarge()
+        return bytes(body)
 
     def _result(self, key: str, response: _Answer) -> EngineResult:
         try:
@@ -365,6 +395,8 @@ class OpenAIHttpEngine:
                                                                  f"not {self._backend_model}")
         except _Failure as failure:
             self._check_failed(backend, failure.state, str(failure))
+        except _TooLarge:
+            self._check_failed(backend, "reply_too_large", f"an answer to a health check past {self._max_reply} bytes")
         except Exception as exc:  # nothing may end health checking: it is what re-admits backends
             log.error("health check of backend %s failed: %s: %s", backend.url, type(exc).__name__, exc, exc_info=exc)
         else:
@@ -405,8 +437,9 @@ class OpenAIHttpEngine:
         async with self._room:
             self._room.notify_all()
 
-    def _headers(self, backend: _Backend) -> dict[str, str]:
-        key = backend.config.api_key or self.slot.api_key
+    def _headers(self, config: BackendConfig, data_dir) -> dict[str, str]:
+        """The backend's key: a managed server's own (server_keys.py), else the configured one."""
+        key = server_key(data_dir, urlsplit(config.url).port) if config.managed else config.api_key or self.slot.api_key
         return {"Authorization": f"Bearer {key}"} if key else {}
 
 

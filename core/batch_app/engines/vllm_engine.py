@@ -1,9 +1,12 @@
 """The vLLM engine: OpenAI request bodies in, OpenAI response bodies out, one engine step at a time.
 
-Request bodies are checked and shaped here rather than by vLLM's OpenAI server classes, whose
-modules move between releases; only vLLM's long-lived offline API is used (LLM, its LLMEngine's
-add_request/step/abort_request, SamplingParams and PoolingParams), plus its detokenizer's test
-for which tokenizers it steps through natively (see _decoded_text).
+Two paths share one engine. The fast path answers the common lines itself: chat with plain text
+messages, completions and embeddings with the fields listed in _FAST_FIELDS, and /v1/responses
+mapped onto chat (responses.py). It decodes each answer once when it finishes instead of token
+by token (see _decoded_text), which is what keeps the worker at raw vLLM's pace. Every other line
+(tools, tool messages, reasoning parsers, echo, suffix, media, any field the fast path does not
+know) is answered by vLLM's own serving classes (vllm_serving.py), exactly as `vllm serve` with
+the slot's options answers it.
 """
 
 from __future__ import annotations
@@ -21,33 +24,35 @@ from typing import TYPE_CHECKING, Any
 from ..domain.batch_format import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES
 from . import responses
 from .base import EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
+from .vllm_serving import SERVE_OPTIONS, ServeOptions, ServingPath
 
 if TYPE_CHECKING:  # vllm itself is imported only when an engine is built
     from vllm.logprobs import Logprob
     from vllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
     from vllm.pooling_params import PoolingParams
-    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+    from vllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Completions default to 16 tokens as OpenAI's do; chat fills the remaining context.
-_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# Tokens between the partial outputs a running request reports (see _sampling_params).
+# Tokens between the partial outputs a running request reports (see _prepare).
 _PROGRESS_INTERVAL = 16
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # JSON has no -inf; OpenAI reports impossible tokens with this floor instead.
 _LOGPROB_FLOOR = -9999.0
 # Prompt tokens decoded ahead of the output, so its first token decodes as it does in context
 # (a SentencePiece "▁word" keeps its space only after other text).
 _DECODE_CONTEXT = 6
-# Fields that change the result in ways this engine does not implement: rejecting them is
-# better than silently returning something the caller did not ask for.
-_UNSUPPORTED_FIELDS = {
-    CHAT_COMPLETIONS: ("tools", "functions", "audio", "prediction"),
-    COMPLETIONS: ("echo", "suffix"),
-    EMBEDDINGS: (),
-    RESPONSES: (),  # responses.py refuses what it cannot map
+# The fields the fast path answers, in an answer of the shape `vllm serve` gives; a line with any
+# other field (tools, echo, suffix...) goes to vLLM's serving classes.
+_SAMPLING_FIELDS = {"model", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "n", "max_tokens", "min_tokens", "stop", "logit_bias",
+                    "response_format", "user", "stream"}
+_FAST_FIELDS = {
+    CHAT_COMPLETIONS: _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                                          "chat_template_kwargs"},
+    COMPLETIONS: _SAMPLING_FIELDS | {"prompt", "logprobs"},
 }
+# Roles a chat template renders from text alone (tool messages and tool calls need vLLM's renderer).
+_PLAIN_ROLES = {"system", "user", "assistant", "developer"}
 
 
 def has_cuda_gpu() -> bool:
@@ -122,12 +127,15 @@ class VllmEngine:
             raise ValueError(f"runner must be 'generate' or 'pooling', got {spec.runner!r}")
         self.model_name = spec.served_name
         self.runner = spec.runner
+        # A slot's options name `vllm serve`'s request handling (tool and reasoning parsers, chat
+        # template) beside LLM(...)'s own.
+        serve_options = ServeOptions(**{name: spec.options[name] for name in SERVE_OPTIONS if name in spec.options})
         self.llm = LLM(
             model=spec.model_path,
             served_model_name=spec.served_name,
             runner=spec.runner,
             max_model_len=spec.max_model_len,
-            **spec.options,
+            **{name: value for name, value in spec.options.items() if name not in SERVE_OPTIONS},
         )
         self._engine = self.llm.llm_engine
         self._tokenizer = self.llm.get_tokenizer()
@@ -147,19 +155,26 @@ class VllmEngine:
         self._sequences = 0  # of the requests in flight, which is what the window counts
         self._in_flight: dict[str, _InFlight] = {}
         self._request_of_part: dict[str, _InFlight] = {}
+        # The lines the fast path does not answer (see the module's note).
+        self._serving = (ServingPath(self._engine, spec.served_name, spec.model_path, serve_options, self.progress)
+                         if spec.runner == "generate" else None)
 
     # -- Engine interface -------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> EngineResult | None:
-        if request.key in self._in_flight:
+        if request.key in self._in_flight or (self._serving and self._serving.holds(request.key)):
             raise ValueError(f"request key {request.key!r} is already in flight")
-        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._serving is not None and not self._fast(request):
+            self._serving.start(request.key, request.endpoint, request.body)
+            return None
         try:
             prompts, params, in_flight = self._prepare(request)
         except InvalidRequest as exc:
             return self._rejected(request.key, str(exc), exc.param)
+        except Exception as exc:  # refused by vLLM's request models or parameters
+            return self._refused(request, exc)
         added: list[str] = []
         try:
             for part_id, prompt in zip(in_flight.part_ids, prompts):
@@ -171,9 +186,9 @@ class VllmEngine:
             # Fail this request alone: a worker that died here would retry it and die again.
             if added:
                 self._engine.abort_request(added)
+            if isinstance(exc, (ValueError, TypeError)):
+                return self._refused(request, exc)
             message = str(exc) or type(exc).__name__
-            if isinstance(exc, (ValueError, TypeError, VLLMClientError)):
-                return self._rejected(request.key, message, getattr(exc, "parameter", None))
             self.progress.requests_finished += 1
             return error_result(request.key, f"the engine could not start this request: {message}",
                                 code="engine_error", status_code=500, error_type="server_error")
@@ -184,13 +199,21 @@ class VllmEngine:
         return None
 
     def step(self) -> list[EngineResult]:
+        serving = self._serving if self._serving is not None and self._serving.busy() else None
+        if serving is not None:
+            serving.add_calls()
         # With the engine core in its own process, step() blocks until it has output.
         if not self._engine.has_unfinished_requests():
-            return []
+            if serving is None:
+                return []
+            serving.wait()  # only its coroutines are at work: rendering, or shaping an answer
+            return serving.answers()
         finished: list[EngineResult] = []
         outputs = self._engine.step()
         self.progress.steps += 1
         for output in outputs:
+            if serving is not None and serving.settle(output):
+                continue
             in_flight = self._request_of_part.get(output.request_id)
             if in_flight is None:  # aborted while its last output was on the way
                 continue
@@ -200,7 +223,7 @@ class VllmEngine:
                 self._forget(in_flight)
                 finished.append(self._result(in_flight))
         self.progress.requests_finished += len(finished)
-        return finished
+        return finished + serving.answers() if serving is not None else finished
 
     def abort(self, keys: list[str]) -> None:
         part_ids: list[str] = []
@@ -209,21 +232,45 @@ class VllmEngine:
             if in_flight is not None:
                 self._forget(in_flight)
                 part_ids.extend(in_flight.part_ids)
+        if self._serving is not None:
+            part_ids += self._serving.abort(keys)
         if part_ids:
             self._engine.abort_request(part_ids)
 
     def in_flight(self) -> int:
-        return self._sequences
+        return self._sequences + (self._serving.sequences if self._serving is not None else 0)
 
     def close(self) -> None:
         self.abort(list(self._in_flight))
+        if self._serving is not None:
+            self._serving.close()
         self._engine.engine_core.shutdown()
 
     # -- Requests -----------------------------------------------------------------------------
 
+    def _fast(self, request: EngineRequest) -> bool:
+        """Whether the fast path answers this line (see the module's note)."""
+        body, endpoint = request.body, request.endpoint
+        if endpoint not in _FAST_FIELDS or not isinstance(body, dict):
+            return True  # embeddings and responses; a body that is no object is refused there
+        if not body.keys() <= _FAST_FIELDS[endpoint]:
+            return False
+        if endpoint == COMPLETIONS:
+            return True
+        messages = body.get("messages")
+        return self._serving.options.fast_chat and isinstance(messages, list) and bool(messages) and all(
+            isinstance(message, dict) and message.keys() <= {"role", "content"}
+            and message.get("role") in _PLAIN_ROLES and _plain_content(message.get("content"))
+            for message in messages)
+
     def _prepare(
         self, request: EngineRequest
     ) -> tuple[list[dict[str, Any]], SamplingParams | PoolingParams, _InFlight]:
+        """The line as prompts and parameters; its fields are read by vLLM's own request models,
+        so they mean what they mean to `vllm serve`."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
         body = request.body
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
@@ -231,30 +278,28 @@ class VllmEngine:
         if request.endpoint not in served:
             raise InvalidRequest(f"model {self.model_name!r} does not serve {request.endpoint}; "
                                  f"it serves {', '.join(served)}")
-        for name in _UNSUPPORTED_FIELDS[request.endpoint]:
-            if body.get(name):
-                raise InvalidRequest(f"'{name}' is not supported by this server", name)
         in_flight = _InFlight(key=request.key, endpoint=request.endpoint, part_ids=[],
                               created=int(time.time()))
-        if request.endpoint == RESPONSES:
-            try:
-                chat = responses.chat_request(body)
-            except responses.ResponsesError as exc:
-                raise InvalidRequest(str(exc), exc.param) from None
-            in_flight.responses_body = body
-            prompts = [self._chat_prompt(chat)]
-            params = self._chat_sampling_params(chat, in_flight)
-        elif request.endpoint == CHAT_COMPLETIONS:
-            prompts = [self._chat_prompt(body)]
-            params = self._chat_sampling_params(body, in_flight)
-        elif request.endpoint == COMPLETIONS:
-            prompts = self._text_prompts(body, "prompt")
-            params = self._sampling_params(body, max_tokens=_max_tokens(
-                body, "max_tokens", default=_COMPLETIONS_DEFAULT_MAX_TOKENS),
-                logprobs=_optional(body, "logprobs", int, "an integer"))
-        else:
-            prompts = self._text_prompts(body, "input")
+        if request.endpoint == EMBEDDINGS:
+            prompts = self._text_prompts(body.get("input"), "input")
             params = self._pooling_params(body, in_flight)
+        elif request.endpoint == COMPLETIONS:
+            completion = CompletionRequest.model_validate(body)
+            prompts = self._text_prompts(completion.prompt, "prompt")
+            params = self._sampling_params(completion, completion.max_tokens, prompts, completion.logprobs)
+        else:
+            if request.endpoint == RESPONSES:
+                try:
+                    body = responses.chat_request(body)
+                except responses.ResponsesError as exc:
+                    raise InvalidRequest(str(exc), exc.param) from None
+                in_flight.responses_body = request.body
+            chat = ChatCompletionRequest.model_validate(body)
+            prompts = [self._chat_prompt(body)]
+            if chat.logprobs:
+                in_flight.top_logprobs = chat.top_logprobs or 0
+            max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
+            params = self._sampling_params(chat, max_tokens, prompts, in_flight.top_logprobs)
         in_flight.decode_once = request.endpoint != EMBEDDINGS and not params.detokenize
         # "#" then a number, parsed from the right, keeps part ids unique across keys.
         in_flight.part_ids = [f"{request.key}#{index}" for index in range(len(prompts))]
@@ -266,21 +311,14 @@ class VllmEngine:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list of messages", "messages")
-        conversation = [_text_message(message, index) for index, message in enumerate(messages)]
-        template_kwargs = _optional(body, "chat_template_kwargs", dict, "an object") or {}
-        try:
-            text = self._tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True, **template_kwargs
-            )
-        except Exception as exc:  # a Jinja template rejects a conversation by raising anything
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}",
-                                 "messages") from exc
+        text = self._tokenizer.apply_chat_template(
+            [_text_message(message) for message in messages], tokenize=False, add_generation_prompt=True,
+            **(body.get("chat_template_kwargs") or {}))
         # The template already wrote BOS and friends; the tokenizer must not add them twice.
         return {"prompt_token_ids": self._tokenizer.encode(text, add_special_tokens=False)}
 
-    def _text_prompts(self, body: dict[str, Any], param: str) -> list[dict[str, Any]]:
+    def _text_prompts(self, value: Any, param: str) -> list[dict[str, Any]]:
         """OpenAI's `prompt` / `input`: a string or token ids, or a list of either."""
-        value = body.get(param)
         items = value if isinstance(value, list) and value and not _is_token_ids(value) else [value]
         prompts = []
         for item in items:
@@ -293,74 +331,24 @@ class VllmEngine:
                                      "token ids, or a list of such lists", param)
         return prompts
 
-    def _chat_sampling_params(self, body: dict[str, Any], in_flight: _InFlight) -> SamplingParams:
-        wants_logprobs = _optional(body, "logprobs", bool, "a boolean") or False
-        top_logprobs = _optional(body, "top_logprobs", int, "an integer")
-        if top_logprobs is not None and not wants_logprobs:
-            raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
-        if wants_logprobs:
-            in_flight.top_logprobs = top_logprobs or 0
-        # max_tokens is the deprecated spelling of max_completion_tokens.
-        max_tokens = _max_tokens(body, "max_completion_tokens", default=None)
-        if max_tokens is None:
-            max_tokens = _max_tokens(body, "max_tokens", default=None)
-        return self._sampling_params(body, max_tokens=max_tokens, logprobs=in_flight.top_logprobs)
-
-    def _sampling_params(self, body: dict[str, Any], *, max_tokens: int | None,
+    def _sampling_params(self, request: Any, max_tokens: int | None, prompts: list[dict[str, Any]],
                          logprobs: int | None) -> SamplingParams:
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        """vLLM's own parameters for the request, as its server makes them, reported as deltas."""
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+        from vllm.sampling_params import RequestOutputKind
 
-        kwargs: dict[str, Any] = {}
-        for name, kind, description in (
-            ("temperature", (int, float), "a number"),
-            ("top_p", (int, float), "a number"),
-            ("top_k", int, "an integer"),
-            ("min_p", (int, float), "a number"),
-            ("presence_penalty", (int, float), "a number"),
-            ("frequency_penalty", (int, float), "a number"),
-            ("repetition_penalty", (int, float), "a number"),
-            ("seed", int, "an integer"),
-            ("n", int, "an integer"),
-        ):
-            value = _optional(body, name, kind, description)
-            if value is None:
-                value = self._sampling_defaults.get(name)
-            if value is not None:
-                kwargs[name] = value
-        if not _INT64_MIN <= kwargs.get("seed", 0) <= _INT64_MAX:
-            # Caught here: vLLM only fails on it inside step(), taking the whole batch down.
-            raise InvalidRequest("'seed' must fit in a signed 64-bit integer", "seed")
-        if max_tokens is None:
-            max_tokens = self._sampling_defaults.get("max_tokens")
-        if max_tokens is not None and max_tokens > self._context:
-            raise InvalidRequest(f"'max_tokens' is {max_tokens}; the model's context holds {self._context} tokens, "
-                                 "prompt included", "max_tokens")
-        stop = body.get("stop")
-        if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(item, str) for item in stop)
-        ):
-            raise InvalidRequest("'stop' must be a string or a list of strings", "stop")
-        try:
-            return SamplingParams(
-                **kwargs,
-                stop=stop,
-                max_tokens=max_tokens,
-                logprobs=logprobs,
-                logit_bias=_logit_bias(body),
-                structured_outputs=_structured_outputs(body),
-                # Deltas, one every _PROGRESS_INTERVAL tokens, are merged per choice in
-                # _merge_output; n > 1 choices arrive separately either way.
-                output_kind=RequestOutputKind.DELTA,
-                stream_interval=_PROGRESS_INTERVAL,
-                # vLLM detokenizes every token inside the engine's step, holding up the next
-                # step; decoding once when a request finishes (_decoded_text) gives the same
-                # text for less. vLLM must still detokenize as it goes to find stop strings and
-                # to name logprobs' tokens.
-                detokenize=self._fast_tokenizer is None or bool(stop) or logprobs is not None,
-            )
-        except (ValueError, TypeError, VLLMClientError) as exc:
-            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
+        longest = max(len(prompt["prompt_token_ids"]) for prompt in prompts)
+        params = request.to_sampling_params(
+            get_max_tokens(self._context, max_tokens, longest, self._sampling_defaults), self._sampling_defaults)
+        # Deltas, one every _PROGRESS_INTERVAL tokens, are merged per choice in _merge_output;
+        # n > 1 choices arrive separately either way.
+        params.output_kind = RequestOutputKind.DELTA
+        params.stream_interval = _PROGRESS_INTERVAL
+        # vLLM detokenizes every token inside the engine's step, holding up the next step;
+        # decoding once when a request finishes (_decoded_text) gives the same text for less.
+        # vLLM must still detokenize as it goes to find stop strings and to name logprobs' tokens.
+        params.detokenize = self._fast_tokenizer is None or bool(params.stop) or logprobs is not None
+        return params
 
     def _pooling_params(self, body: dict[str, Any], in_flight: _InFlight) -> PoolingParams:
         from vllm.pooling_params import PoolingParams
@@ -369,7 +357,9 @@ class VllmEngine:
         if encoding_format not in ("float", "base64"):
             raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
         in_flight.encoding_format = encoding_format
-        dimensions = _optional(body, "dimensions", int, "an integer")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (type(dimensions) is not int):
+            raise InvalidRequest(f"'dimensions' must be an integer, got {type(dimensions).__name__}", "dimensions")
         return PoolingParams(task="embed", dimensions=dimensions)
 
     # -- Results ------------------------------------------------------------------------------
@@ -504,81 +494,34 @@ class VllmEngine:
             token = self._tokenizer.decode([token_id])
         return token, max(entry.logprob, _LOGPROB_FLOOR)
 
+    def _refused(self, request: EngineRequest, exc: Exception) -> EngineResult | None:
+        """A line vLLM refused: its serving classes answer it as `vllm serve` would, in its words."""
+        if self._serving is not None and request.endpoint in _FAST_FIELDS:
+            self._serving.start(request.key, request.endpoint, request.body)
+            return None
+        return self._rejected(request.key, str(exc) or type(exc).__name__, getattr(exc, "parameter", None))
+
     def _rejected(self, key: str, message: str, param: str | None) -> EngineResult:
         self.progress.requests_finished += 1
         return error_result(key, message, param=param)
-
-
-def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
-              description: str) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    # bool is an int in Python, but `"n": true` is a mistake, not 1.
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise InvalidRequest(f"'{name}' must be {description}, got {type(value).__name__}", name)
-    return value
-
-
-def _max_tokens(body: dict[str, Any], name: str, *, default: int | None) -> int | None:
-    value = _optional(body, name, int, "an integer")
-    return default if value is None else value
-
-
-def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
-    bias = _optional(body, "logit_bias", dict, "an object mapping token ids to numbers")
-    if not bias:
-        return None
-    try:
-        return {int(token): float(value) for token, value in bias.items()}
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequest("'logit_bias' must map token ids to numbers", "logit_bias") from exc
-
-
-def _structured_outputs(body: dict[str, Any]) -> StructuredOutputsParams | None:
-    from vllm.sampling_params import StructuredOutputsParams
-
-    response_format = _optional(body, "response_format", dict, "an object") or {"type": "text"}
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if kind == "json_schema":
-        json_schema = response_format.get("json_schema")
-        schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
-        if not isinstance(schema, dict):
-            raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object",
-                                 "response_format")
-        return StructuredOutputsParams(json=schema)
-    raise InvalidRequest("response_format.type must be 'text', 'json_object' or 'json_schema'",
-                         "response_format")
 
 
 def _is_token_ids(value: list[Any]) -> bool:
     return bool(value) and all(type(item) is int for item in value)  # bool is no token id
 
 
-def _text_message(message: Any, index: int) -> dict[str, Any]:
-    """A message with its content as one string, the form every text chat template accepts."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise InvalidRequest(f"{param} must be an object with a string 'role'", param)
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise InvalidRequest(f"{param}.content: only text parts are supported", param)
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    elif content is None:
-        content = ""
-    elif not isinstance(content, str):
-        raise InvalidRequest(f"{param}.content must be a string or a list of text parts", param)
-    return {**message, "content": content}
+def _plain_content(content: Any) -> bool:
+    """A string, or text parts only: what the fast path renders (as one string, see _text_message)."""
+    return isinstance(content, str) or (isinstance(content, list) and all(
+        isinstance(part, dict) and part.keys() == {"type", "text"} and part["type"] == "text"
+        and isinstance(part["text"], str) for part in content))
+
+
+def _text_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A plain message with its content as one string, as vLLM renders text parts for templates
+    that take a string."""
+    content = message["content"]
+    return {**message, "content": content if isinstance(content, str) else "\n".join(p["text"] for p in content)}
 
 
 def _fast_tokenizer(tokenizer: Any) -> Any | None:

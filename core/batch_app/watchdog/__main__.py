@@ -18,6 +18,7 @@ from ..config import Settings, get_settings
 from ..database import migrate, migration_url, open_configured
 from ..logs import configure_logging
 from ..outage import outage
+from .idle_exit import IdleExit
 from .supervisor import Supervisor
 
 log = logging.getLogger("core.batch_app.watchdog")
@@ -39,6 +40,8 @@ def main() -> int:
         return 2
     supervisor = Supervisor(db, settings)
     supervisor.install_signal_handlers()
+    if settings.idle_exit:
+        IdleExit(db, settings, supervisor.stopping).start()
     log.info("watchdog supervising %s", ", ".join(slot.config.slot for slot in supervisor.slots))
     try:
         supervisor.run()

@@ -14,6 +14,9 @@ import time
 
 import psutil
 
+from ..domain.statuses import DeathCause
+from ..shutdown import FENCED_EXIT_CODE
+
 
 def group_members(pgid: int) -> list[psutil.Process]:
     """Live processes of the process group, with their descendants that left it (a zombie has
@@ -65,15 +68,22 @@ def oom_kills() -> int | None:
     return None
 
 
-def death_blames_requests(exit_code: int | None, oom_kills_at_start: int | None) -> bool:
-    """Whether a death may be the doing of the requests the worker held: anything but a SIGKILL
-    from outside. The kernel's OOM killer sends SIGKILL too, so a SIGKILL blames them when an OOM
-    kill happened since the worker started, or when that cannot be known. A hang, a stall or a
-    failed start-up (no exit code: the watchdog's own verdict) blames them as well."""
-    if exit_code != -signal.SIGKILL:
-        return True
-    now = oom_kills()
-    return now is None or oom_kills_at_start is None or now > oom_kills_at_start
+# Signals another process sends to end a worker, which say nothing of its requests (SIGKILL is
+# the OOM killer's too: see death_cause).
+_OUTSIDE_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def death_cause(exit_code: int, oom_kills_at_start: int | None) -> DeathCause:
+    """Why a worker's process ended, from its exit status. The kernel's OOM killer sends SIGKILL,
+    so a SIGKILL is an OOM kill when one happened since the worker started, or when that cannot
+    be known; otherwise it came from outside, like SIGTERM, SIGINT and SIGHUP."""
+    if exit_code >= 0:
+        return {0: DeathCause.DRAINED, FENCED_EXIT_CODE: DeathCause.FENCED}.get(exit_code, DeathCause.EXITED)
+    if -exit_code == signal.SIGKILL:
+        now = oom_kills()
+        if now is None or oom_kills_at_start is None or now > oom_kills_at_start:
+            return DeathCause.OOM_KILLED
+    return DeathCause.KILLED if -exit_code in _OUTSIDE_SIGNALS else DeathCause.CRASH_SIGNAL
 
 
 def is_worker_group(pgid: int) -> bool:

@@ -2,8 +2,8 @@
 
 A vLLM server knows nothing of our database, so a thread of the watchdog stands in for its
 heartbeat: it registers the server's row at start (`loading`), and every HEARTBEAT_INTERVAL asks
-GET /health and beats with the load the pool workers report on the server (requests held,
-requests answered), `loading` until a check first passes. The supervisor judges the server from
+GET /health (with the server's key, server_keys.py) and beats with the load the pool workers
+report on the server (requests held, requests answered), `loading` until a check first passes. The supervisor judges the server from
 it: no passed check within STARTUP_TIMEOUT (a model load is not a hang), checks failing for
 HEARTBEAT_TIMEOUT once it had passed, or a held load with no answer for STALL_TIMEOUT (vLLM's
 engine can hang behind an API that still answers /health). A slow answer within the check's
@@ -24,6 +24,7 @@ from ..database import Database
 from ..domain import registry
 from ..domain.statuses import SlotKind, WorkerStatus
 from ..outage import is_unreachable, outage
+from ..server_keys import server_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class ServerProbe:
             return
         # The check runs beside the beat: a server that takes the whole time-out to answer (or
         # never does) must not slow the beats, whose load readings time the stall clock.
-        with httpx.Client(timeout=HEALTH_TIMEOUT) as client, ThreadPoolExecutor(1) as checker:
+        key = server_key(self.settings.data_dir, self.slot.serve.port)
+        with httpx.Client(timeout=HEALTH_TIMEOUT, headers={"Authorization": f"Bearer {key}"}) as client, \
+                ThreadPoolExecutor(1) as checker:
             check, check_started = None, 0.0
             while not self._stopping.wait(self.settings.heartbeat_interval):
                 if check is None:

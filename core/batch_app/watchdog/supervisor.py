@@ -14,6 +14,10 @@ no passed check within STARTUP_TIMEOUT. Its pool worker retries what it held on 
 Servers stop after the workers (which finish what the servers hold), and `batchctl server
 restart` stops one gracefully and starts it again, uncharged.
 
+The watchdog beats for its host (host_beat.py): a worker silent while its host beats is this
+watchdog's to judge (hung: charged to the requests it held), while one silent together with its
+host was lost with it (registry.mark_silent_workers_dead: charged nothing).
+
 While the database is unreachable only the process state is judged: nobody can write a
 heartbeat then, so heartbeats, progress and start-up are judged again only once the watchdog
 has reached the database for a whole HEARTBEAT_TIMEOUT. A worker that died meanwhile is killed
@@ -41,18 +45,34 @@ from ..config import Settings, WorkerSlot
 from ..database import Database
 from ..domain import housekeeping, registry
 from ..domain.housekeeping import Housekeeper
-from ..domain.statuses import SlotCommand, WorkerStatus
+from ..domain.queue import CHARGED_DEATHS
+from ..domain.statuses import DeathCause, SlotCommand, WorkerStatus
 from ..logs import slot_log_path, tail_lines
 from ..outage import is_unreachable, outage
-from ..shutdown import FENCED_EXIT_CODE, stop_on_signals
-from .process_control import death_blames_requests, describe_exit, is_worker_group, kill_group, oom_kills
+from ..shutdown import stop_on_signals
+from .host_beat import HostBeat
+from .process_control import death_cause, describe_exit, is_worker_group, kill_group, oom_kills
 from .server_probe import ServerProbe
+from .retention import Retention
 from .webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
-# Exits that are no crash: a drain on request (0) and a worker fenced by its heartbeat.
-_UNCHARGED_EXITS = {0: "stopped cleanly", FENCED_EXIT_CODE: "was declared dead elsewhere and stopped"}
+@dataclass(frozen=True)
+class Failure:
+    """A death as the watchdog saw it: in words (for the log, the alert and the restart's row), as
+    a cause (which decides whether the requests it held are charged a crash), and its exit code
+    when it exited. Its bookkeeping may wait for the database (`SlotState.unsettled`)."""
+
+    reason: str
+    cause: DeathCause
+    exit_code: int | None = None
+
+    @property
+    def uncounted(self) -> str | None:
+        """Why its restart does not count against the hourly cap (it is no crash), or None when it does."""
+        return {DeathCause.DRAINED: "stopped cleanly", DeathCause.FENCED: "was declared dead elsewhere and stopped",
+                DeathCause.RESTARTED: self.reason}.get(self.cause)
 
 
 @dataclass
@@ -64,10 +84,8 @@ class SlotState:
     consecutive_failures: int = 0
     next_start: float = 0.0
     at_cap: bool = False
-    # A failure whose bookkeeping (declared dead, restart counted) waits for the database:
-    # (reason, exit code, whether it blames the requests the worker held, and why it is not
-    # charged as a restart, or None when it is).
-    unsettled: tuple[str, int | None, bool, str | None] | None = None
+    # A failure whose bookkeeping (declared dead, restart counted) waits for the database.
+    unsettled: Failure | None = None
     oom_kills_at_start: int | None = None
     # The process group of the last worker, until nothing of it is left.
     old_group: int | None = None
@@ -90,6 +108,8 @@ class Supervisor:
         self.stopping = threading.Event()
         self.housekeeper = Housekeeper(db, settings)
         self.webhook_sender = WebhookSender(db, settings)
+        self.host_beat = HostBeat(db, settings)
+        self.retention = Retention(db, settings)
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self.stopping, log, "stopping workers gracefully")
@@ -101,14 +121,18 @@ class Supervisor:
             if not self.stopping.is_set():
                 raise
             return  # asked to stop while waiting for the database: nothing was started
+        self.host_beat.start()
         self.housekeeper.start()
         self.webhook_sender.start()
+        self.retention.start()
         while not self.stopping.is_set():
             self.check_once(time.monotonic())
             self.stopping.wait(self.settings.watchdog_check_interval)
+        self.retention.stop()
         self.webhook_sender.stop()
         self.housekeeper.stop()
         self.stop_all()
+        self.host_beat.stop()
 
     # --- start-up ---
 
@@ -121,7 +145,7 @@ class Supervisor:
             if is_worker_group(row.pid):
                 log.warning("killing worker %s (slot %s, pid %d) left by a previous watchdog", row.id, row.slot, row.pid)
                 kill_group(row.pid, self.settings.kill_grace)
-            self._declare_dead(str(row.id), blames_requests=False)  # a watchdog's end is not theirs
+            self._declare_dead(str(row.id), Failure("left by a previous watchdog", DeathCause.ABANDONED))
         for slot in self.slots:
             slot.at_cap = self._at_cap(slot)
             if slot.at_cap:
@@ -137,9 +161,8 @@ class Supervisor:
         if states is not None:
             self._take_commands(now)
         for slot in running:
-            reason, exit_code = self._failure(slot, states, now)
-            if reason:
-                self._recover(slot, reason, exit_code)
+            if failure := self._failure(slot, states, now):
+                self._recover(slot, failure)
             elif now - slot.started_at > self.settings.restart_stable_period:
                 slot.consecutive_failures = 0
         for slot in self.slots:
@@ -167,50 +190,56 @@ class Supervisor:
             outage.stalled(took, "checking workers")
         return states
 
-    def _failure(self, slot: SlotState, states: dict | None, now: float) -> tuple[str | None, int | None]:
+    def _failure(self, slot: SlotState, states: dict | None, now: float) -> Failure | None:
         process = slot.process
         code = process.poll()  # reaps our own child, so it never lingers as a zombie
         if code is None and _process_status(process.pid) == psutil.STATUS_ZOMBIE:
             try:  # it died just after the poll: reaping it now gives its exit status
                 code = process.wait(timeout=1)
             except subprocess.TimeoutExpired:
-                return "zombie process", None
+                return Failure("zombie process", DeathCause.EXITED)
         if slot.restart_asked_at is not None:
             if code is not None:
-                return f"restarted at an operator's request (process {describe_exit(code)})", code
+                return Failure(f"restarted at an operator's request (process {describe_exit(code)})",
+                               DeathCause.RESTARTED, code)
             if now - slot.restart_asked_at > self.settings.shutdown_grace + self.settings.kill_grace:
-                return f"did not stop within {self.settings.shutdown_grace:.0f} s of an operator's restart", None
+                return Failure(f"did not stop within {self.settings.shutdown_grace:.0f} s of an operator's restart",
+                               DeathCause.RESTARTED)
         if code is not None:
-            return f"process {describe_exit(code)}", code
+            return Failure(f"process {describe_exit(code)}", death_cause(code, slot.oom_kills_at_start), code)
         age = now - slot.started_at
         server = slot.config.is_server
         if server:  # its health check is the watchdog's own, whatever the database does
             if slot.probe.passed_at is None:
                 if age > self.settings.startup_timeout:
-                    return (f"did not pass a health check within the start-up timeout of "
-                            f"{self.settings.startup_timeout:.0f} s ({slot.probe.last_check})"), None
-                return None, None  # loading its model
+                    return Failure(f"did not pass a health check within the start-up timeout of "
+                                   f"{self.settings.startup_timeout:.0f} s ({slot.probe.last_check})",
+                                   DeathCause.FAILED_TO_START)
+                return None  # loading its model
             if (failing := slot.probe.failing_for(now)) > self.settings.heartbeat_timeout:
-                return f"health check failing for {failing:.0f} s ({slot.probe.last_check})", None
+                return Failure(f"health check failing for {failing:.0f} s ({slot.probe.last_check})", DeathCause.HUNG)
         if states is None or not outage.quiet_for(self.settings.heartbeat_timeout):
-            return None, None  # what the database says of this worker means nothing yet
+            return None  # what the database says of this worker means nothing yet
         state = states.get(slot.worker_id)
         if state is None or state.status == WorkerStatus.LOADING:
             if age > self.settings.startup_timeout:
                 stage = "register" if state is None else "load its model"
-                return f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s", None
+                return Failure(f"did not {stage} within the start-up timeout of {self.settings.startup_timeout:.0f} s",
+                               DeathCause.FAILED_TO_START)
             if state is None:
-                return None, None
+                return None
+        # This host is alive (its watchdog reaches the database): a silent worker here is hung.
         if state.heartbeat_age > self.settings.heartbeat_timeout:
-            return (f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
-                    f"(process state: {_process_status(process.pid)})"), None
+            return Failure(f"hung: no heartbeat for {state.heartbeat_age:.0f} s "
+                           f"(process state: {_process_status(process.pid)})", DeathCause.HUNG)
         if (state.status == WorkerStatus.BUSY and state.in_flight > 0
                 and state.progress_age > self.settings.stall_timeout):
             if server:
-                return f"no request completed for {state.progress_age:.0f} s while holding {state.in_flight}", None
-            return (f"engine stalled: no progress for {state.progress_age:.0f} s with "
-                    f"{state.in_flight} requests in flight"), None
-        return None, None
+                return Failure(f"no request completed for {state.progress_age:.0f} s while holding {state.in_flight}",
+                               DeathCause.STALLED)
+            return Failure(f"engine stalled: no progress for {state.progress_age:.0f} s with "
+                           f"{state.in_flight} requests in flight", DeathCause.STALLED)
+        return None
 
     def _take_commands(self, now: float) -> None:
         """Operators' commands for this host (`batchctl server restart`): a graceful restart is a
@@ -239,20 +268,17 @@ class Supervisor:
 
     # --- recovery ---
 
-    def _recover(self, slot: SlotState, reason: str, exit_code: int | None) -> None:
+    def _recover(self, slot: SlotState, failure: Failure) -> None:
         """Kill the worker's whole group at once; its bookkeeping follows in `_settle`."""
         name, pid = slot.config.slot, slot.process.pid
-        # A server holds no request of the queue: its pool worker retries what it sent there.
-        blames = not slot.config.is_server and death_blames_requests(exit_code, slot.oom_kills_at_start)
-        uncharged = reason if slot.restart_asked_at is not None else _UNCHARGED_EXITS.get(exit_code)
         if slot.probe is not None:
             slot.probe.stop()
-        log.warning("%s %s (pid %d): %s%s; killing its process group", slot.kind, name, pid, reason,
-                    "" if blames or slot.config.is_server else
-                    " from outside, with no OOM kill since it started: its requests run again without being "
-                    "charged a crash")
+        # A server holds no request of the queue: its pool worker retries what it sent there.
+        spared = "" if slot.config.is_server or failure.cause in CHARGED_DEATHS else \
+            f" ({failure.cause}: its requests run again without being charged a crash)"
+        log.warning("%s %s (pid %d): %s%s; killing its process group", slot.kind, name, pid, failure.reason, spared)
         try:  # fenced first: from now on nothing it still does counts, and its requests go back
-            self._declare_dead(slot.worker_id, blames)
+            self._declare_dead(slot.worker_id, failure)
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -262,22 +288,22 @@ class Supervisor:
             log.error("processes %s of worker %s survived SIGKILL", survivors, name)
         _reap(slot.process)
         slot.process, slot.old_group, slot.probe, slot.restart_asked_at = None, pid, None, None
-        slot.unsettled = (reason, exit_code, blames, uncharged)
+        slot.unsettled = failure
         self._settle(slot)
 
     def _settle(self, slot: SlotState) -> None:
         """Record a failure (worker dead, requests back, restart counted), then alert and schedule
         the restart; while the database is unreachable the slot waits, stopped."""
-        reason, exit_code, blames, uncharged = slot.unsettled
-        name, charged = slot.config.slot, uncharged is None
+        failure = slot.unsettled
+        name, charged = slot.config.slot, failure.uncounted is None
         try:
-            self._declare_dead(slot.worker_id, blames)
+            self._declare_dead(slot.worker_id, failure)
             with self.db.begin() as conn:
                 slot.at_cap = registry.restarts_in_last_hour(conn, self.host, name) >= \
                     self.settings.max_restarts_per_hour
                 if charged and not slot.at_cap:
                     registry.record_restart(conn, host=self.host, slot=name, worker_id=slot.worker_id,
-                                            reason=reason, exit_code=exit_code)
+                                            reason=failure.reason, exit_code=failure.exit_code)
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -288,28 +314,29 @@ class Supervisor:
         if not charged:
             slot.at_cap = False  # a clean stop or a fence is no crash, whatever the count says
             slot.next_start = time.monotonic() + self.settings.restart_backoff_min
-            log.info("%s %s %s; starting it again (not counted as a restart)", slot.kind, name, uncharged)
+            log.info("%s %s %s; starting it again (not counted as a restart)", slot.kind, name, failure.uncounted)
             return
         slot.consecutive_failures += 1
         tags = {"worker_id": slot.worker_id, "slot": name, "host": self.host, "kind": slot.kind,
                 "model": slot.config.serve.name if slot.config.is_server else
                 slot.config.served_name or slot.config.model or "demo"}
-        extra = {"reason": reason, "exit_code": exit_code, "last_log_lines": tail_lines(slot.log_path)}
+        extra = {"reason": failure.reason, "exit_code": failure.exit_code, "last_log_lines": tail_lines(slot.log_path)}
         if slot.at_cap:
             alerts.alert("error", f"{slot.kind.capitalize()} {name} reached {self.settings.max_restarts_per_hour} restarts in an "
-                                  f"hour and is left stopped (last failure: {reason}). Clear it with "
+                                  f"hour and is left stopped (last failure: {failure.reason}). Clear it with "
                                   f"`batchctl worker reset {name}`.", tags=tags, extra=extra)
             return
         delay = min(self.settings.restart_backoff_min * 2 ** (slot.consecutive_failures - 1),
                     self.settings.restart_backoff_max)
         slot.next_start = time.monotonic() + delay
-        alerts.alert("warning", f"{slot.kind.capitalize()} {name} crashed and is being restarted in {delay:.0f} s: {reason}",
-                     tags=tags, extra=extra)
+        alerts.alert("warning", f"{slot.kind.capitalize()} {name} crashed and is being restarted in {delay:.0f} s: "
+                                f"{failure.reason}", tags=tags, extra=extra)
 
-    def _declare_dead(self, worker_id: str, blames_requests: bool) -> None:
-        """Mark the worker dead and hand its running requests back at once (no time-out wait)."""
+    def _declare_dead(self, worker_id: str, failure: Failure) -> None:
+        """Mark the worker dead with its cause and hand its running requests back at once (no
+        time-out wait); the first cause recorded for a worker stands."""
         with self.db.begin() as conn:
-            registry.mark_worker_dead(conn, worker_id, blames_requests)
+            registry.mark_worker_dead(conn, worker_id, failure.cause, failure.reason, self.host)
         housekeeping.rescue(self.db, self.settings)  # batches it completes are finalized by housekeeping
 
     def _at_cap(self, slot: SlotState) -> bool:
