@@ -24,6 +24,16 @@ if [ "$role" = worker ] && [ -z "${DATABASE_URL:-}" ]; then
   exit 2
 fi
 
+# Every request needs a key unless OPEN_ACCESS=true: a first start with API_KEY set nowhere (not
+# in the environment, not in .env) writes a new one to .env and prints it.
+if [ "$role" != worker ] && [ -z "${API_KEY+set}" ] && [ "${OPEN_ACCESS:-false}" != true ]; then
+  API_KEY="sk-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')"
+  export API_KEY
+  printf '\n# Written by scripts/start-all.sh on its first start: clients send it as their API key.\nAPI_KEY=%s\n' \
+    "$API_KEY" >>.env
+  echo "API key (written to .env, seeds the default project): $API_KEY"
+fi
+
 # Migrates, and starts the embedded database when DATABASE_URL is empty.
 url=$(.venv/bin/python -m core.batch_app.database start) || { echo "the database could not be reached or migrated (see above)" >&2; exit 1; }
 echo "Database: $(echo "$url" | sed 's/:[^:@]*@/:***@/')"

@@ -4,11 +4,12 @@ set -euo pipefail
 "$(dirname "$0")/setup.sh"
 cd "$(dirname "$0")/.."
 # Tests drive real tools from Debian's packages: a screenshot in headless Chromium, systemd-analyze
-# on the units, PgBouncer between hosts and PostgreSQL. Install the missing ones where we can (as
-# root); in CI a missing tool fails its test.
+# on the units, PgBouncer between hosts and PostgreSQL, a one-node SLURM cluster (munge, slurmctld,
+# slurmd, slurm-client). Install the missing ones where we can (as root); in CI a missing tool fails
+# its test.
 export PATH="$PATH:/usr/sbin:/sbin"
 missing=""
-for pair in chromium:chromium systemd-analyze:systemd pgbouncer:pgbouncer; do
+for pair in chromium:chromium systemd-analyze:systemd pgbouncer:pgbouncer munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

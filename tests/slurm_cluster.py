@@ -104,7 +104,7 @@ PartitionName=tests Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, *command: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         """A client command (sbatch, squeue, scancel, scontrol, sinfo) against this cluster."""
-        result = subprocess.run(list(command), capture_output=True, text=True, timeout=60,
+        result = subprocess.run(list(command), capture_output=True, text=True, timeout=60, check=False,
                                 env={**self.env, **(env or {})})
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr}")

@@ -19,7 +19,14 @@ import sqlalchemy as sa
 from core.batch_app.database import migrate, open_database
 from core.batch_app.domain.keys import create_key
 
-from .conftest import batchctl, scratch_database, start_api, start_watchdog, wait_for, wait_for_batch
+from .conftest import (
+    batchctl,
+    scratch_database,
+    start_api,
+    start_watchdog,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import submit
 from .receivers import FORGED, HostileReceivers, Receiver
 
@@ -196,13 +203,13 @@ def test_a_failed_connection_reads_the_same_as_silence(stack, db):
 @pytest.mark.parametrize(("field", "value"), [
     ("url", "https://[::1/"), ("url", "https://1.1.1.1/\u0001"), ("url", "https://1.1.1.1/a\x00b"),
     ("url", "https://1.1.1.1/" + "a" * 70_000), ("url", "https://1.1.1.1/" + "a" * 2_100), ("url", "https://example.com:99999/"), ("url", "ftp://example.com/"),
-    ("url", "https://user:password@example.com/"), ("url", "https://exa mple.com/"),
+    ("url", "https://user:password@example.com/"), ("url", "https://1.1.1.1/a b"),
     ("name", "a\x00b"), ("name", "line\nbreak"), ("name", "n" * 257),
 ])
 def test_a_bad_url_or_name_is_a_400_naming_it_at_create_and_update(stack, db, receiver, field, value):
     api, _ = stack
     client = project(api, db, "validation")
-    fields = {"url": receiver.url, "name": "ok", **{field: value}}
+    fields = {"url": receiver.url, "name": "ok"} | {field: value}
     with pytest.raises(openai.BadRequestError) as created:
         client.webhooks.create(event_types=["batch.failed"], **fields)
     assert created.value.body["param"] == field
@@ -250,6 +257,6 @@ def test_batchctl_shows_what_receivers_write_as_it_is(stack, hostile, db):
                                       {"e": endpoint.id}).scalar(), 30, message="the forged answer recorded")
     listed = batchctl({**watchdog.env, "COLUMNS": "400"}, "webhooks")
     assert listed.returncode == 0, listed.stderr
-    assert "[/bold red] forged [green]delivered[/green]" in listed.stdout
-    assert "\x1b[2J" not in listed.stdout and "\\x1b[2J" in listed.stdout
+    shown = FORGED.replace("\x1b", "\\x1b")  # as written, its terminal escape escaped
+    assert shown in listed.stdout and "\x1b" not in listed.stdout
     assert "&[bold]x[/bold]=1" in listed.stdout

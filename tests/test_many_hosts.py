@@ -1,7 +1,8 @@
 """Many hosts on one PostgreSQL, on one machine: host A runs PostgreSQL, PgBouncer and the API;
 hosts B and C each run `scripts/start-all.sh --role worker` (a watchdog and an echo worker)
 against A over their own links (see tests/hosts.py). A batch shared by B and C, B lost whole,
-C cut off and back, the same through PgBouncer in transaction mode, and every host's view."""
+B's worker frozen, C cut off and back, the same through PgBouncer in transaction mode, and every
+host's view. A host lost or cut off charges no request a crash; a worker hung on a live host does."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
+from core.batch_app.domain import limits
 from core.batch_app.domain.keys import create_key
 
 from .conftest import start_api
@@ -84,20 +85,18 @@ def test_requests_of_unfinished_batches(two_projects, own_model):
     assert create(project, upload(project, jsonl([request_line("t", own_model)])).id).request_counts.total == 1
 
 
-def test_a_project_busy_at_its_limits_holds_up_no_other(limited_api, two_projects, db, own_model):
-    """While one project's create holds its limit lock, another project's creates go through;
+def test_a_project_busy_at_its_limits_holds_up_no_other(limited_api, db, own_model):
+    """While one project's creates hold its limit locks, another project's creates go through;
     they would wait for ever on a lock shared between projects."""
-    project, neighbour = two_projects
-    mine = project.api_key
-    with db.connect() as conn:
-        busy = conn.execute(sa.text("SELECT project FROM api_keys WHERE key_hash = encode(sha256(:k), 'hex')"),
-                            {"k": mine.encode()}).scalar()
+    busy, other = f"limits-{uuid.uuid4().hex[:8]}", f"limits-{uuid.uuid4().hex[:8]}"
     with db.begin() as conn:
-        for kind in ("files", "batches"):
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:kind || ':' || :p, 0))"),
-                         {"kind": kind, "p": busy})
+        busy_key, other_key = create_key(conn, busy), create_key(conn, other)
+    neighbour = limited_api.client(other_key).with_options(timeout=30)
+    with db.begin() as conn:
+        limits.lock(conn, "files", busy)
+        limits.lock(conn, "batches", busy)
         file = upload(neighbour, jsonl([request_line("n", own_model)]))
         assert create(neighbour, file.id).status == "validating"
-        with pytest.raises(httpx.ReadTimeout):  # the busy project's own create waits for its lock
-            httpx.post(f"{limited_api.base_url}/v1/files", headers={"Authorization": f"Bearer {mine}"},
+        with pytest.raises(httpx.ReadTimeout):  # the busy project's own upload waits for its lock
+            httpx.post(f"{limited_api.base_url}/v1/files", headers={"Authorization": f"Bearer {busy_key}"},
                        files={"file": ("w.jsonl", b'{"a": 1}\n')}, data={"purpose": "batch"}, timeout=3)

@@ -6,7 +6,6 @@ waits and lets it end when idle."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,17 @@ from alembic import command
 
 from core.batch_app.database import alembic_config
 
-from .conftest import API_KEY, REPO, batchctl, echo_slot, scratch_database, stack_env, start_api, wait_for, wait_for_batch
+from .conftest import (
+    API_KEY,
+    REPO,
+    batchctl,
+    echo_slot,
+    scratch_database,
+    stack_env,
+    start_api,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import request_line, submit
 from .slurm_cluster import SlurmCluster
 
@@ -62,7 +71,7 @@ def sbatch(cluster: SlurmCluster, env: dict[str, str], *options: str) -> str:
     """Submit the worker job template from the project's directory, as the README says."""
     output = Path(env["LOG_DIR"]) / "slurm-%j.out"
     result = subprocess.run(["sbatch", "--parsable", f"--output={output}", *options, str(WORKER_JOB)], env=env,
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -186,7 +195,7 @@ def test_elastic_jobs_start_while_work_waits_serve_what_arrives_and_end_when_idl
     log_path = tmp_path / "slurm-up.log"
     with open(log_path, "wb") as log_file:
         submitter = subprocess.Popen(
-            [str(Path(sys.executable).parent / "batchctl"), "slurm", "up", "--max-jobs", "1", "--idle-exit", "10",
+            [str(Path(sys.executable).parent / "batchctl"), "slurm", "up", "--max-jobs", "2", "--idle-exit", "10",
              "--poll-interval", "1", "--", f"--output={Path(env['LOG_DIR']) / 'slurm-%j.out'}", "--time=5"],
             env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     try:

@@ -326,32 +326,31 @@ def test_too_long_prompt_is_rejected_alone(engine):
     assert results["before"].status_code == results["after"].status_code == 200
 
 
+# The parameters named are vLLM's server's: its request models check the fields.
 @pytest.mark.parametrize("endpoint, body, param", [
-    (CHAT_COMPLETIONS, {}, "messages"),
-    (CHAT_COMPLETIONS, {"messages": "hi"}, "messages"),
-    (CHAT_COMPLETIONS, {"messages": [{"content": "no role"}]}, "messages[0]"),
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    (CHAT_COMPLETIONS, {}, "body.messages"),
+    (CHAT_COMPLETIONS, {"messages": "hi"}, "body.messages"),
+    (CHAT_COMPLETIONS, {"messages": []}, None),
+    (CHAT_COMPLETIONS, {"messages": [{"content": "no role"}]}, None),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "temperature": "hot"}, "body.temperature"),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "temperature": 5}, "temperature"),
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "n": True}, "n"),
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "stop": [1]}, "stop"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "stop": [1]}, "body.stop"),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "body.tools.0.function"),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),  # past the context
-    (CHAT_COMPLETIONS, {"messages": MESSAGES, "seed": 2**70}, "seed"),
-    (CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0]"),
+    (CHAT_COMPLETIONS, {"messages": MESSAGES, "seed": 2**70}, "body.seed"),
+    (CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
     (CHAT_COMPLETIONS, {"messages": MESSAGES, "response_format": {"type": "yaml"}},
-     "response_format"),
-    (COMPLETIONS, {"prompt": 12}, "prompt"),
-    (COMPLETIONS, {"prompt": PROMPT, "logprobs": 99}, None),
-    (COMPLETIONS, {"prompt": PROMPT, "echo": True}, "echo"),
+     "body.response_format.type"),
+    (COMPLETIONS, {"prompt": 12}, "body.prompt"),
+    (COMPLETIONS, {"prompt": PROMPT, "logprobs": 99}, "logprobs"),
+    (COMPLETIONS, {"prompt": PROMPT, "suffix": "x"}, "suffix"),  # the demo model has no FIM template
     (EMBEDDINGS, {"input": "not served here"}, None),
     ("/v1/unknown", {}, None),
 ])
 def test_bad_requests_become_400_results(engine, endpoint, body, param):
     result = run_one(engine, endpoint, body)
-    assert result.status_code == 400
+    assert result.status_code == 400, result.body
     error = result.body["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
     if param is not None:
@@ -476,3 +475,141 @@ def test_a_responses_request_is_answered_as_a_response_object(engine):
 def test_a_responses_field_that_cannot_be_honoured_is_refused_by_name(engine, body, param):
     result = run_one(engine, RESPONSES, body)
     assert result.status_code == 400 and result.body["error"]["param"] == param, result.body
+
+
+# -- Lines vLLM's own serving classes answer (tools, echo, suffix...) ---------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+# Options as a worker slot gives them (engine_options), with `vllm serve`'s names.
+@pytest.fixture(scope="session")
+def tool_engine(vllm_env, data_dir):
+    model = build_demo_model(data_dir / "models" / DEMO_MODEL_NAME)
+    engine = VllmEngine(EngineSpec(kind="vllm", model_path=str(model), served_name=DEMO_MODEL_NAME, runner="generate",
+                                   max_model_len=512, options={**default_options(has_cuda_gpu()),
+                                                               "tool_call_parser": "hermes",
+                                                               "enable_auto_tool_choice": True}))
+    yield engine
+    engine.close()
+
+
+def test_tool_calls_are_parsed_by_the_slots_parser(tool_engine):
+    from openai.types.chat import ChatCompletion
+
+    def answer(choice, seed: int) -> ChatCompletion:
+        return ChatCompletion.model_validate(run_one(tool_engine, CHAT_COMPLETIONS, {
+            "messages": MESSAGES, "tools": [WEATHER, CLOCK], "tool_choice": choice, "max_tokens": 150,
+            "temperature": 0.7, "seed": seed}).body)
+
+    # The random-weight model may run out of tokens inside a call; most seeds finish one.
+    required = [answer("required", seed).choices[0] for seed in range(4)]
+    finished = [choice for choice in required if choice.finish_reason == "tool_calls"]
+    assert finished
+    for choice in finished:
+        assert {call.function.name for call in choice.message.tool_calls} <= {"get_weather", "get_time"}
+        json.loads(choice.message.tool_calls[0].function.arguments)  # parsed as JSON
+    named = answer({"type": "function", "function": {"name": "get_time"}}, 0)
+    none = answer("none", 0)
+    assert [call.function.name for call in named.choices[0].message.tool_calls] == ["get_time"]
+    assert not none.choices[0].message.tool_calls and isinstance(none.choices[0].message.content, str)
+
+
+def test_the_chat_template_renders_tools_tool_calls_and_results(tool_engine):
+    tokenizer = tool_engine.llm.get_tokenizer()
+    rendered = tokenizer.apply_chat_template(
+        [{**message, "tool_calls": [{**call, "function": {**call["function"], "arguments": {"city": "Paris"}}}
+                                    for call in message.get("tool_calls", [])]} for message in TOOL_CONVERSATION],
+        tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert "get_weather" in rendered and "<tool_call>" in rendered and "sunny" in rendered
+    result = run_one(tool_engine, CHAT_COMPLETIONS, greedy(messages=TOOL_CONVERSATION, tools=[WEATHER], max_tokens=4))
+    assert result.status_code == 200, result.body
+    assert result.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_tool_choice_needs_the_slots_options(engine):
+    """Without a tool-call parser, as `vllm serve` without --enable-auto-tool-choice --tool-call-parser."""
+    auto = run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "auto"})
+    assert auto.status_code == 400 and "enable-auto-tool-choice" in auto.body["error"]["message"]
+    named = run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "max_tokens": 60,
+                                                 "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert named.status_code == 400 and "tool-call-parser" in named.body["error"]["message"]
+    unused = run_one(engine, CHAT_COMPLETIONS, greedy(messages=MESSAGES, tools=[WEATHER], tool_choice="none",
+                                                      max_tokens=4))
+    assert unused.status_code == 200 and not unused.body["choices"][0]["message"]["tool_calls"]
+
+
+def test_echo_prepends_the_prompt(engine):
+    plain = run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=6))
+    echoed = run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=6, echo=True))
+    assert echoed.status_code == 200 and echoed.body["choices"][0]["text"] == PROMPT + text_of(plain)
+    assert echoed.prompt_tokens == plain.prompt_tokens and echoed.completion_tokens == plain.completion_tokens
+
+
+def test_both_paths_share_the_window_and_abort(tool_engine):
+    served = EngineRequest("tools", CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "n": 3,
+                                                       "max_tokens": 200, "temperature": 1.0, "seed": 1})
+    fast = EngineRequest("fast", CHAT_COMPLETIONS, greedy(messages=MESSAGES, max_tokens=4))
+    assert tool_engine.add(served) is None and tool_engine.add(fast) is None
+    assert tool_engine.in_flight() == 4  # the tools line's three choices and the fast one
+    results = []
+    for _ in range(100):
+        results += tool_engine.step()
+        if {result.key for result in results} == {"fast"}:
+            break
+    tool_engine.abort(["tools", "never-added"])
+    assert tool_engine.in_flight() == 0 and not tool_engine._engine.has_unfinished_requests()
+    assert [result.key for result in results + tool_engine.step()] == ["fast"]
+    again = run_one(tool_engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "max_tokens": 4})
+    assert again.status_code == 200  # the serving path still answers after an abort
+
+
+def test_many_tool_lines_in_flight_each_get_their_own_answer(tool_engine):
+    requests = [EngineRequest(f"t{i}", CHAT_COMPLETIONS, {"messages": [{"role": "user", "content": f"Question {i}"}],
+                                                          "tools": [WEATHER], "tool_choice": "required",
+                                                          "max_tokens": 40, "temperature": 0})
+                for i in range(24)]
+    together = run(tool_engine, requests)
+    alone = {request.key: run(tool_engine, [request])[request.key] for request in requests[:3]}
+    assert sorted(together) == sorted(request.key for request in requests)
+    for key, result in alone.items():
+        assert together[key].body["usage"] == result.body["usage"]
+
+
+def test_every_output_body_follows_openais_schemas(engine, tool_engine, embedding_engine):
+    from .openai_schema import assert_valid
+
+    chat_bodies = [
+        run_one(engine, CHAT_COMPLETIONS, greedy(messages=MESSAGES, max_tokens=6)),
+        run_one(engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "max_tokens": 6, "n": 2, "seed": 1, "temperature": 1,
+                                           "logprobs": True, "top_logprobs": 2}),
+        run_one(tool_engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "required",
+                                                "max_tokens": 60, "logprobs": True, "top_logprobs": 1}),
+        run_one(tool_engine, CHAT_COMPLETIONS, greedy(messages=TOOL_CONVERSATION, tools=[WEATHER], max_tokens=6)),
+    ]
+    completion_bodies = [
+        run_one(engine, COMPLETIONS, greedy(prompt=[PROMPT, "A cat"], max_tokens=6, logprobs=2)),
+        run_one(engine, COMPLETIONS, greedy(prompt=PROMPT, max_tokens=6, echo=True, min_tokens=6)),
+    ]
+    embedding_bodies = [run_one(embedding_engine, EMBEDDINGS, {"input": ["a", "b"]}),
+                        run_one(embedding_engine, EMBEDDINGS, {"input": "a", "encoding_format": "base64"})]
+    response_bodies = [run_one(engine, RESPONSES, greedy(input="Hello", max_output_tokens=6, instructions="Be brief."))]
+    # OpenAI's schema types `embedding` as numbers only; base64 is checked as the numbers it encodes.
+    base64_data = embedding_bodies[1].body["data"][0]
+    raw = base64.b64decode(base64_data["embedding"])
+    base64_data["embedding"] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    for schema, results in (("CreateChatCompletionResponse", chat_bodies),
+                            ("CreateCompletionResponse", completion_bodies),
+                            ("CreateEmbeddingResponse", embedding_bodies), ("Response", response_bodies)):
+        for result in results:
+            assert result.status_code == 200, result.body
+            assert_valid(schema, result.body)
+    assert chat_bodies[2].body["choices"][0]["message"]["tool_calls"]

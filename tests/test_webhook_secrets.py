@@ -12,9 +12,20 @@ from alembic import command
 from core.batch_app.config import Settings
 from core.batch_app.database import alembic_config, migrate, open_database
 from core.batch_app.domain import webhooks
-from core.batch_app.domain.webhook_secrets import SEALED, SecretBox, UnreadableSecret, seal_stored
+from core.batch_app.domain.webhook_secrets import (
+    SEALED,
+    SecretBox,
+    UnreadableSecret,
+    seal_stored,
+)
 
-from .conftest import scratch_database, start_api, start_watchdog, wait_for, wait_for_batch
+from .conftest import (
+    scratch_database,
+    start_api,
+    start_watchdog,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import submit
 from .receivers import Receiver
 

@@ -149,7 +149,7 @@ def test_a_receiver_down_then_failing_gets_the_event_with_the_same_id(stack, rec
         receiver.down()
         batch = wait_for_batch(hooks, submit(hooks, lines(3)).id, 60)
         with db.connect() as conn:
-            tries = lambda: conn.execute(sa.text(  # noqa: E731
+            tries = lambda: conn.execute(sa.text(
                 "SELECT attempts, last_error FROM webhook_deliveries WHERE endpoint_id = :e"), {"e": endpoint.id}).one()
             wait_for(lambda: tries().attempts >= 2, 30, message="tries refused")
             assert "ConnectError" in tries().last_error

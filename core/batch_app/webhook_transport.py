@@ -56,22 +56,27 @@ class Reply:
         return 200 <= self.status_code < 300
 
     def describe(self) -> str:
-        """The status and the start of the body, printable (a receiver's bytes may be anything)."""
-        text = "".join(char if char.isprintable() else repr(char)[1:-1]
-                       for char in self.body[:200].decode("utf-8", "replace"))
+        """The status and the start of the body, printable."""
+        text = printable(self.body[:200].decode("utf-8", "replace"))
         return f"HTTP {self.status_code}" + (f": {text}" if text else "")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped: what a receiver sends may be anything, and is
+    stored (PostgreSQL text holds no NUL) and shown on operators' terminals."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def parse_url(url: str, allow_http: bool) -> httpx.URL:
     """The URL, parsed as it will be sent, or InvalidRequest naming `url`: at most MAX_URL_LENGTH
-    characters, no control characters or spaces, https (http too when allowed), a host, no
-    credentials."""
-    if False:
+    characters, no spaces or control characters, https (http too when allowed), a host, a port
+    in range, no credentials."""
+    if len(url) > MAX_URL_LENGTH:
         raise InvalidRequest(f"url must be at most {MAX_URL_LENGTH} characters.", param="url", code="invalid_url")
-    if any(ord(char) < 0x21 or ord(char) == 0x7F or char.isspace() for char in url):
-        raise InvalidRequest("url must not contain spaces or control characters.", param="url", code="invalid_url")
+    if any(char.isspace() for char in url):  # httpx would send them percent-encoded, even in the host
+        raise InvalidRequest("url must not contain spaces.", param="url", code="invalid_url")
     try:
-        parsed = httpx.URL(url)
+        parsed = httpx.URL(url)  # refuses control characters, and encodes the host (IDNA 2008)
         if not 0 < (parsed.port or 443) < 65536:
             raise ValueError(f"port {parsed.port} is out of range")
     except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
@@ -194,5 +199,5 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s (WEBHOOK_TIMEOUT, from the lookup to the reply)"
     if isinstance(exc, (Refused, InvalidRequest)):
-        return f"Refused: {exc}"
-    return f"{type(exc).__name__}: {exc or 'no detail'}"
+        return printable(f"Refused: {exc}")
+    return printable(f"{type(exc).__name__}: {exc or 'no detail'}")

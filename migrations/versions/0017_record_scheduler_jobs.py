@@ -9,8 +9,8 @@ Revises: 0016
 Create Date: 2026-12-04 22:20:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = '0017'
 down_revision = '0016'

@@ -77,7 +77,7 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
         if purpose != "batch":
             raise InvalidRequest(f"File '{input_file_id}' has purpose '{purpose}'; a batch needs a file "
                                  "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_value")
-        limits.check_batches(conn, settings, project)
+        limits.check_batches(conn, settings, project, new_requests=None)
         conn.execute(text("""
             INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status,
                                  priority, metadata, expires_at, output_expires_after)
@@ -96,7 +96,7 @@ def create_batch(db: Database, settings: Settings, *, project: str, input_file_i
                                                   allowed_hosts(settings.media_url_allowed_hosts)))
         errors = result.errors or _model_errors(conn, settings, result.model, result.model_line)
         if not errors:
-            limits.check_requests(conn, settings, project, result.total)
+            limits.check_batches(conn, settings, project, new_requests=result.total)
         if errors:
             requests.rollback()
         else:

@@ -7,7 +7,14 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .statuses import ENDED_WORKER_STATUSES, SERVING_WORKER_STATUSES, RequestStatus, SlotKind, WorkerStatus, sql_list
+from .statuses import (
+    ENDED_WORKER_STATUSES,
+    SERVING_WORKER_STATUSES,
+    RequestStatus,
+    SlotKind,
+    WorkerStatus,
+    sql_list,
+)
 
 # A loading worker counts as serving: its model is on its way.
 _WAITING_MODELS = text(f"""

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from ..config import Settings
 from ..database import Database
-from . import queue
+from . import limits, queue
 from .batch_format import FINAL_STATUSES, MAX_METADATA_KEYS, output_line
 from .batches import create_batch, get_batch
 from .errors import Conflict, Gone, NotFound
@@ -90,11 +90,13 @@ def retry_batch(db: Database, settings: Settings, *, project: str, batch_id: str
             raise Conflict(f"The input file '{parent.input_file_id}' of batch '{batch_id}' was deleted or has "
                            "expired: its lines cannot be retried.", param="input_file_id", code="input_file_gone")
         lines = set(parent.lines)
+        limits.check_files(conn, settings, project, written=False)
         writer = FileWriter(conn, project=project, purpose="batch", filename=f"retry-of-{batch_id}.jsonl")
         for line in iter_lines(read_chunks(conn, parent.input_file_id), settings.max_line_bytes):
             if line.number in lines:
                 writer.write(line.data + b"\n")
         writer.close()
+        limits.check_files(conn, settings, project, written=True)
     metadata = {**(parent.metadata or {}), RETRY_OF: batch_id}
     if len(metadata) > MAX_METADATA_KEYS:
         metadata = {RETRY_OF: batch_id}

@@ -5,9 +5,11 @@ transaction that ends the batch (queue.end_batch), with a delivery per subscribe
 delivery signed with the Standard Webhooks headers that `client.webhooks.unwrap` verifies.
 
 Deliveries are sent by the watchdogs' senders (watchdog/webhook_sender.py): claimed with SKIP
-LOCKED under a lease, so a sender that dies mid-send leaves its delivery to the next one, and
-tried again with the same `webhook-id` and body until the receiver answers 2xx or WEBHOOK_RETRY_FOR
-has passed.
+LOCKED under a lease, fairly between projects and endpoints, so a sender that dies mid-send
+leaves its delivery to the next one, and tried again with the same `webhook-id` and body until
+the receiver answers 2xx or WEBHOOK_RETRY_FOR has passed. Each endpoint has a breaker in its row
+(`failures`, `paused_until`): receivers are untrusted, and one that keeps failing is paused
+rather than tried at every turn. Signing secrets are stored sealed (webhook_secrets.py).
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ def record_failed(conn: Connection, settings: Settings, delivery, status_code: i
     """(whether the caller still held the lease, when its endpoint's pause ends or None)."""
     paused = conn.execute(_FAILED, {
         "id": delivery.id, "attempts": delivery.attempts, "status_code": status_code,
-        "error": error[:1000].replace("\x00", "\\x00"), "backoff": backoff, "retry_for": settings.webhook_retry_for,
+        "error": error[:1000], "backoff": backoff, "retry_for": settings.webhook_retry_for,
         "breaker_failures": settings.webhook_breaker_failures, "pause_min": settings.webhook_backoff_min,
         "pause_max": settings.webhook_backoff_max}).first()
     return paused is not None, paused.paused_until if paused is not None else None

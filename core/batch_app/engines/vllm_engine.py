@@ -164,6 +164,7 @@ class VllmEngine:
     def add(self, request: EngineRequest) -> EngineResult | None:
         if request.key in self._in_flight or (self._serving and self._serving.holds(request.key)):
             raise ValueError(f"request key {request.key!r} is already in flight")
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._serving is not None and not self._fast(request):
@@ -186,7 +187,7 @@ class VllmEngine:
             # Fail this request alone: a worker that died here would retry it and die again.
             if added:
                 self._engine.abort_request(added)
-            if isinstance(exc, (ValueError, TypeError)):
+            if isinstance(exc, (ValueError, TypeError, VLLMClientError)):
                 return self._refused(request, exc)
             message = str(exc) or type(exc).__name__
             self.progress.requests_finished += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .base import EngineProgress, EngineResult
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
     from vllm.v1.engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
 
 # The request a serving coroutine works for: its engine calls are tagged with it, so that
 # aborting the request also aborts them.
@@ -252,6 +255,18 @@ class ServingPath:
     # -- the serving loop ------------------------------------------------------------------------
 
     async def _answer(self, key: str, endpoint: str, body: Any) -> None:
+        try:
+            status, answer = await self._serve(key, endpoint, body)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must still end the request, never leave it waiting
+            log.exception("vLLM's serving code failed on request %s", key)
+            status, answer = 500, {"error": {"message": f"the server failed to answer: {exc}", "param": None,
+                                             "code": "engine_error", "type": "server_error"}}
+        self._answers.put(Answer(key, status, answer))
+        self._wake.set()
+
+    async def _serve(self, key: str, endpoint: str, body: Any) -> tuple[int, dict[str, Any]]:
         from pydantic import BaseModel, ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -261,28 +276,22 @@ class ServingPath:
         _KEY.set(key)
         model, serve = ((ChatCompletionRequest, self._chat.create_chat_completion) if endpoint == CHAT_COMPLETIONS
                         else (CompletionRequest, self._completion.create_completion))
+        # As `vllm serve`'s handlers answer: a body its request model refuses, then any error.
         try:
-            request = model.model_validate(body)
-        except ValidationError as exc:  # as `vllm serve` answers a body its request model refuses
-            answer = _validation_error(exc)
-        else:
-            try:
-                answer = await serve(request)
-            except Exception as exc:  # as `vllm serve`'s exception handlers answer
-                answer = create_error_response(exc)
+            answer = await serve(model.model_validate(body))
+        except ValidationError as exc:
+            answer = _validation_error(exc) if exc.title == model.__name__ else create_error_response(exc)
+        except Exception as exc:
+            answer = create_error_response(exc)
         if isinstance(answer, ErrorResponse):
-            error = answer.error
-            status = int(error.code)
-            self._answers.put(Answer(key, status, {"error": {
-                "message": error.message, "param": error.param, "code": None,
-                "type": "invalid_request_error" if status < 500 else "server_error"}}))
-        elif isinstance(answer, BaseModel):
-            self._answers.put(Answer(key, 200, _openai_shape(answer.model_dump(mode="json"))))
-        else:  # a stream: the line policy refuses `stream` before a line gets here
-            self._answers.put(Answer(key, 400, {"error": {
-                "message": "streamed answers are not available in a batch", "param": "stream", "code": None,
-                "type": "invalid_request_error"}}))
-        self._wake.set()
+            status = int(answer.error.code)
+            return status, {"error": {"message": answer.error.message, "param": answer.error.param, "code": None,
+                                      "type": "invalid_request_error" if status < 500 else "server_error"}}
+        if isinstance(answer, BaseModel):
+            return 200, _openai_shape(answer.model_dump(mode="json"))
+        # A stream: the line policy refuses `stream` before a line gets here.
+        return 400, {"error": {"message": "streamed answers are not available in a batch", "param": "stream",
+                               "code": None, "type": "invalid_request_error"}}
 
 
 def _sequences(body: Any) -> int:

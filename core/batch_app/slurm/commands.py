@@ -38,7 +38,7 @@ def installed() -> bool:
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> str:
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT, env=env)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT, env=env, check=False)
     except FileNotFoundError:
         raise SlurmError(f"{command[0]} is not installed here (SLURM's client commands)") from None
     except subprocess.TimeoutExpired:

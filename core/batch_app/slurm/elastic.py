@@ -4,19 +4,24 @@ starting at a time; each submitted job runs its watchdog with IDLE_EXIT, so it e
 once it has had nothing to do for a while and GPUs are held only while there is work.
 
 The models are those the job's workers serve: the WORKERS of this same configuration, which the
-job reads too (sbatch passes this environment on)."""
+job reads too (sbatch passes this environment on). The API fails a batch for a model no worker has
+ever registered, so the submitter keeps a stopped worker row per model (slot `elastic-<model>`, refreshed
+each round so retention keeps it): the model is known, and with REQUIRE_LIVE_WORKER=false a batch
+for it queues until a job's worker serves it."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import POOL_ENGINE, Settings
 from ..database import Database
-from ..domain import demand
+from ..domain import demand, registry
+from ..domain.statuses import WorkerStatus
 from ..models import served_name_of
 from ..outage import is_unreachable, outage
 from . import commands
@@ -47,6 +52,7 @@ class ElasticSubmitter:
     def __init__(self, db: Database, settings: Settings, options: ElasticOptions):
         self.db, self.settings, self.options = db, settings, options
         self.models = served_models(settings)
+        self.stand_ins = {model: str(uuid.uuid4()) for model in self.models}
 
     def run(self, stopping: threading.Event) -> None:
         log.info("submitting %s while requests for %s wait with no live worker (at most %d jobs, each exiting after "
@@ -66,6 +72,7 @@ class ElasticSubmitter:
 
     def run_once(self) -> str | None:
         """Submit one job if work waits and none is on its way; returns its id, or None."""
+        self._keep_models_known()
         with self.db.connect() as conn:
             waiting = demand.waiting_models(conn, self.models, self.settings.heartbeat_timeout)
         if not waiting:
@@ -85,3 +92,14 @@ class ElasticSubmitter:
                  "jobs)", job_id, ", ".join(waiting), "it" if len(waiting) == 1 else "them", len(ours) + 1,
                  self.options.max_jobs)
         return job_id
+
+    def _keep_models_known(self) -> None:
+        """Each model's stopped stand-in row, registered once and beaten as stopped every round."""
+        with self.db.begin() as conn:
+            for model, worker_id in self.stand_ins.items():
+                if not registry.heartbeat(conn, worker_id=worker_id, status=WorkerStatus.STOPPED, in_flight=0,
+                                          requests_done=0, tokens_done=0, progressed=False):
+                    registry.register_worker(conn, worker_id=worker_id, slot=f"elastic-{model}", host=self.settings.host_name,
+                                             pid=os.getpid(), model=model, gpu_ids="")
+                    registry.heartbeat(conn, worker_id=worker_id, status=WorkerStatus.STOPPED, in_flight=0,
+                                       requests_done=0, tokens_done=0, progressed=False)

@@ -58,6 +58,7 @@ from .webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Failure:
     """A death as the watchdog saw it: in words (for the log, the alert and the restart's row), as
