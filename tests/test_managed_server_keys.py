@@ -12,7 +12,7 @@ from core.batch_app.domain import overview
 from core.batch_app.server_keys import server_key
 from core.batch_app.vllm_server import redacted
 
-from .conftest import free_port, running_watchdog, wait_for, wait_for_batch
+from .conftest import free_port, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 
 SERVED = "keyed-llama"
@@ -43,6 +43,8 @@ def test_a_managed_server_refuses_requests_without_its_key(database, data_dir, d
         models = f"http://127.0.0.1:{port}/v1/models"
         assert _status(models) == 401 and _status(models, "sk-guess") == 401 and _status(models, key) == 200
         wait_for(lambda: _pool_state(db, port) == "healthy", 120, interval=1, message="the pool's check passing")
+        # Its next beat says it serves: until then the API refuses a batch for the model (503).
+        wait_for(lambda: live_worker(db, "pool-" + SERVED), 30, interval=0.5, message="the pool worker serving")
         done = wait_for_batch(client, submit(client, [request_line(f"r{i}", SERVED, max_tokens=4)
                                                       for i in range(4)]).id, 300)
         assert (done.status, done.request_counts.completed) == ("completed", 4)  # the pool sends the key

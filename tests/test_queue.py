@@ -317,9 +317,13 @@ def test_with_a_single_attempt_fresh_requests_are_claimed_and_a_crash_fails_them
     batch = submit(client, [request_line(f"r{i}", own_model) for i in range(2)])
     crashed = new_worker(db, own_model)
     assert len(claim(db, crashed, own_model, 10, max_attempts=1)) == 2
+    # Declared dead and rescued in one transaction: the session's other watchdogs and workers
+    # (MAX_ATTEMPTS 3) would otherwise rescue them first, and queue them again.
     with db.begin() as conn:
         registry.mark_worker_dead(conn, crashed, DeathCause.EXITED)
-    finalize.finalize_ready(db, housekeeping.rescue(db, Settings(max_attempts=1)))
+        poisoned = queue.rescue(conn, None, max_attempts=1, host="test").poisoned_batches
+    assert poisoned == [batch.id]
+    finalize.finalize_ready(db, poisoned)
     assert client.batches.retrieve(batch.id).request_counts.failed == 2
 
 
