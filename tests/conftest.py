@@ -162,6 +162,33 @@ def client(api) -> OpenAI:
     return api.client()
 
 
+def database_of_the_module(name: str):
+    """Fixtures `database`, `db` and `api` for a module whose watchdogs act on every row of their
+    database (retention deletes every finished batch's rows, however many other tests left): a
+    migrated database of the module's own and an API on it, so no other test's rows decide how long
+    its waits take. Use as `database, db, api = database_of_the_module("name")`."""
+
+    @pytest.fixture(scope="module")
+    def database(database):
+        with scratch_database(database) as url:
+            migrate(url)
+            yield url
+
+    @pytest.fixture(scope="module")
+    def db(database):
+        engine = open_database(database, pool_size=5)
+        yield engine
+        engine.dispose()
+
+    @pytest.fixture(scope="module")
+    def api(database, data_dir):
+        server = start_api(database, data_dir, f"api-{name}")
+        yield server
+        server.stop()
+
+    return database, db, api
+
+
 @pytest.fixture
 def project_client(api, db) -> OpenAI:
     """A client whose key belongs to a project of its own (nothing else is listed there)."""
@@ -230,9 +257,11 @@ def running_watchdog(database: str, data_dir: Path, name: str, workers: list[dic
 
 
 def batchctl(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the installed `batchctl` console script, as a user would, with a stack's environment."""
+    """Run the installed `batchctl` console script, as a user would, with a stack's environment, on a
+    terminal wide enough that its tables never wrap a header or a cell."""
     command = [str(Path(sys.executable).parent / "batchctl"), *args]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env={**env, "COLUMNS": "400"}, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def echo_slot(name: str, engine: str = "EchoEngine") -> dict:

@@ -149,7 +149,7 @@ def test_a_project_with_dozens_of_hostile_receivers_holds_up_no_other_project(st
     for kind in ("dribble", "silent"):  # each try ended at its deadline and was recorded as failed
         assert any(e.startswith(f"no answer within {TIMEOUT:g} s") for e in tries[kind].errors), tries[kind].errors
         assert tries[kind].failures >= 2  # their breakers opened
-    listed = batchctl({**watchdog.env, "COLUMNS": "250"}, "webhooks")
+    listed = batchctl(watchdog.env, "webhooks")
     assert listed.returncode == 0, listed.stderr
 
 
@@ -255,7 +255,7 @@ def test_batchctl_shows_what_receivers_write_as_it_is(stack, hostile, db):
     with db.connect() as conn:
         wait_for(lambda: conn.execute(sa.text("SELECT last_error FROM webhook_deliveries WHERE endpoint_id = :e"),
                                       {"e": endpoint.id}).scalar(), 30, message="the forged answer recorded")
-    listed = batchctl({**watchdog.env, "COLUMNS": "400"}, "webhooks")
+    listed = batchctl(watchdog.env, "webhooks")
     assert listed.returncode == 0, listed.stderr
     shown = FORGED.replace("\x1b", "\\x1b")  # as written, its terminal escape escaped
     assert shown in listed.stdout and "\x1b" not in listed.stdout

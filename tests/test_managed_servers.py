@@ -145,7 +145,7 @@ def test_a_batch_runs_across_both_servers(managed, db, client):
     assert_each_once(client, done, 120)
     wait_for(lambda: all(answered(db, port) > was for port, was in zip(ports, before)), 15,
              message="both servers used")
-    listed = batchctl({**watchdog.env, "COLUMNS": "250"}, "workers")
+    listed = batchctl(watchdog.env, "workers")
     assert listed.returncode == 0, listed.stderr
     for name in ("srv-0", "srv-1"):
         assert re.search(rf"{name}\s+│\s+server\s+│\s+(idle|busy)", listed.stdout), listed.stdout

@@ -17,13 +17,15 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from .conftest import API_KEY, REPO, batchctl, cannot_run, live_worker, running_watchdog, wait_for, wait_for_batch
+from .conftest import (API_KEY, REPO, batchctl, cannot_run, database_of_the_module, live_worker, running_watchdog,
+                       wait_for, wait_for_batch)
 from .jsonl import jsonl, request_line, submit, upload
 
 MODEL = "outage-echo"
 SLOTS = [{"slot": f"outage-{i}", "model": f"/models/{MODEL}", "served_name": MODEL,
           "engine": "tests.engines:EchoEngine"} for i in range(2)]
 OUTAGE_SECONDS = 15
+database, db, api = database_of_the_module("outage")  # its retention deletes every batch finished 600 s ago
 
 
 def database_command(data_dir, action: str) -> None:

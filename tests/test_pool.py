@@ -110,7 +110,7 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
                                 for line in failures), failures[:3]
         assert all("custom_id r" in line for line in failures)
         wait_for(lambda: backends(db)[victim.url].state == "connection_refused", 30, message="refused")
-        listed = batchctl({**watchdog.env, "COLUMNS": "250"}, "backends")
+        listed = batchctl(watchdog.env, "backends")
         assert listed.returncode == 0 and victim.url in listed.stdout and "connection_refused" in listed.stdout
         diagnosis = batchctl(watchdog.env, "--api-url", api.base_url, "diagnose")
         assert f"backend {victim.url} of worker pool-0 is connection_refused" in diagnosis.stdout

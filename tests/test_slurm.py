@@ -127,7 +127,7 @@ def test_a_worker_job_serves_a_batch_and_shows_its_job_and_node(cluster, databas
     assert batch.status == "completed" and sorted(output_ids(client, batch)) == sorted(f"r{i}" for i in range(20))
 
     place = f"job {job_id} on {cluster.node}"
-    listing = batchctl({**env, "COLUMNS": "300"}, "workers")
+    listing = batchctl(env, "workers")
     assert listing.returncode == 0 and place in listing.stdout
     diagnosis = batchctl(env, "diagnose").stdout
     assert f"SLURM {place}" in diagnosis
