@@ -21,8 +21,7 @@ restarts charged, and the batch's completion time after the last fault ended; th
 every seed. Target: 0 lost, 0 duplicated, 0 error lines for every seed; crashes charged only to
 hangs (the freezes), never to power-offs, cuts, kills or database stops.
 
-    flock /tmp/team/bench.lock flock /tmp/team/netns.lock .venv/bin/python bench/nemesis.py \\
-        [--seeds 1-10] [--requests 6000] [--fault-seconds 90]
+    .venv/bin/python bench/nemesis.py [--seeds 1-10] [--requests 6000] [--fault-seconds 90]
 
 Needs root (namespaces). Every loop is bounded in count and time (TIME_LIMIT per seed).
 """
@@ -119,8 +118,6 @@ class Nemesis:
             if end is not None:
                 seq += 1
                 heapq.heappush(timeline, (time.time() - self.started + action.seconds, seq, end))
-            elif self.done[action.kind]:  # over at once (a kill), unless it found no target
-                self.last_end = time.time()
 
     def start(self, fault: Fault):
         """Start a fault; returns what ends it, or None when it ends at once (or found no target)."""
@@ -157,6 +154,7 @@ class Nemesis:
         self.done[fault.kind] += 1
         if fault.kind == "kill":
             worker.kill()
+            self.last_end = time.time()  # over at once
             self.note(f"worker of {host.name} (pid {worker.pid}) SIGKILLed")
             return None
         worker.suspend()

@@ -11,7 +11,11 @@
       for the batch with held retrieves (see wait_until_completed).
 
     .venv/bin/python bench/throughput.py [--requests 2000] [--max-tokens 128] [--rounds 15]
-                                         [--skip-run-batch]
+                                         [--skip-run-batch] [--tools]
+
+With --tools every line offers a function (`tools`, `tool_choice` auto): (a) renders it into the
+prompt with LLM.chat(..., tools=...), (b) and our worker run with vLLM's `hermes` tool parser and
+automatic tool choice, so (c) takes the path of vLLM's own serving classes (vllm_serving.py).
 
 Greedy decoding makes the three produce the same tokens, so token counts agree. This 2-core machine
 varies by +-15% from minute to minute, so every contender is loaded once and stays loaded, and (a)
@@ -52,28 +56,36 @@ RAW_VLLM = """
 import json, sys, time
 from vllm import LLM, SamplingParams
 path, model, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-conversations = [json.loads(line)["body"]["messages"] for line in open(path)]
+bodies = [json.loads(line)["body"] for line in open(path)]
+conversations, tools = [body["messages"] for body in bodies], bodies[0].get("tools")
 llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512)
 params = SamplingParams(temperature=0, max_tokens=max_tokens)
-llm.chat(conversations[:16], params, use_tqdm=False)  # warm-up, as a loaded worker is warm
+llm.chat(conversations[:16], params, use_tqdm=False, tools=tools)  # warm-up, as a loaded worker is warm
 print("ready", flush=True)
 for _ in sys.stdin:
     started = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=False)
+    outputs = llm.chat(conversations, params, use_tqdm=False, tools=tools)
     seconds = time.perf_counter() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 """
 
 
-def write_requests(path: Path, count: int, max_tokens: int) -> None:
+# The function every line offers with --tools, and the options that parse the model's calls.
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_OPTIONS = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
+
+
+def write_requests(path: Path, count: int, max_tokens: int, tools: bool) -> None:
     topics = ["the sea", "a library", "mountains", "trains", "a kitchen", "the moon", "rain", "a garden"]
+    offered = {"tools": [WEATHER], "tool_choice": "auto"} if tools else {}
     with open(path, "w") as out:
         for i in range(count):
             content = f"Request {i}: write a short story about {topics[i % len(topics)]} and number {i * 7919 % 1000}."
             out.write(json.dumps({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
                                   "body": {"model": DEMO_MODEL_NAME, "temperature": 0, "max_tokens": max_tokens,
-                                           "messages": [{"role": "user", "content": content}]}}) + "\n")
+                                           "messages": [{"role": "user", "content": content}], **offered}}) + "\n")
 
 
 def vllm_env(root: Path, multiprocessing: bool) -> dict[str, str]:
@@ -117,12 +129,13 @@ class RawVllm:
         self.log.close()
 
 
-def run_batch(root: Path, requests: Path, model: Path) -> dict:
+def run_batch(root: Path, requests: Path, model: Path, tools: bool) -> dict:
     output_path = root / "run_batch_output.jsonl"
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(requests),
                     "-o", str(output_path), "--model", str(model), "--served-model-name", DEMO_MODEL_NAME,
-                    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
+                    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                    *(["--tool-call-parser", "hermes", "--enable-auto-tool-choice"] if tools else [])],
                    env=vllm_env(root, multiprocessing=False), capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started
     lines = [json.loads(line) for line in open(output_path)]
@@ -133,14 +146,14 @@ def run_batch(root: Path, requests: Path, model: Path) -> dict:
 class OurServer:
     """(c): the API server and a watchdog with one loaded vLLM worker, as deployed."""
 
-    def __init__(self, root: Path, requests: Path, url: str):
+    def __init__(self, root: Path, requests: Path, url: str, tools: bool):
         from core.batch_app.database import open_database
 
         self.requests = requests
         self.db = open_database(url, pool_size=1)
         self.api = start_api(url, root / "data", "api", API_KEY="", OPEN_ACCESS="true")
-        self.watchdog = start_watchdog(url, root / "data", "watchdog", [{"slot": "chat-0", "model": "demo"}],
-                                       API_KEY="")
+        slot = {"slot": "chat-0", "model": "demo", "engine_options": TOOL_OPTIONS if tools else {}}
+        self.watchdog = start_watchdog(url, root / "data", "watchdog", [slot], API_KEY="")
         wait_for(lambda: live_worker(self.db, "chat-0"), 600, interval=0.5, message="worker loaded")
         self.client = self.api.client()
         with open(requests, "rb") as source:
@@ -228,13 +241,15 @@ def main() -> int:
     # median of 9 misses a 0.9 target on noise about twice as often as that of 15 (docs/benchmarks.md).
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-run-batch", action="store_true", help="leave out (b), which takes a minute")
+    parser.add_argument("--tools", action="store_true", help="every line offers a function, parsed by `hermes`")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         root = Path(tmp)
         model = build_demo_model(root / "data" / "models" / DEMO_MODEL_NAME)
         requests = root / "requests.jsonl"
-        write_requests(requests, args.requests, args.max_tokens)
-        print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, demo model; {os.cpu_count()} CPUs")
+        write_requests(requests, args.requests, args.max_tokens, args.tools)
+        print(f"{args.requests} chat requests{' offering a function' if args.tools else ''}, max_tokens "
+              f"{args.max_tokens}, greedy, demo model; {os.cpu_count()} CPUs")
         settings = Settings(data_dir=root / "data", database_url="")
         url = database_url(settings)
         migrate(url)
@@ -244,7 +259,7 @@ def main() -> int:
             # Loaded one after the other, so that no load overlaps another; all idle between their runs.
             # In-process (usually the faster) last: it runs next to (c) whichever way a round is ordered.
             contenders += [RawVllm(root, requests, model, args.max_tokens, multiprocessing=mp) for mp in (True, False)]
-            contenders.append(OurServer(root, requests, url))
+            contenders.append(OurServer(root, requests, url, args.tools))
             *raw, ours = contenders
             for number in range(1, args.rounds + 1):
                 result, idle_cpu = {}, 0.0
@@ -273,10 +288,10 @@ def main() -> int:
         faster_mode = [max((r[c.setting] for c in raw), key=rate) for r in rounds]
         results = {"a": max(best_mode, key=rate), "c": max((r["c"] for r in rounds), key=rate)}
         if not args.skip_run_batch:
-            results["b"] = run_batch(root, requests, model)
+            results["b"] = run_batch(root, requests, model, args.tools)
             first_line = root / "one-request.jsonl"
             first_line.write_text(requests.read_text().splitlines()[0] + "\n")
-            start_up = run_batch(root, first_line, model)["seconds"]
+            start_up = run_batch(root, first_line, model, args.tools)["seconds"]
             results["b0"] = {"tokens": results["b"]["tokens"], "seconds": results["b"]["seconds"] - start_up}
 
     labels = {"a": f"raw vLLM, LLM.chat ({results['a']['setting']}), best round",

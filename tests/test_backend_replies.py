@@ -1,6 +1,7 @@
 """What a pool sends its backends and takes from them: an answer past BACKEND_MAX_REPLY_BYTES is
 read no further and is that line's error, while the other lines of the batch are answered as
-usual; a Responses line asks the server to store nothing."""
+usual; an in-process engine's answer past it is not stored either; a Responses line asks the
+server to store nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from .conftest import free_port, live_worker, running_watchdog, wait_for, wait_for_batch
+from .conftest import echo_slot, free_port, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 
 MODEL = "reply-size-model"
@@ -85,6 +86,19 @@ def test_an_answer_past_the_limit_is_that_lines_error(database, data_dir, db, cl
         body = error["response"]["body"] if error["response"] else error["error"]
         assert "response_too_large" in json.dumps(body) and "BACKEND_MAX_REPLY_BYTES" in json.dumps(body)
         assert live_worker(db, "pool-replies") is not None  # the worker goes on
+
+
+def test_an_in_process_answer_past_the_limit_is_that_lines_error(database, data_dir, db, client):
+    slot = "reply-size-echo"
+    with running_watchdog(database, data_dir, "watchdog-reply-size", [echo_slot(slot)],
+                          BACKEND_MAX_REPLY_BYTES=str(LIMIT)):
+        wait_for(lambda: live_worker(db, slot), 60, message="worker up")
+        lines = [request_line("small", slot), request_line("big", slot, messages=[{"role": "user", "content": "x" * LIMIT}])]
+        done = wait_for_batch(client, submit(client, lines).id, 120)
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    [error] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+    assert error["custom_id"] == "big" and error["response"]["status_code"] == 502
+    assert error["response"]["body"]["error"]["code"] == "response_too_large"
 
 
 def test_a_responses_line_asks_its_server_to_store_nothing(database, data_dir, db, client, backend):

@@ -261,3 +261,28 @@ def test_finished_batches_become_compact_and_running_ones_keep_working_after_the
             left = dict(conn.execute(sa.text("SELECT batch_id, count(*) FROM batch_requests GROUP BY 1")).all())
         assert left == {f"batch_{s}": len(RequestStatus) for s in BatchStatus if s not in FINAL_BATCH_STATUSES}
         command.downgrade(alembic_config(url), "0012")
+
+
+def test_request_bodies_keep_the_order_they_were_written_in_after_the_upgrade(database):
+    from core.batch_app.domain import queue, registry
+
+    written = '{"messages": [], "model": "m", "tools": [{"type": "function", "function": {"name": "f", "parameters": ' \
+              '{"type": "object", "properties": {"city": {}, "country_code": {}, "day": {}}}}}]}'
+    with database_at(database, "0017") as (url, scratch):
+        insert = sa.text("INSERT INTO batch_requests (batch_id, line, custom_id, model, project, body) "
+                         "VALUES ('batch_order', :line, :line, 'm', 'p', :body)")
+        with scratch.begin() as conn:
+            conn.execute(sa.text("INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, "
+                                 "status) VALUES ('batch_order', 'p', '/v1/chat/completions', 'f', '24h', 'in_progress')"))
+            conn.execute(insert, {"line": 1, "body": written})  # before: jsonb reorders it
+        migrate(url)
+        worker = str(uuid.uuid4())
+        with scratch.begin() as conn:
+            conn.execute(insert, {"line": 2, "body": written})
+            registry.register_worker(conn, worker_id=worker, slot="w", host="h", pid=1, model="m", gpu_ids="")
+            bodies = {r.custom_id: r.body for r in queue.claim(conn, worker, "m", 10, engine_idle=True, max_attempts=3)}
+        properties = {line: list(body["tools"][0]["function"]["parameters"]["properties"]) for line, body in bodies.items()}
+        # jsonb kept the shortest keys first; json keeps the line's order.
+        assert properties == {"1": ["day", "city", "country_code"], "2": ["city", "country_code", "day"]}
+        assert list(bodies["2"]) == ["messages", "model", "tools"]
+        command.downgrade(alembic_config(url), "0017")

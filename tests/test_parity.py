@@ -79,21 +79,7 @@ def batch_answers(database, data_dir, db, api):
     return answers
 
 
-# Lines known to be answered differently, and why; each must fail (strict), so a fix is noticed.
-KNOWN_DIFFERENCES = {
-    # The corpus's other lines list their keys in the order PostgreSQL's jsonb keeps them.
-    "tools-written-order": "a line's body is stored as jsonb, which reorders object keys: the tools "
-                           "are rendered into the prompt in another order than the line gave them",
-}
-
-
-def cases() -> list:
-    return [pytest.param(line, id=line["custom_id"], marks=[pytest.mark.xfail(
-        strict=True, reason=KNOWN_DIFFERENCES[line["custom_id"]])] if line["custom_id"] in KNOWN_DIFFERENCES else [])
-        for line in corpus()]
-
-
-@pytest.mark.parametrize("line", cases())
+@pytest.mark.parametrize("line", corpus(), ids=lambda line: line["custom_id"])
 def test_the_batch_answers_as_vllms_server_does(reference, batch_answers, line):
     (ours_status, ours), (theirs_status, theirs) = batch_answers[line["custom_id"]], reference[line["custom_id"]]
     assert ours_status // 100 == theirs_status // 100, (ours, theirs)

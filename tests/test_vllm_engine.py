@@ -25,6 +25,7 @@ from core.batch_app.engines.vllm_engine import (
     default_options,
     has_cuda_gpu,
 )
+from core.batch_app.engines.vllm_serving import ServeOptions
 
 pytestmark = pytest.mark.vllm
 
@@ -570,6 +571,23 @@ def test_both_paths_share_the_window_and_abort(tool_engine):
     assert [result.key for result in results + tool_engine.step()] == ["fast"]
     again = run_one(tool_engine, CHAT_COMPLETIONS, {"messages": MESSAGES, "tools": [WEATHER], "max_tokens": 4})
     assert again.status_code == 200  # the serving path still answers after an abort
+
+
+def test_a_slot_with_its_own_template_answers_responses_lines_on_the_serving_path(tool_engine, monkeypatch):
+    body = greedy(input="Hello", max_output_tokens=6, instructions="Be brief.")
+    fast = run_one(tool_engine, RESPONSES, body)
+    # A slot with a chat template of its own renders every chat and responses line with it.
+    monkeypatch.setattr(tool_engine._serving, "options", ServeOptions(chat_template="{{ messages }}"))
+    assert not tool_engine._fast(EngineRequest("r", RESPONSES, body))
+    monkeypatch.undo()
+    tool_engine._serving.start("served", RESPONSES, body)  # the serving path, on the model's own template
+    served = run(tool_engine, [])["served"]
+    assert served.status_code == 200 and served.body["object"] == "response"
+    assert served.body["output"][0]["content"][0]["text"] == fast.body["output"][0]["content"][0]["text"]
+    assert served.body["usage"] == fast.body["usage"]
+    tool_engine._serving.start("refused", RESPONSES, {"input": "Hi", "tools": [WEATHER]})
+    refused = run(tool_engine, [])["refused"]
+    assert refused.status_code == 400 and refused.body["error"]["param"] == "tools"
 
 
 def test_many_tool_lines_in_flight_each_get_their_own_answer(tool_engine):

@@ -6,6 +6,7 @@ translated addresses are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import subprocess
@@ -26,6 +27,7 @@ from core.batch_app.config import Settings
 from core.batch_app.database import migrate, open_database
 from core.batch_app.domain import webhooks
 from core.batch_app.domain.statuses import BatchStatus
+from core.batch_app import webhook_transport
 from core.batch_app.webhook_transport import is_public
 
 from .conftest import REPO, scratch_database, stack_env, wait_for
@@ -186,3 +188,38 @@ def test_the_api_refuses_names_that_resolve_to_loopback(api, client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.webhooks.create(url=url, event_types=["batch.failed"], name="x")
         assert refused.value.body["param"] == "url", url
+
+
+def test_names_of_one_project_that_never_resolve_hold_up_no_other_projects_lookups(monkeypatch):
+    """A project whose receivers' names hang the resolver holds at most LOOKUPS_PER_OWNER of its
+    threads, past its tries' deadlines; another project's lookups go on at once."""
+    answered = threading.Event()
+    real = webhook_transport.socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host.endswith(".hangs.test"):
+            answered.wait(30)  # a resolver that does not answer until the test lets it
+            raise OSError("no answer")
+        return real("127.0.0.1", *args[:1])
+
+    monkeypatch.setattr(webhook_transport.socket, "getaddrinfo", getaddrinfo)
+
+    async def check(project: str, name: str) -> str:
+        try:
+            await webhook_transport.check_url(f"https://{name}/hook", True, 0.3, project)
+        except Exception as exc:  # noqa: BLE001 (what each check said is the result)
+            return str(exc)
+        return "ok"
+
+    async def scenario() -> tuple[list[str], str, str]:
+        hanging = [await check("hostile", f"n{i}.hangs.test") for i in range(webhook_transport.LOOKUPS_PER_OWNER)]
+        refused = await check("hostile", "more.hangs.test")  # its threads are all still held
+        return hanging, refused, await check("bystander", "receiver.example.test")
+
+    try:
+        hanging, refused, bystander = asyncio.run(scenario())
+    finally:
+        answered.set()
+    assert all("did not resolve within 0.3 s" in said for said in hanging), hanging
+    assert "still unanswered" in refused and bystander == "ok"
+    wait_for(lambda: not webhook_transport._lookups_held, 10, message="the hung lookups' threads back")

@@ -84,6 +84,14 @@ def test_secrets_are_sealed_sign_deliveries_and_never_reach_a_log(db_url, data_d
         # Both sealed: the new one when created, the old one by the sender's first round.
         assert all(value.startswith(SEALED) for value in stored.values()), stored
         assert created.signing_secret not in str(stored) and PLAIN not in str(stored)
+        # An API whose key cannot open the secret says so: the operator's doing, not a 500.
+        keyless = start_api(db_url, data_dir, "api-secrets-other-key", **{**STACK, "WEBHOOK_SECRET_KEY": "another"})
+        try:
+            with pytest.raises(openai.InternalServerError) as unreadable:
+                keyless.client().webhooks.test(created.id, event_type="batch.failed")
+        finally:
+            keyless.stop()
+        assert unreadable.value.status_code == 503 and unreadable.value.body["code"] == "webhook_secret_unreadable"
     finally:
         watchdog.stop()
         api.stop()

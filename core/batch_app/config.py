@@ -141,8 +141,9 @@ class Settings(BaseSettings):
     api_access_log: Literal["changes", "all", "none"] = "changes"  # which requests get a log line
     sentry_dsn: str = ""
 
-    # Open mode: with OPEN_ACCESS true a caller without a key is the `default` project (a key
-    # presented must still be good); false, every request needs a key that is not revoked.
+    # Open mode: with OPEN_ACCESS true a caller without a live key (none, an unknown or a revoked
+    # one) is the `default` project and a live key acts in its own; false, every request needs a
+    # live key.
     open_access: bool = False
 
     # Per project (a tenant): what it may keep stored and queued at once; past one, a create is
@@ -154,7 +155,8 @@ class Settings(BaseSettings):
     # Media by URL in a line (image_url, ...) is refused unless the URL is data: or its host is one
     # of these, comma-separated: the server fetching it could otherwise reach internal addresses.
     media_url_allowed_hosts: str = ""
-    # The largest answer a backend of a pool may send for one request; a larger one is that line's error.
+    # The largest answer to one request, from any engine (a pool's backend is read no further); a
+    # larger one is that line's error (response_too_large).
     backend_max_reply_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
     # Models and engines.

@@ -162,10 +162,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        destination = Path(sys.argv[1])
-    else:
-        from core.batch_app.config import get_settings
-
-        destination = get_settings().data_dir / "models" / DEMO_MODEL_NAME
-    print(build_demo_model(destination))
+    # The folder is the caller's to name (start-all.sh names DATA_DIR's): this module reads no
+    # settings, so config.py -> models.py -> demo_model.py imports nothing back.
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m core.batch_app.demo_model DIR")
+    print(build_demo_model(Path(sys.argv[1])))

@@ -21,7 +21,9 @@ import ipaddress
 import os
 import socket
 import ssl
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,8 +36,14 @@ from .domain.errors import InvalidRequest
 MAX_URL_LENGTH = 2048
 REPLY_BYTES = 4096  # of a reply that is not a 2xx, what is kept to show as its error
 # Lookups that a slow resolver holds keep their thread after their try's deadline; the pool
-# bounds them, and lookups beyond it wait within their own deadline.
-_RESOLVER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="webhook-resolver")
+# bounds them, and lookups beyond it wait within their own deadline. One owner (a project) holds
+# at most LOOKUPS_PER_OWNER of its threads at once, so names of one project that never resolve
+# cannot leave every other project's lookups waiting.
+RESOLVER_THREADS = 64
+LOOKUPS_PER_OWNER = 4
+_RESOLVER = ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="webhook-resolver")
+_lookups_held: Counter[str] = Counter()
+_lookups_lock = threading.Lock()
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # an IPv4 address in the last 32 bits (RFC 6052)
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # translated by local choice: anything (RFC 8215)
@@ -102,7 +110,7 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def resolve(url: httpx.URL, allow_private: bool) -> list[str]:
+async def resolve(url: httpx.URL, allow_private: bool, owner: str) -> list[str]:
     """The addresses to connect to for `url`, each checked: Refused when the host resolves to
     nothing or, unless allowed, to any address that is not public."""
     host, port = url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80)
@@ -111,8 +119,7 @@ async def resolve(url: httpx.URL, allow_private: bool) -> list[str]:
         addresses = [str(literal)]
     except ValueError:
         try:
-            infos = await asyncio.get_running_loop().run_in_executor(
-                _RESOLVER, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            infos = await _lookup(host, port, owner)
         except (OSError, UnicodeError):
             raise Refused(f"{host} does not resolve") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -124,14 +131,33 @@ async def resolve(url: httpx.URL, allow_private: bool) -> list[str]:
     return addresses
 
 
-async def check_url(url: str, allow_private: bool, timeout: float) -> str:
+async def _lookup(host: str, port: int, owner: str) -> list:
+    """getaddrinfo on the resolver's threads, counted against `owner` until its thread is free
+    again (which may be long after the caller's deadline)."""
+    with _lookups_lock:
+        if _lookups_held[owner] >= LOOKUPS_PER_OWNER:
+            raise Refused(f"{host} does not resolve: earlier lookups of this project's hosts are still unanswered")
+        _lookups_held[owner] += 1
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    lookup.add_done_callback(lambda _: _release_lookup(owner))
+    return await asyncio.wrap_future(lookup)
+
+
+def _release_lookup(owner: str) -> None:
+    with _lookups_lock:
+        _lookups_held[owner] -= 1
+        if not _lookups_held[owner]:
+            del _lookups_held[owner]
+
+
+async def check_url(url: str, allow_private: bool, timeout: float, owner: str) -> str:
     """`url` when it is valid and its host resolves to addresses it may be sent to (within
     `timeout`), else InvalidRequest naming `url`. Holds no database connection: a slow resolver
     must not drain the pool."""
     parsed = parse_url(url, allow_http=allow_private)
     try:
         async with asyncio.timeout(timeout):
-            await resolve(parsed, allow_private)
+            await resolve(parsed, allow_private, owner)
     except Refused as refused:
         raise InvalidRequest(f"url cannot be used: {refused}.", param="url", code="invalid_url") from None
     except TimeoutError:
@@ -140,13 +166,15 @@ async def check_url(url: str, allow_private: bool, timeout: float) -> str:
     return url
 
 
-async def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allow_private: bool) -> Reply:
-    """One try: the receiver's Reply, or an exception (Refused, TimeoutError when the deadline
-    passed, httpx's errors, InvalidRequest for a URL that cannot be sent)."""
+async def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allow_private: bool,
+               owner: str) -> Reply:
+    """One try for `owner` (the endpoint's project): the receiver's Reply, or an exception (Refused,
+    TimeoutError when the deadline passed, httpx's errors, InvalidRequest for a URL that cannot be
+    sent)."""
     deadline = time.monotonic() + timeout
     async with asyncio.timeout(timeout):
         parsed = parse_url(url, allow_http=allow_private)
-        addresses = await resolve(parsed, allow_private)
+        addresses = await resolve(parsed, allow_private, owner)
         for address in addresses[:-1]:
             try:
                 return await _post_to(address, parsed, body, headers, deadline)

@@ -1,4 +1,7 @@
 # Sourced by the job scripts beside it, in the project's directory: what every job sets alike.
+# SLURM may send the time limit's warning up to a minute early: one that comes before the watchdog
+# runs finds nothing held, so the job ends cleanly (the watchdog, once exec'd, has its own handler).
+trap 'echo "SIGTERM before the watchdog started: nothing is held; exiting" >&2; exit 0' TERM
 if ! .venv/bin/python -c 'import sys; from core.batch_app.config import Settings; sys.exit(not Settings().database_url)'; then
   echo "DATABASE_URL is empty: a job's workers need the PostgreSQL every host shares (set it in .env)" >&2
   exit 2

@@ -7,6 +7,7 @@ webhooks.check_name), and a project has at most WEBHOOK_MAX_ENDPOINTS_PER_PROJEC
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -17,9 +18,11 @@ from .. import webhook_transport
 from ..domain import webhooks
 from ..domain.errors import InvalidRequest
 from ..domain.ids import new_id
-from ..domain.webhook_secrets import secret_box
+from ..domain.webhook_secrets import UnreadableSecret, secret_box
 from .deps import DB, AppSettings, DBReads, Project
 from .errors import APIError, documented
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/webhook_endpoints", tags=["webhooks"])
 
@@ -57,16 +60,16 @@ def _checked_fields(name: str | None, event_types: list[str] | None) -> tuple[st
             None if event_types is None else webhooks.check_event_types(event_types))
 
 
-async def _checked_url(url: str, settings) -> str:
+async def _checked_url(url: str, settings, project: str) -> str:
     """Its syntax, then (when that is good) its host's addresses, before any database connection
     is taken: a slow resolver must not hold one, nor a thread of the pool."""
-    return await webhook_transport.check_url(url, settings.webhook_allow_private, settings.webhook_timeout)
+    return await webhook_transport.check_url(url, settings.webhook_allow_private, settings.webhook_timeout, project)
 
 
 @router.post("", responses=documented(400, 401, 429, 503), operation_id="createWebhookEndpoint")
 async def create_endpoint(body: EndpointCreate, db: DB, settings: AppSettings, project: Project) -> dict:
     name, event_types = _checked_fields(body.name, body.event_types)
-    url = await _checked_url(body.url, settings)
+    url = await _checked_url(body.url, settings, project)
 
     def create() -> dict:
         with db.begin() as conn:
@@ -95,7 +98,7 @@ async def update_endpoint(webhook_endpoint_id: str, body: EndpointUpdate, db: DB
     name, event_types = _checked_fields(body.name, body.event_types)
     url = None
     if body.url is not None:
-        url = await _checked_url(body.url, settings)
+        url = await _checked_url(body.url, settings, project)
 
     def update() -> dict:
         with db.begin() as conn:
@@ -138,10 +141,16 @@ async def test_endpoint(webhook_endpoint_id: str, body: EndpointTest, reads: DBR
     row = await reads.run(webhooks.endpoint_query(project, webhook_endpoint_id))
     event_id = new_id("evt_")
     payload = webhooks.event_payload(event_id, body.event_type, "batch_test")
-    headers = webhooks.signed_headers(event_id, payload, [secret_box(settings).open(row.secret)])
+    try:
+        secret = secret_box(settings).open(row.secret)
+    except UnreadableSecret as exc:  # the operator's key, not the caller's doing
+        log.error("webhook endpoint %s cannot sign a test event: %s", webhook_endpoint_id, exc)
+        raise APIError(503, "The endpoint's signing secret cannot be read by this server; rotate its secret, or ask "
+                       "the operator to restore WEBHOOK_SECRET_KEY.", code="webhook_secret_unreadable") from None
+    headers = webhooks.signed_headers(event_id, payload, [secret])
     try:
         reply = await webhook_transport.post(row.url, payload.encode(), headers, timeout=settings.webhook_timeout,
-                                             allow_private=settings.webhook_allow_private)
+                                             allow_private=settings.webhook_allow_private, owner=project)
     except (webhook_transport.Refused, InvalidRequest) as refused:
         raise APIError(400, f"The test event was not sent: {refused}.", param="url", code="invalid_url") from None
     except Exception:  # noqa: BLE001 (every failure of a try reads the same to the caller)

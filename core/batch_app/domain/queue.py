@@ -196,14 +196,20 @@ SELECT id, batch_id FROM done
 """)
 
 
-def complete(conn: Connection, worker_id: str, completions: list[Completion]) -> dict[int, str]:
+# The largest answer stored for one request (BACKEND_MAX_REPLY_BYTES' default): a larger one is
+# that request's error, whichever engine made it.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+def complete(conn: Connection, worker_id: str, completions: list[Completion],
+             max_response_bytes: int = MAX_RESPONSE_BYTES) -> dict[int, str]:
     """Store results the worker still owns; returns {request id: batch id} of those accepted."""
     if not completions:
         return {}
     # One JSON document rather than a text[] of responses: psycopg escapes every quote of a
     # text array element in Python, which cost more CPU than the rest of the write together.
     results = json.dumps([{
-        "id": c.id, "attempt": c.attempt, **_answer(c),
+        "id": c.id, "attempt": c.attempt, **_answer(c, max_response_bytes),
         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
     } for c in completions])
     return dict(conn.execute(_COMPLETE, {"worker_id": worker_id, "results": results}).all())
@@ -257,16 +263,25 @@ WHERE r.id IS NULL
 """)
 
 
-def _answer(completion: Completion) -> dict[str, Any]:
+def _answer(completion: Completion, max_bytes: int) -> dict[str, Any]:
     """Its status code and response as JSON text; NaN or Infinity, which JSON cannot carry, make
-    it an error rather than an output line no JSON reader would accept."""
+    it an error rather than an output line no JSON reader would accept, and so does an answer
+    larger than `max_bytes` (prompt_logprobs, echo or n can make one of hundreds of MB), which
+    would otherwise weigh on the database, the output file and every download."""
     try:
         # ASCII-escaped: characters such as U+2028 would split a line for many JSONL readers.
-        return {"status_code": completion.status_code, "response": json.dumps(completion.response, allow_nan=False)}
+        response = json.dumps(completion.response, allow_nan=False)
     except ValueError:
-        return {"status_code": 500, "response": json.dumps({"error": {
-            "message": "The engine answered with NaN or Infinity, which JSON cannot carry.", "type": "server_error",
-            "param": None, "code": "result_not_json"}})}
+        return _server_error("The engine answered with NaN or Infinity, which JSON cannot carry.", "result_not_json")
+    if len(response) > max_bytes:
+        return _server_error(f"The answer to this request is larger than {max_bytes} bytes (BACKEND_MAX_REPLY_BYTES); "
+                             "ask for less (max_tokens, n, logprobs).", "response_too_large", status_code=502)
+    return {"status_code": completion.status_code, "response": response}
+
+
+def _server_error(message: str, code: str, status_code: int = 500) -> dict[str, Any]:
+    return {"status_code": status_code, "response": json.dumps({"error": {
+        "message": message, "type": "server_error", "param": None, "code": code}})}
 
 
 _HELD_BY = text(f"SELECT id FROM batch_requests WHERE worker_id = :worker_id AND status = '{_RUNNING}'")

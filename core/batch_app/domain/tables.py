@@ -20,7 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, TIMESTAMP, UUID
 
 from .statuses import FINAL_BATCH_STATUSES, BatchStatus, DeathCause, DeliveryStatus, RequestStatus, SlotCommand, SlotKind, WorkerStatus, sql_list
 
@@ -137,7 +137,7 @@ batch_requests = Table(
     Column("model", Text, nullable=False),
     Column("project", Text, nullable=False),  # the batch's: claims take from each project in turn
     Column("priority", Integer, nullable=False, server_default="0"),
-    Column("body", JSONB, nullable=False),
+    Column("body", JSON, nullable=False),  # as the line wrote it: jsonb would reorder its keys
     Column("status", Text, nullable=False, server_default=RequestStatus.QUEUED.value),
     Column("attempt", Integer, nullable=False, server_default="0"),  # runs, each under its own claim
     # Deaths of workers running it that may have been its fault: MAX_ATTEMPTS of them make it poison.

@@ -5,8 +5,9 @@ messages, completions and embeddings with the fields listed in _FAST_FIELDS, and
 mapped onto chat (responses.py). It decodes each answer once when it finishes instead of token
 by token (see _decoded_text), which is what keeps the worker at raw vLLM's pace. Every other line
 (tools, tool messages, reasoning parsers, echo, suffix, media, any field the fast path does not
-know) is answered by vLLM's own serving classes (vllm_serving.py), exactly as `vllm serve` with
-the slot's options answers it.
+know, and every chat or responses line of a slot with its own chat template or reasoning parser)
+is answered by vLLM's own serving classes (vllm_serving.py), exactly as `vllm serve` with the
+slot's options answers it.
 """
 
 from __future__ import annotations
@@ -252,8 +253,10 @@ class VllmEngine:
     def _fast(self, request: EngineRequest) -> bool:
         """Whether the fast path answers this line (see the module's note)."""
         body, endpoint = request.body, request.endpoint
+        if endpoint == RESPONSES:  # rendered on the chat path, with the slot's template and parsers if it has any
+            return self._serving.options.fast_chat or not isinstance(body, dict)
         if endpoint not in _FAST_FIELDS or not isinstance(body, dict):
-            return True  # embeddings and responses; a body that is no object is refused there
+            return True  # embeddings; a body that is no object is refused there
         if not body.keys() <= _FAST_FIELDS[endpoint]:
             return False
         if endpoint == COMPLETIONS:

@@ -20,7 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..domain.batch_format import CHAT_COMPLETIONS
+from ..domain.batch_format import CHAT_COMPLETIONS, RESPONSES
+from . import responses
 from .base import EngineProgress, EngineResult
 
 if TYPE_CHECKING:
@@ -167,7 +168,8 @@ class ServingPath:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def start(self, key: str, endpoint: str, body: Any) -> None:
-        """Answer a chat or completions `body` as `vllm serve` would; the answer comes out of `answers`."""
+        """Answer a chat, completions or responses `body` as `vllm serve` would (a responses body on
+        its chat path); the answer comes out of `answers`."""
         running = self._call(self._answer(key, endpoint, body))
         running.add_done_callback(lambda _: self._wake.set())
         self._running[key] = (running, _sequences(body))
@@ -274,6 +276,14 @@ class ServingPath:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         _KEY.set(key)
+        if endpoint == RESPONSES:  # on the chat path, as the fast path answers it, with the slot's options
+            try:
+                chat = responses.chat_request(body)
+            except responses.ResponsesError as exc:
+                return 400, {"error": {"message": str(exc), "param": exc.param, "code": None,
+                                       "type": "invalid_request_error"}}
+            status, answer = await self._serve(key, CHAT_COMPLETIONS, chat)
+            return status, responses.response_object(answer, body) if status == 200 else answer
         model, serve = ((ChatCompletionRequest, self._chat.create_chat_completion) if endpoint == CHAT_COMPLETIONS
                         else (CompletionRequest, self._completion.create_completion))
         # As `vllm serve`'s handlers answer: a body its request model refuses, then any error.

@@ -87,7 +87,8 @@ class WebhookSender(Periodic):
             headers = webhooks.signed_headers(delivery.event_id, delivery.payload, secrets_)
             reply = await webhook_transport.post(delivery.url, delivery.payload.encode(), headers,
                                                  timeout=self.settings.webhook_timeout,
-                                                 allow_private=self.settings.webhook_allow_private)
+                                                 allow_private=self.settings.webhook_allow_private,
+                                                 owner=delivery.project)
         except Exception as exc:  # noqa: BLE001 (whatever it is, it is this try's failure)
             return None, webhook_transport.describe_failure(exc, self.settings.webhook_timeout)
         return reply.status_code, None if reply.delivered else reply.describe()

@@ -36,10 +36,12 @@ _FINALIZE_TRIES = 3
 
 
 class ResultWriter(threading.Thread):
-    def __init__(self, db: Database, worker_id: str, max_group: int = 512, max_delay: float = 1.0):
+    def __init__(self, db: Database, worker_id: str, max_group: int = 512, max_delay: float = 1.0,
+                 max_response_bytes: int = queue.MAX_RESPONSE_BYTES):
         super().__init__(name="result-writer", daemon=True)
         self.db = db
         self.worker_id = worker_id
+        self.max_response_bytes = max_response_bytes
         self.max_group = max_group
         self.max_delay = max_delay
         self._pending: stdlib_queue.Queue[Completion | object | None] = stdlib_queue.Queue()
@@ -107,7 +109,7 @@ class ResultWriter(threading.Thread):
         while True:
             try:
                 with self.db.begin() as conn:
-                    accepted = queue.complete(conn, self.worker_id, group)
+                    accepted = queue.complete(conn, self.worker_id, group, self.max_response_bytes)
                 outage.reached()
                 return accepted
             except Exception as exc:

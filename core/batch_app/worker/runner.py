@@ -60,7 +60,7 @@ class Runner:
         self._reconciled_at = time.monotonic()
         self.stopping = threading.Event()
         self.heartbeat = Heartbeat(db, worker_id, settings.heartbeat_interval, self._sample, model)
-        self.writer = ResultWriter(db, worker_id)
+        self.writer = ResultWriter(db, worker_id, max_response_bytes=settings.backend_max_reply_bytes)
         self.housekeeper = Housekeeper(db, settings)
         self.work_signal = WorkSignal(db, listen=not settings.database_transaction_pooling)
 
