@@ -162,11 +162,12 @@ def client(api) -> OpenAI:
     return api.client()
 
 
-def database_of_the_module(name: str):
+def database_of_the_module(name: str, **api_overrides: str):
     """Fixtures `database`, `db` and `api` for a module whose watchdogs act on every row of their
-    database (retention deletes every finished batch's rows, however many other tests left): a
-    migrated database of the module's own and an API on it, so no other test's rows decide how long
-    its waits take. Use as `database, db, api = database_of_the_module("name")`."""
+    database (retention deletes every finished batch's rows, however many other tests left), or
+    whose rows other tests' watchdogs must not act on (deliveries to loopback receivers): a
+    migrated database of the module's own and an API on it (`api_overrides` its settings). Use as
+    `database, db, api = database_of_the_module("name")`."""
 
     @pytest.fixture(scope="module")
     def database(database):
@@ -182,7 +183,7 @@ def database_of_the_module(name: str):
 
     @pytest.fixture(scope="module")
     def api(database, data_dir):
-        server = start_api(database, data_dir, f"api-{name}")
+        server = start_api(database, data_dir, f"api-{name}", **api_overrides)
         yield server
         server.stop()
 

@@ -16,13 +16,11 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from core.batch_app.database import migrate, open_database
 from core.batch_app.domain.keys import create_key
 
 from .conftest import (
     batchctl,
-    scratch_database,
-    start_api,
+    database_of_the_module,
     start_watchdog,
     wait_for,
     wait_for_batch,
@@ -39,28 +37,15 @@ FAILING_LINE = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions
 MEMORY_BOUND = 64 << 20  # what a process may grow by while hostile receivers answer it
 
 
-@pytest.fixture(scope="module")
-def hostile_database(database):
-    with scratch_database(database) as url:
-        migrate(url)
-        yield url
+database, db, api = database_of_the_module("hostile", **LIMITS)
 
 
 @pytest.fixture(scope="module")
-def db(hostile_database):
-    engine = open_database(hostile_database, pool_size=2)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def stack(hostile_database, data_dir):
+def stack(database, data_dir, api):
     """An API, and a watchdog with no workers: its sender is what is under test."""
-    api = start_api(hostile_database, data_dir, "api-hostile", **LIMITS)
-    watchdog = start_watchdog(hostile_database, data_dir, "watchdog-hostile", [], **SENDER)
+    watchdog = start_watchdog(database, data_dir, "watchdog-hostile", [], **SENDER)
     yield api, watchdog
     watchdog.stop()
-    api.stop()
 
 
 @pytest.fixture(scope="module")
