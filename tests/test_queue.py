@@ -130,6 +130,33 @@ def test_rescue_requeues_then_fails_a_poison_request(client, db, own_model):
     assert error["custom_id"] == "poison" and error["error"]["code"] == "poison_request"
 
 
+def test_a_worker_declared_dead_claims_nothing_and_a_claim_under_way_is_rescued_once(client, db, own_model):
+    submit(client, [request_line(f"r{i}", own_model) for i in range(4)])
+    settings = Settings(max_attempts=3, heartbeat_timeout=60)
+    fenced = new_worker(db, own_model)
+    with db.begin() as conn:
+        registry.mark_worker_dead(conn, fenced, DeathCause.HUNG)
+    assert claim(db, fenced, own_model, 4) == []  # woken to be killed, it takes nothing back
+    worker = new_worker(db, own_model)
+    with db.begin() as claiming:  # a death declared while a claim is open waits for its commit
+        taken = queue.claim(claiming, worker, own_model, 2, engine_idle=True, max_attempts=3)
+        declaring = threading.Thread(target=lambda: declare_dead(db, worker))
+        declaring.start()
+        declaring.join(1)
+        assert declaring.is_alive()
+    declaring.join(10)
+    housekeeping.run_once(db, settings)
+    with db.connect() as conn:
+        crashes = dict(conn.execute(sa.text("SELECT custom_id, crashes FROM batch_requests WHERE id = ANY(:ids)"),
+                                    {"ids": [r.id for r in taken]}).all())
+    assert crashes == {"r0": 1, "r1": 1}
+
+
+def declare_dead(db, worker_id: str) -> None:
+    with db.begin() as conn:
+        registry.mark_worker_dead(conn, worker_id, DeathCause.HUNG)
+
+
 def test_a_worker_killed_from_outside_charges_its_requests_no_crash(client, db, own_model):
     submit(client, [request_line("r0", own_model)])
     settings = Settings(max_attempts=2, heartbeat_timeout=60)

@@ -120,8 +120,14 @@ RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.crashe
 _SUSPECT = "crashes > 0 AND crashes >= :last_attempt - 1"
 _CLAIM_ORDINARY = text(f"WITH RECURSIVE {_PICK_FAIRLY} {_TAKE}")
 _CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK_SUSPECT.format(suspects=_SUSPECT)}) {_TAKE}")
-_SUSPECTS_WAITING = text(f"""
-SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
+# A worker declared dead (or stopped) claims nothing: a hung worker woken to be killed would
+# otherwise take requests just handed back, and they would be charged its crash twice. Its row is
+# held FOR SHARE until the claim commits, so a death declared meanwhile waits and rescues what it took.
+_BEFORE_CLAIM = text(f"""
+SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id AND status NOT IN ({sql_list(ENDED_WORKER_STATUSES)})
+               FOR SHARE) AS serving,
+       EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
+           AS suspects_waiting
 """)
 
 # Skips a batch whose row someone holds: a cancel or an expiry about to end it, or another claim
@@ -135,7 +141,8 @@ WHERE id IN (SELECT id FROM batches WHERE id = ANY(:batch_ids) AND status = '{Ba
 
 def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle: bool,
           max_attempts: int) -> list[ClaimedRequest]:
-    """Take up to `limit` queued requests for `model`, in priority then age order.
+    """Take up to `limit` queued requests for `model`, in priority then age order; a worker
+    that is no longer serving (declared dead, stopped) takes none.
 
     While suspects wait, a busy engine takes nothing new (it drains), and an idle one takes a
     single suspect; `is_last_attempt` tells the worker to run it alone.
@@ -144,7 +151,10 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
         return []
     params = {"worker_id": worker_id, "model": model, "last_attempt": max_attempts}
     rows = []
-    if conn.execute(_SUSPECTS_WAITING, params).scalar():
+    serving, suspects_waiting = conn.execute(_BEFORE_CLAIM, params).one()
+    if not serving:
+        return []
+    if suspects_waiting:
         if not engine_idle:
             return []
         rows = conn.execute(_CLAIM_SUSPECT, {**params, "limit": 1}).all()
