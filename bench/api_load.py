@@ -217,11 +217,11 @@ def main() -> int:
 
             ours, minimal = asyncio.run(retrieve_rounds(api.base_url, minimal_base, probe.id, args))
             print("idle, retrieve only, alternating rounds (requests/s, p99):")
-            for round_, (a, b) in enumerate(zip(ours, minimal), 1):
+            for round_, (a, b) in enumerate(zip(ours, minimal, strict=True), 1):
                 print(f"  round {round_}: ours {a['rate']:7.1f} ({a['p99']:6.1f} ms)   minimal app {b['rate']:7.1f} "
                       f"({b['p99']:6.1f} ms)   ratio {a['rate'] / b['rate']:.2f}")
             print(f"  median ratio, ours / minimal: "
-                  f"{statistics.median(a['rate'] / b['rate'] for a, b in zip(ours, minimal)):.2f}")
+                  f"{statistics.median(a['rate'] / b['rate'] for a, b in zip(ours, minimal, strict=True)):.2f}")
             show("idle, readers and creators", asyncio.run(mixed(api.base_url, probe.id, args)))
 
             running = client.batches.create(input_file_id=client.files.create(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import os
 import random
 import re
@@ -33,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

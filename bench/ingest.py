@@ -23,9 +23,9 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.batch_app.domain import registry  # noqa: E402
 from core.batch_app.config import Settings  # noqa: E402
-from core.batch_app.database import open_database, database_url, migrate, stop_embedded  # noqa: E402
+from core.batch_app.database import database_url, migrate, open_database, stop_embedded  # noqa: E402
+from core.batch_app.domain import registry  # noqa: E402
 from tests.conftest import start_api  # noqa: E402
 
 MODEL = "bench-model"

@@ -32,8 +32,8 @@ from openai import AsyncOpenAI
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import wait_until_completed  # noqa: E402
 from bench.scratch import scratch_database  # noqa: E402
+from bench.throughput import wait_until_completed  # noqa: E402
 from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 from tests.vllm_servers import VllmServer  # noqa: E402
 

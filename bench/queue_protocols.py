@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
-from core.batch_app.domain import queue, registry  # noqa: E402
 from bench.scratch import scratch_database  # noqa: E402
+from core.batch_app.domain import queue, registry  # noqa: E402
 from core.batch_app.domain.queue import Completion  # noqa: E402
 
 MODEL = "bench-model"

@@ -47,8 +47,8 @@ from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
 from core.batch_app.config import Settings  # noqa: E402
 from core.batch_app.database import database_url, migrate, stop_embedded  # noqa: E402
 from core.batch_app.demo_model import DEMO_MODEL_NAME, build_demo_model  # noqa: E402
-from core.batch_app.engines.vllm_engine import vllm_environment  # noqa: E402
 from core.batch_app.domain.batch_format import FINAL_STATUSES  # noqa: E402
+from core.batch_app.engines.vllm_engine import vllm_environment  # noqa: E402
 from tests.conftest import live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 
 # Loads the model once, warms up, then runs all prompts once per line read from stdin.
@@ -226,7 +226,7 @@ def batch_phases(db, batch_id: str, started_at: float) -> dict[str, float]:
             " GROUP BY b.id"), {"id": batch_id}).one()
     names = ["in progress", "first claim", "first result", "last claim", "last result", "finalizing",
              "completed"]
-    return {name: float(value) - started_at for name, value in zip(names, row)}
+    return {name: float(value) - started_at for name, value in zip(names, row, strict=True)}
 
 
 def rate(result: dict) -> float:
@@ -300,8 +300,8 @@ def main() -> int:
     for name in sorted(results):
         print(f"({name}) {labels[name]:62s} {results[name]['tokens']:8d} tokens {results[name]['seconds']:7.2f} s "
               f"{rate(results[name]):8.0f} tokens/s")
-    ratios = [rate(r["c"]) / rate(a) for r, a in zip(rounds, best_mode)]
-    strict = [rate(r["c"]) / rate(a) for r, a in zip(rounds, faster_mode)]
+    ratios = [rate(r["c"]) / rate(a) for r, a in zip(rounds, best_mode, strict=True)]
+    strict = [rate(r["c"]) / rate(a) for r, a in zip(rounds, faster_mode, strict=True)]
     print("(c)/(a) per round: " + ", ".join(f"{x:.2f}" for x in ratios)
           + "; against the faster mode of each round: " + ", ".join(f"{x:.2f}" for x in strict))
     print(f"(c)/(a) = {statistics.median(ratios):.2f} median of the rounds' ratios   (target >= 0.9); "

@@ -27,4 +27,6 @@ if [ ! -f tests/node/node_modules/openai/package.json ]; then
     echo "npm is not installed: the Node SDK test skips, or fails when CI=true"
   fi
 fi
+# The linter first (pyflakes, import order, bugbear; configured in pyproject.toml): a finding fails the run.
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest "$@"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -19,9 +19,9 @@ import pytest
 import sqlalchemy as sa
 from openai import OpenAI
 
-from core.batch_app.domain import registry
-from core.batch_app.database import open_database, database_url, migrate, stop_embedded
 from core.batch_app.config import Settings
+from core.batch_app.database import database_url, migrate, open_database, stop_embedded
+from core.batch_app.domain import registry
 from core.batch_app.domain.keys import create_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ class SentryReceiver:
 
     def _parse(self, envelope: bytes) -> None:
         lines = envelope.split(b"\n")
-        for header, payload in zip(lines[1::2], lines[2::2]):
+        for header, payload in zip(lines[1::2], lines[2::2], strict=False):
             if json.loads(header).get("type") == "event":
                 self.events.append(json.loads(payload))
 

@@ -186,7 +186,7 @@ def test_cancel_mid_run_keeps_the_finished_part(vllm_stack, client, db):
     assert len(read_lines(client, cancelled.output_file_id)) == counts.completed
     assert_each_once(client, cancelled, {f"r{i}" for i in range(2000)})
     # The worker processes heard of it and dropped what they held (their engines stop generating it).
-    wait_for(lambda: sum(aborted_since(path, offset) for path, offset in zip(logs, offsets)) > 0, 60,
+    wait_for(lambda: sum(aborted_since(path, offset) for path, offset in zip(logs, offsets, strict=True)) > 0, 60,
              interval=0.5, message="workers aborting the cancelled requests")
 
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from .conftest import API_KEY, start_api
 from .jsonl import jsonl, request_line, submit, upload
 
+
 @pytest.fixture
 def accepted(project_client, live_model, db):
     """A batch accepted before the hostile input arrives; checked intact afterwards."""

@@ -143,7 +143,7 @@ def test_a_batch_runs_across_both_servers(managed, db, client):
     done = wait_for_batch(client, submit(client, chat_lines(120)).id, 300)
     assert done.status == "completed"
     assert_each_once(client, done, 120)
-    wait_for(lambda: all(answered(db, port) > was for port, was in zip(ports, before)), 15,
+    wait_for(lambda: all(answered(db, port) > was for port, was in zip(ports, before, strict=True)), 15,
              message="both servers used")
     listed = batchctl(watchdog.env, "workers")
     assert listed.returncode == 0, listed.stderr

@@ -12,8 +12,13 @@ import sqlalchemy as sa
 from alembic import command
 
 from core.batch_app.database import alembic_config, migrate
-from core.batch_app.domain.statuses import (FINAL_BATCH_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus,
-                                             RequestStatus, WorkerStatus)
+from core.batch_app.domain.statuses import (
+    FINAL_BATCH_STATUSES,
+    UNFINISHED_REQUEST_STATUSES,
+    BatchStatus,
+    RequestStatus,
+    WorkerStatus,
+)
 from core.batch_app.domain.tables import metadata
 
 from .conftest import scratch_database

@@ -17,8 +17,17 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from .conftest import (API_KEY, REPO, batchctl, cannot_run, database_of_the_module, live_worker, running_watchdog,
-                       wait_for, wait_for_batch)
+from .conftest import (
+    API_KEY,
+    REPO,
+    batchctl,
+    cannot_run,
+    database_of_the_module,
+    live_worker,
+    running_watchdog,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import jsonl, request_line, submit, upload
 
 MODEL = "outage-echo"

@@ -90,7 +90,7 @@ def test_the_batch_answers_as_vllms_server_does(reference, batch_answers, line):
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert [ours["usage"][name] for name in counts] == [theirs["usage"][name] for name in counts]
     assert len(ours["choices"]) == len(theirs["choices"])
-    for mine, reference_choice in zip(_by_index(ours), _by_index(theirs)):
+    for mine, reference_choice in zip(_by_index(ours), _by_index(theirs), strict=True):
         assert _choice(mine) == _choice(reference_choice)
         _assert_logprobs_close(mine.get("logprobs"), reference_choice.get("logprobs"))
 
@@ -131,7 +131,7 @@ def _assert_logprobs_close(mine: dict | None, theirs: dict | None) -> None:
         return
     if "content" in mine:  # chat
         assert [entry["token"] for entry in mine["content"]] == [entry["token"] for entry in theirs["content"]]
-        for a, b in zip(mine["content"], theirs["content"]):
+        for a, b in zip(mine["content"], theirs["content"], strict=True):
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
             assert [alt["token"] for alt in a["top_logprobs"]] == [alt["token"] for alt in b["top_logprobs"]]
             assert [alt["logprob"] for alt in a["top_logprobs"]] == pytest.approx(
@@ -141,7 +141,7 @@ def _assert_logprobs_close(mine: dict | None, theirs: dict | None) -> None:
     assert [value is None for value in mine["token_logprobs"]] == [value is None for value in theirs["token_logprobs"]]
     assert [v for v in mine["token_logprobs"] if v is not None] == pytest.approx(
         [v for v in theirs["token_logprobs"] if v is not None], abs=1e-3)
-    for a, b in zip(mine["top_logprobs"], theirs["top_logprobs"]):
+    for a, b in zip(mine["top_logprobs"], theirs["top_logprobs"], strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()), abs=1e-3)

@@ -17,8 +17,18 @@ import pytest
 
 from core.batch_app.domain import overview
 
-from .conftest import (API_KEY, REPO, Watchdog, batchctl, free_port, live_worker, running_watchdog, stack_env,
-                       wait_for, wait_for_batch)
+from .conftest import (
+    API_KEY,
+    REPO,
+    Watchdog,
+    batchctl,
+    free_port,
+    live_worker,
+    running_watchdog,
+    stack_env,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import request_line, submit
 from .vllm_servers import VllmServer
 

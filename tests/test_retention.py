@@ -18,8 +18,18 @@ from core.batch_app.config import Settings
 from core.batch_app.domain import registry
 from core.batch_app.watchdog.retention import Retention
 
-from .conftest import (API_KEY, batchctl, database_of_the_module, echo_slot, live_worker, running_watchdog, stack_env,
-                       start_api, wait_for, wait_for_batch)
+from .conftest import (
+    API_KEY,
+    batchctl,
+    database_of_the_module,
+    echo_slot,
+    live_worker,
+    running_watchdog,
+    stack_env,
+    start_api,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import request_line, submit
 
 database, db, api = database_of_the_module("retention")

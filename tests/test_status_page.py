@@ -12,6 +12,7 @@ from .conftest import API_KEY, require_tool, start_api
 from .jsonl import request_line, submit
 from .simulated_worker import answer, claim, complete, new_worker
 
+
 def basic(key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"user:{key}".encode()).decode()}
 

@@ -389,7 +389,7 @@ def test_embeddings_are_384_dimensional_and_repeatable(embedding_engine):
     assert response.usage.prompt_tokens == response.usage.total_tokens == first.prompt_tokens > 0
 
     second = run_one(embedding_engine, EMBEDDINGS, body)
-    for a, b in zip(first.body["data"], second.body["data"]):
+    for a, b in zip(first.body["data"], second.body["data"], strict=True):
         assert a["embedding"] == pytest.approx(b["embedding"], abs=1e-5)
 
     direct = embedding_engine.llm.embed(body["input"], use_tqdm=False)

@@ -19,8 +19,17 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from .conftest import (batchctl, echo_slot, gone, live_worker, rerun, running_watchdog, start_watchdog, wait_for,
-                       wait_for_batch)
+from .conftest import (
+    batchctl,
+    echo_slot,
+    gone,
+    live_worker,
+    rerun,
+    running_watchdog,
+    start_watchdog,
+    wait_for,
+    wait_for_batch,
+)
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -240,7 +249,7 @@ def test_cancel_and_expiry_while_workers_claim_never_deadlock(database, data_dir
         for entry in slots:
             wait_for(lambda: live_worker(db, entry["slot"]), 60, message="workers up")
         batches = []
-        for round_ in range(30):  # each batch is cancelled, or expires, while the workers claim from it
+        for _ in range(30):  # each batch is cancelled, or expires, while the workers claim from it
             cancelled = submit(client, [request_line(f"c{i}", model) for i in range(40)])
             expiring = submit(client, [request_line(f"e{i}", model) for i in range(400)], completion_window="1s")
             threading.Thread(target=client.batches.cancel, args=(cancelled.id,)).start()

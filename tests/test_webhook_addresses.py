@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from core.batch_app import webhook_transport
 from core.batch_app.config import Settings
 from core.batch_app.database import migrate, open_database
 from core.batch_app.domain import webhooks
 from core.batch_app.domain.statuses import BatchStatus
-from core.batch_app import webhook_transport
 from core.batch_app.webhook_transport import is_public
 
 from .conftest import REPO, scratch_database, stack_env, wait_for

@@ -7,14 +7,13 @@ import logging
 import uvicorn
 
 from .alerts import init_sentry
-from .config import get_settings
 from .api.app import create_app
 from .api.reads import Reads
+from .config import get_settings
 from .database import libpq_connection, migrate, migration_url, open_configured
 from .domain.keys import list_keys, seed_key
 from .logs import configure_logging
 from .outage import outage
-
 
 log = logging.getLogger("core.batch_app.api_server")
 

@@ -40,7 +40,7 @@ def vllm_arguments(spec: ServerSpec, model_path: str, runner: str, shutdown_grac
 def redacted(arguments: list[str]) -> list[str]:
     """The arguments with any key among them hidden, for a log line."""
     shown = []
-    for before, argument in zip(["", *arguments], arguments):
+    for before, argument in zip(["", *arguments], arguments, strict=False):
         if before == "--api-key":
             argument = "***"
         elif argument.startswith("--api-key="):

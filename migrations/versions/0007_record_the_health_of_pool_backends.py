@@ -8,8 +8,8 @@ Revises: 0006
 Create Date: 2026-12-01 20:00:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0007'

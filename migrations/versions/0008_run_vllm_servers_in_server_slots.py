@@ -9,8 +9,8 @@ Revises: 0007
 Create Date: 2026-12-01 23:00:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0008'

@@ -8,8 +8,8 @@ Revises: 0009
 Create Date: 2026-12-01 23:45:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0010'

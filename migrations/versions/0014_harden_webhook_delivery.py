@@ -11,8 +11,8 @@ Revises: 0013
 Create Date: 2026-12-04 22:00:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0014'

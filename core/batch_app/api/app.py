@@ -16,8 +16,8 @@ from . import batches, files, metrics, status_page, system, webhooks
 from .access_log import AccessLog
 from .batch_endings import BatchEndings
 from .database_probe import DatabaseProbe
-from .reads import Reads
 from .errors import RefuseNulBytes, install_error_handlers
+from .reads import Reads
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import psycopg
 
 from ..database import Database
-from ..outage import describe, is_unreachable, outage
 from ..domain.queue import BATCH_ENDED_CHANNEL
+from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..domain.errors import (Conflict, DomainError, Gone, InvalidRequest, LimitReached, NoLiveWorker, NotFound,
-                             TooLarge)
+from ..domain.errors import Conflict, DomainError, Gone, InvalidRequest, LimitReached, NoLiveWorker, NotFound, TooLarge
 from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
 from ..database import Database
 from ..domain import overview
 from ..domain.statuses import WorkerStatus
@@ -89,7 +90,7 @@ def _backend_metrics(live, answers, errors):
 
 
 def _histogram(name: str, documentation: str, bounds: list[float], cumulative: list[int], total: float):
-    buckets = [(floatToGoString(bound), count) for bound, count in zip(bounds, cumulative)]
+    buckets = [(floatToGoString(bound), count) for bound, count in zip(bounds, cumulative, strict=True)]
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
 
 

@@ -76,14 +76,14 @@ def submit(
     endpoint: Annotated[Optional[str], typer.Option(help="/v1/chat/completions, /v1/completions or /v1/embeddings "
                                                          "(default: the url of the file's first line)")] = None,
     completion_window: Annotated[str, typer.Option("--completion-window", "--window")] = "24h",
-    metadata: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],
+    metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow progress, then download the results")] = False,
     output_dir: Annotated[Path, typer.Option(help="where --wait puts the output and error files")] = Path("."),
     poll: Annotated[float, typer.Option(help="seconds between progress updates")] = 2.0,
 ) -> None:
     """Upload FILE and create a batch from it."""
     client = _client()
-    batch = api_commands.submit(client, file, endpoint, completion_window, _parse_metadata(metadata))
+    batch = api_commands.submit(client, file, endpoint, completion_window, _parse_metadata(metadata or []))
     if not wait:
         return
     batch = api_commands.wait(client, batch.id, poll)

@@ -3,7 +3,6 @@ worker reset."""
 
 from __future__ import annotations
 
-
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text

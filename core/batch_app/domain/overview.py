@@ -6,7 +6,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .registry import RESET_REASON, restarts_in_last_hour_sql
-from .statuses import ENDED_WORKER_STATUSES, FINAL_BATCH_STATUSES, UNFINISHED_REQUEST_STATUSES, BatchStatus, RequestStatus, sql_list
+from .statuses import (
+    ENDED_WORKER_STATUSES,
+    FINAL_BATCH_STATUSES,
+    UNFINISHED_REQUEST_STATUSES,
+    BatchStatus,
+    RequestStatus,
+    sql_list,
+)
 
 # The newest process of every slot, with what an operator asks first: alive? how long since its
 # last beat? how far has it got? how often, and why last, has it been restarted lately?

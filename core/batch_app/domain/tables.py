@@ -22,7 +22,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, TIMESTAMP, UUID
 
-from .statuses import FINAL_BATCH_STATUSES, BatchStatus, DeathCause, DeliveryStatus, RequestStatus, SlotCommand, SlotKind, WorkerStatus, sql_list
+from .statuses import (
+    FINAL_BATCH_STATUSES,
+    BatchStatus,
+    DeathCause,
+    DeliveryStatus,
+    RequestStatus,
+    SlotCommand,
+    SlotKind,
+    WorkerStatus,
+    sql_list,
+)
 
 metadata = MetaData()
 

@@ -179,7 +179,7 @@ class VllmEngine:
             return self._refused(request, exc)
         added: list[str] = []
         try:
-            for part_id, prompt in zip(in_flight.part_ids, prompts):
+            for part_id, prompt in zip(in_flight.part_ids, prompts, strict=True):
                 self._engine.add_request(part_id, prompt, params)
                 added.append(part_id)
         except EngineDeadError:
@@ -460,7 +460,7 @@ class VllmEngine:
 
     def _chat_logprobs(self, choice: CompletionOutput, top_logprobs: int) -> list[dict[str, Any]]:
         content = []
-        for token_id, candidates in zip(choice.token_ids, choice.logprobs or []):
+        for token_id, candidates in zip(choice.token_ids, choice.logprobs or [], strict=False):
             token, logprob = self._token_logprob(token_id, candidates)
             # vLLM lists the sampled token first, then the top ones; rank orders them all.
             top_ids = sorted((token_id for token_id, entry in candidates.items()
@@ -480,7 +480,7 @@ class VllmEngine:
     def _completion_logprobs(self, choice: CompletionOutput) -> dict[str, Any]:
         tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
         offset = 0
-        for token_id, candidates in zip(choice.token_ids, choice.logprobs):
+        for token_id, candidates in zip(choice.token_ids, choice.logprobs, strict=False):
             token, logprob = self._token_logprob(token_id, candidates)
             tokens.append(token)
             token_logprobs.append(logprob)

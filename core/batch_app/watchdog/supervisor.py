@@ -52,8 +52,8 @@ from ..outage import is_unreachable, outage
 from ..shutdown import stop_on_signals
 from .host_beat import HostBeat
 from .process_control import death_cause, describe_exit, is_worker_group, kill_group, oom_kills
-from .server_probe import ServerProbe
 from .retention import Retention
+from .server_probe import ServerProbe
 from .webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)

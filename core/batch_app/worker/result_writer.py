@@ -18,7 +18,6 @@ import queue as stdlib_queue
 import threading
 import time
 
-
 from ..database import Database
 from ..domain import finalize, queue
 from ..domain.queue import Completion

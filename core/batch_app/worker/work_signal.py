@@ -14,8 +14,8 @@ import logging
 import time
 
 from ..database import Database
-from ..outage import describe, is_unreachable, outage
 from ..domain.queue import BATCH_ENDED_CHANNEL, WORK_CHANNEL, WORK_TAKEN_CHANNEL
+from ..outage import describe, is_unreachable, outage
 
 log = logging.getLogger(__name__)
 
