@@ -233,6 +233,7 @@ def test_a_host_cut_off_is_fenced_and_charged_no_restart(cluster):
     assert_each_once(cluster.client, done, 1200)
     stored = stored_by(cluster.db, batch.id)
     assert all(len(hosts) == 1 for hosts in stored.values())
+    assert all(stored[custom_id] == {"host-b"} for custom_id in held)  # what C held, B ran
     with cluster.db.connect() as conn:  # none of what the fenced worker held was stored by it
         late = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b "
                                     "AND CAST(worker_id AS text) = ANY(:ids)"), {"b": batch.id, "ids": list(fenced)})

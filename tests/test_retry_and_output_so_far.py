@@ -5,11 +5,14 @@ engines) under the real watchdog, through the HTTP API with the official SDK."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 from .conftest import API_KEY, batchctl, echo_slot, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
@@ -19,25 +22,35 @@ def output_custom_ids(client, batch) -> list[str]:
     return [json.loads(line)["custom_id"] for line in client.files.content(batch.output_file_id).text.splitlines()]
 
 
+def settings_of(db, batch_id: str) -> tuple:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT endpoint, completion_window, priority, output_expires_after, metadata "
+                                    "FROM batches WHERE id = :id"), {"id": batch_id}).one()
+
+
+def retry(client, batch_id: str):
+    return client.post(f"/batches/{batch_id}/retry", cast_to=openai.types.Batch)
+
+
 def test_a_retry_runs_only_the_lines_that_did_not_succeed(database, data_dir, db, client, api):
     slot = "flaky-0"
-    with running_watchdog(database, data_dir, "watchdog-retry", [echo_slot(slot, "FlakyEngine")]) as watchdog:
+    with running_watchdog(database, data_dir, "watchdog-retry", [echo_slot(slot, "FlakyEngine")],
+                          HOUSEKEEPING_INTERVAL="0.5") as watchdog:
         wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         lines = [request_line(f"r{i}", slot, messages=[{"role": "user", "content": "flaky" if i % 4 == 0 else "ok"}])
                  for i in range(20)]
-        parent = wait_for_batch(client, submit(client, lines, metadata={"team": "search"}).id, 120)
+        parent = wait_for_batch(client, submit(client, lines, metadata={"team": "search"}, completion_window="2h",
+                                               extra_body={"priority": 7, "output_expires_after": {
+                                                   "anchor": "created_at", "seconds": 7200}}).id, 120)
         assert (parent.status, parent.request_counts.completed, parent.request_counts.failed) == ("completed", 15, 5)
-
-        with pytest.raises(openai.ConflictError) as running:
-            busy = submit(client, [request_line("x", slot)])
-            client.post(f"/batches/{busy.id}/retry", cast_to=openai.types.Batch)
-        assert running.value.body["code"] in ("batch_not_finished", "nothing_to_retry")
 
         retried = batchctl(watchdog.env, "--api-url", f"{api.base_url}/v1", "retry", parent.id)
         assert retried.returncode == 0, retried.stderr
         child_id = retried.stdout.split()[1]
         child = wait_for_batch(client, child_id, 120)
-        assert child.metadata == {"team": "search", "retry_of": parent.id}
+        # Its parent's endpoint, window, priority and output expiry; its metadata naming the parent.
+        assert settings_of(db, child_id) == ("/v1/chat/completions", "2h", 7, 7200,
+                                             {"team": "search", "retry_of": parent.id})
         assert (child.request_counts.total, child.request_counts.completed, child.request_counts.failed) == (5, 5, 0)
         assert sorted(output_custom_ids(client, child)) == sorted(f"r{i}" for i in range(0, 20, 4))
         # Together the two batches answered every line once.
@@ -45,10 +58,31 @@ def test_a_retry_runs_only_the_lines_that_did_not_succeed(database, data_dir, db
             sorted(f"r{i}" for i in range(20))
 
         with pytest.raises(openai.ConflictError) as nothing:
-            client.post(f"/batches/{child.id}/retry", cast_to=openai.types.Batch)
+            retry(client, child.id)
         assert nothing.value.body["code"] == "nothing_to_retry"
         with pytest.raises(openai.NotFoundError):
-            client.post("/batches/batch_nope/retry", cast_to=openai.types.Batch)
+            retry(client, "batch_nope")
+
+        # With the worker stopped for a moment: a batch still running, one cancelled, one expired.
+        worker = live_worker(db, slot)
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            unfinished = submit(client, [request_line("u0", slot)])
+            with pytest.raises(openai.ConflictError) as running:
+                retry(client, unfinished.id)
+            assert running.value.body["code"] == "batch_not_finished"
+            cancelled = submit(client, [request_line(f"c{i}", slot) for i in range(3)])
+            client.batches.cancel(cancelled.id)
+            expired = submit(client, [request_line(f"e{i}", slot) for i in range(3)], completion_window="3s")
+            cancelled, expired = wait_for_batch(client, cancelled.id, 30), wait_for_batch(client, expired.id, 30)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        assert (cancelled.status, expired.status) == ("cancelled", "expired")
+        for ended, prefix in ((cancelled, "c"), (expired, "e")):
+            again = wait_for_batch(client, retry(client, ended.id).id, 60)
+            assert (again.status, again.completion_window) == ("completed", ended.completion_window)
+            assert sorted(output_custom_ids(client, again)) == [f"{prefix}{i}" for i in range(3)]
+        assert wait_for_batch(client, unfinished.id, 60).status == "completed"
 
 
 def test_the_finished_part_of_a_running_batch_downloads_and_resumes(database, data_dir, db, client, api):
@@ -58,29 +92,35 @@ def test_the_finished_part_of_a_running_batch_downloads_and_resumes(database, da
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(300)])
         headers = {"Authorization": f"Bearer {API_KEY}"}
         seen: list[str] = []
-        after, calls, estimates = 0, 0, []
+        after, calls, while_running, estimates = 0, 0, 0, []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            status = client.batches.retrieve(batch.id)
-            if status.status == "in_progress" and status.request_counts.completed:
-                estimates.append((time.time(), status.model_extra["estimated_completion_at"]))
             response = httpx.get(f"{api.base_url}/v1/batches/{batch.id}/output", params={"after": after, "limit": 50},
                                  headers=headers, timeout=30)
+            status = client.batches.retrieve(batch.id)  # after the page: in_progress means it came while running
             assert response.status_code == 200 and response.headers["content-type"].startswith("application/jsonl")
             lines = [json.loads(line) for line in response.text.splitlines()]
             assert int(response.headers["X-Next-After"]) == after + len(lines)
             seen += [line["custom_id"] for line in lines]
             after += len(lines)
             calls += 1
+            if status.status == "in_progress":
+                while_running += len(lines)
+                counts = status.request_counts
+                if counts.completed >= counts.total / 5:  # the pace is known by then
+                    estimates.append((time.time(), status.model_extra["estimated_completion_at"]))
             if status.status == "completed" and not lines:
                 break
             time.sleep(0.3)
         done = client.batches.retrieve(batch.id)
         assert done.status == "completed" and calls > 3
+        assert 0 < while_running < 300  # lines came back while it ran, the rest after
         assert len(seen) == len(set(seen)) == 300
         assert set(seen) == set(output_custom_ids(client, done))
-        # 300 requests at about 40 a second: each estimate is ahead of its reading, by under two minutes.
-        assert estimates and all(read - 1 <= estimate <= read + 120 for read, estimate in estimates), estimates
+        # Each estimate is the real end, give or take half of what was left then (and the second
+        # the timestamps are rounded to).
+        assert estimates and all(abs(estimate - done.completed_at) <= 2 + (done.completed_at - read) / 2
+                                 for read, estimate in estimates), (estimates, done.completed_at)
         assert done.model_extra["estimated_completion_at"] is None
 
         other = httpx.get(f"{api.base_url}/v1/batches/batch_nope/output", headers=headers, timeout=30)

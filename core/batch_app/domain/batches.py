@@ -163,19 +163,19 @@ def _batch_object(row) -> dict[str, Any]:
     for name in TIMESTAMPS:
         value = getattr(row, name)
         body[name] = int(value.timestamp()) if value is not None else None
-    body["estimated_completion_at"] = _estimated_completion(body)
+    body["estimated_completion_at"] = _estimated_completion(row)
     return body
 
 
-def _estimated_completion(batch: dict[str, Any]) -> int | None:
+def _estimated_completion(row) -> int | None:
     """Not in OpenAI's object (the SDK keeps it as an extra): when a running batch should end, at
-    its own pace since it started."""
-    counts, started = batch["request_counts"], batch["in_progress_at"]
-    done = counts["completed"] + counts["failed"]
-    if batch["status"] != BatchStatus.IN_PROGRESS or not started or not done:
+    its own pace since it started (read to the microsecond: a batch of seconds is paced right)."""
+    done = row.completed + row.failed
+    if row.status != BatchStatus.IN_PROGRESS or row.in_progress_at is None or not done:
         return None
-    elapsed = max(time.time() - started, 1.0)
-    return int(time.time() + (counts["total"] - done) * elapsed / done)
+    now = time.time()
+    elapsed = max(now - row.in_progress_at.timestamp(), 0.001)
+    return round(now + (row.total - done) * elapsed / done)
 
 
 _GET_BATCH = _WITH_PROGRESS.format(batches="SELECT * FROM batches WHERE id = %(id)s AND project = %(project)s")
