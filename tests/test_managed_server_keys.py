@@ -15,6 +15,8 @@ from core.batch_app.vllm_server import redacted
 from .conftest import free_port, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 
+pytestmark = pytest.mark.vllm
+
 SERVED = "keyed-llama"
 FAST = {"HEARTBEAT_INTERVAL": "1", "STARTUP_TIMEOUT": "300", "SHUTDOWN_GRACE": "10",
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
