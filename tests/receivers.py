@@ -14,6 +14,16 @@ FORGED = "[/bold red] forged [green]delivered[/green] \x1b[2J[link=x]"
 DRIBBLE_INTERVAL = 0.5  # seconds between the bytes of a dribbling answer: well within any per-read timeout
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+    """Answer a request of an http.server handler with `body` as JSON."""
+    content = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(content)))
+    handler.end_headers()
+    handler.wfile.write(content)
+
+
 class Receiver:
     """A local webhook receiver: answers `status` (200 by default) and keeps every delivery."""
 

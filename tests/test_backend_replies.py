@@ -13,6 +13,7 @@ import pytest
 
 from .conftest import echo_slot, free_port, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
+from .receivers import send_json
 
 MODEL = "reply-size-model"
 LIMIT = 1024 * 1024
@@ -26,7 +27,7 @@ class Backend(BaseHTTPRequestHandler):
     posts: list[dict] = []
 
     def do_GET(self) -> None:
-        self._send(200, {"data": [{"id": MODEL, "object": "model"}]} if self.path == "/v1/models" else {})
+        send_json(self, 200, {"data": [{"id": MODEL, "object": "model"}]} if self.path == "/v1/models" else {})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -48,13 +49,6 @@ class Backend(BaseHTTPRequestHandler):
                 return  # the pool stopped reading
         self.wfile.write(b"0\r\n\r\n")
 
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def log_message(self, *args) -> None:
         pass

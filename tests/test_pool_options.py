@@ -31,6 +31,7 @@ from core.batch_app.domain.statuses import WorkerStatus
 
 from .conftest import Watchdog, batchctl, live_worker, running_watchdog, stack_env, wait_for, wait_for_batch
 from .jsonl import request_line, submit
+from .receivers import send_json
 
 MODEL = "pool-stub"  # what the backends serve
 SERVED = "pool-options"  # what users call it
@@ -69,7 +70,7 @@ class StubBackend:
                 if self.path == "/health":
                     backend._health(self)
                 elif self._authorized() and self.path == "/v1/models":
-                    _send(self, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in backend.models]})
+                    send_json(self, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in backend.models]})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
@@ -83,7 +84,7 @@ class StubBackend:
                     if not backend.key or authorization == f"Bearer {backend.key}":
                         return True
                     backend.refused.append((self.path, authorization))
-                _send(self, 401, {"error": "Unauthorized"})
+                send_json(self, 401, {"error": "Unauthorized"})
                 return False
 
             def log_message(self, format: str, *args) -> None:  # quiet
@@ -104,13 +105,13 @@ class StubBackend:
         mode = self.health
         if mode == "hold":
             if not _hold(handler, self._release):
-                _send(handler, 200, {})
+                send_json(handler, 200, {})
         elif mode == "close":
             _close(handler)
         elif mode == "ok":
-            _send(handler, 200, {})
+            send_json(handler, 200, {})
         else:
-            _send(handler, int(mode), {"error": {"message": f"{self.name} says {mode}"}})
+            send_json(handler, int(mode), {"error": {"message": f"{self.name} says {mode}"}})
 
     def _post(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
         with self.lock:
@@ -120,7 +121,7 @@ class StubBackend:
             elif self.hold_posts:
                 self.held += 1
         if fault:
-            _send(handler, int(fault), {"error": {"message": f"injected {fault} by {self.name}", "type": "server_error"}})
+            send_json(handler, int(fault), {"error": {"message": f"injected {fault} by {self.name}", "type": "server_error"}})
             return
         if self.hold_posts:
             if _hold(handler, self._release):
@@ -129,19 +130,10 @@ class StubBackend:
                 return
         with self.lock:
             self.answered += 1
-        _send(handler, 200, {
+        send_json(handler, 200, {
             "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": self.name}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-
-def _send(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
-    content = json.dumps(body).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(content)))
-    handler.end_headers()
-    handler.wfile.write(content)
 
 
 def _close(handler: BaseHTTPRequestHandler) -> None:

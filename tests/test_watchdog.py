@@ -68,10 +68,14 @@ def test_sigkill_is_detected_fast_and_the_batch_completes(database, data_dir, db
         os.kill(first.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: restarts(db, slot), 10, interval=0.05, message="restart recorded")
-        detection = time.monotonic() - killed_at
-        print(f"\ncrash detection latency: {detection:.2f} s")
-        assert detection < 2.0
+        print(f"\ncrash detection latency: {time.monotonic() - killed_at:.2f} s")
         assert restarts(db, slot)[0].exit_code == -signal.SIGKILL
+        # Seen by its exit (the cause read from the signal), not by its silence (that would be
+        # `hung`, after HEARTBEAT_TIMEOUT): the next check after the kill found it.
+        with db.connect() as conn:
+            cause = conn.execute(sa.text("SELECT cause FROM worker_deaths WHERE worker_id = :w"),
+                                 {"w": first.id}).scalar()
+        assert cause == "killed"
         done = wait_for_batch(client, batch.id, 120)
         assert done.status == "completed" and done.request_counts.completed == 400
         assert_each_custom_id_once(client, done, {f"r{i}" for i in range(400)})
@@ -228,8 +232,10 @@ def test_a_slot_at_its_cap_stays_stopped_across_watchdog_restarts(database, data
 
 def test_a_writer_failing_at_finalizing_retries_and_the_batch_completes(database, data_dir, db, client):
     slot = "full-disk-0"
+    # The default liveness: a heartbeat late on a busy machine must not pass for the restart this
+    # test says never happens.
     with running_watchdog(database, data_dir, "watchdog-full-disk", [echo_slot(slot, "FullDiskEngine")],
-                          FAIL_FINALIZING="2", **FAST_LIVENESS) as watchdog:
+                          FAIL_FINALIZING="2") as watchdog:
         worker = wait_for(lambda: live_worker(db, slot), 60, message="worker up")
         batch = submit(client, [request_line(f"r{i}", slot) for i in range(20)])
         done = wait_for_batch(client, batch.id, 60)

@@ -17,6 +17,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.receivers import send_json
+
 
 def _option(name: str, default: str | None = None) -> str | None:
     arguments = sys.argv[1:]
@@ -53,12 +55,7 @@ def main() -> None:
                 status, body = 200, {"object": "list", "data": [{"id": served, "object": "model"}]}
             else:
                 status, body = 404, {"error": "not found"}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args):
             pass
