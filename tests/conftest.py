@@ -75,14 +75,9 @@ def free_port() -> int:
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Groups for a parallel run (pytest-xdist's --dist loadgroup, as scripts/test.sh runs it): a
-    module's tests stay in one process, which sets up its module fixtures once, and the tests that
-    load vLLM run one after another, first, while the other process takes the rest: two model loads
-    at once on two cores only slow each other."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            group = "vllm" if item.get_closest_marker("vllm") else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
+    """The modules that load vLLM first: in a parallel run (pytest-xdist's --dist loadfile, as
+    scripts/test.sh runs it, a module's tests in one process) the longest start first and the
+    short ones fill in at the end."""
     items.sort(key=lambda item: not item.get_closest_marker("vllm"))  # stable: files keep their order
 
 
