@@ -12,8 +12,13 @@ from core.batch_app.config import Settings
 from core.batch_app.domain import housekeeping, registry
 from core.batch_app.domain.statuses import DeathCause
 
+from .conftest import database_of_the_module
 from .jsonl import request_line, submit
 from .simulated_worker import claim
+
+# The silent workers these tests make are for the test to judge: another test's watchdog on the
+# same database would judge them first, as its own host.
+database, db, api = database_of_the_module("worker-deaths")
 
 TIMEOUT = 60
 OBSERVER = Settings(heartbeat_timeout=TIMEOUT, host_name="observer", max_attempts=1)  # any charge would be poison
