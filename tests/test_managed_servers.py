@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.batch_app.config import ServerSpec, Settings
+from core.batch_app.domain import overview
 from core.batch_app.domain.registry import server_load
 from core.batch_app.vllm_server import vllm_arguments
 from core.batch_app.watchdog.process_control import group_members
@@ -137,8 +138,17 @@ def test_the_server_arguments_and_environment_are_what_the_slot_says(managed, db
     assert "core.batch_app.vllm_server" in " ".join(psutil.Process(second.pid).cmdline())
 
 
+def pool_backend_states(db) -> dict[str, str]:
+    """The state of each server as the pool worker's own health checks see it."""
+    with db.connect() as conn:
+        return {row.url: row.state for row in overview.backends(conn) if row.slot == POOL}
+
+
 def test_a_batch_runs_across_both_servers(managed, db, client):
     watchdog, ports = managed
+    # The watchdog's checks passing is not enough: the pool worker sends to a server once its own do.
+    wait_for(lambda: all(pool_backend_states(db).get(f"http://127.0.0.1:{port}") == "healthy" for port in ports),
+             120, message="the pool worker sending to both servers")
     before = [answered(db, port) for port in ports]
     done = wait_for_batch(client, submit(client, chat_lines(120)).id, 300)
     assert done.status == "completed"
