@@ -29,6 +29,6 @@ if [ ! -f tests/node/node_modules/openai/package.json ]; then
 fi
 # The linter first (pyflakes, import order, bugbear; configured in pyproject.toml): a finding fails the run.
 .venv/bin/ruff check --quiet .
-# In parallel, a process per CPU, each module's tests in one process (tests/conftest.py puts the
-# modules that load vLLM first); `scripts/test.sh -n 0` runs them one after another.
-exec .venv/bin/python -m pytest -n logical --dist loadfile "$@"
+# One test at a time; `scripts/test.sh -n logical --dist loadfile` runs a process per CPU, a
+# module's tests in each (pytest-xdist; see docs/benchmarks.md, "Test suite").
+exec .venv/bin/python -m pytest "$@"

@@ -74,13 +74,6 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {PORTS}")
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """The modules that load vLLM first: in a parallel run (pytest-xdist's --dist loadfile, as
-    scripts/test.sh runs it, a module's tests in one process) the longest start first and the
-    short ones fill in at the end."""
-    items.sort(key=lambda item: not item.get_closest_marker("vllm"))  # stable: files keep their order
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     # Kept short: the embedded server's Unix socket path must stay under ~100 bytes.

@@ -117,10 +117,10 @@ def test_the_finished_part_of_a_running_batch_downloads_and_resumes(database, da
         assert 0 < while_running < 300  # lines came back while it ran, the rest after
         assert len(seen) == len(set(seen)) == 300
         assert set(seen) == set(output_custom_ids(client, done))
-        # Each estimate is the real end, give or take what was left then (the pace of a busy
-        # machine varies; an estimate off by several times that is wrong), and the second the
-        # timestamps are rounded to.
-        assert estimates and all(abs(estimate - done.completed_at) <= 2 + (done.completed_at - read)
+        # Each estimate is the real end, give or take what was left then and a few seconds (counts
+        # lag the answers by the result writer's batching, and a busy machine's pace varies); one
+        # off by many times what was left is wrong.
+        assert estimates and all(abs(estimate - done.completed_at) <= 5 + (done.completed_at - read)
                                  for read, estimate in estimates), (estimates, done.completed_at)
         assert done.model_extra["estimated_completion_at"] is None
 
