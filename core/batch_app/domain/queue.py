@@ -108,11 +108,18 @@ offered AS (
         ORDER BY q.priority DESC, q.id LIMIT w.share FOR UPDATE SKIP LOCKED) mine),
 picked AS (SELECT id FROM offered ORDER BY rank, project LIMIT :limit)"""
 
+# A worker declared dead (or stopped) takes nothing: a hung worker woken to be killed would
+# otherwise take requests just handed back, and they would be charged its crash twice. Read in
+# the statement that takes, with no lock on the worker's row: a death declared while a claim is
+# open is never held up by it (the claimant may be stopped or cut off), and what such a claim
+# took is rescued, charged once, after it commits.
 _TAKE = f"""
 UPDATE batch_requests r
 SET status = '{_RUNNING}', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
 FROM picked, batches b
 WHERE r.id = picked.id AND b.id = r.batch_id
+  AND EXISTS (SELECT 1 FROM workers w WHERE w.id = :worker_id
+              AND w.status NOT IN ({sql_list(ENDED_WORKER_STATUSES)}))
 RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.crashes, r.priority, r.project
 """
 
@@ -120,14 +127,8 @@ RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.crashe
 _SUSPECT = "crashes > 0 AND crashes >= :last_attempt - 1"
 _CLAIM_ORDINARY = text(f"WITH RECURSIVE {_PICK_FAIRLY} {_TAKE}")
 _CLAIM_SUSPECT = text(f"WITH picked AS ({_PICK_SUSPECT.format(suspects=_SUSPECT)}) {_TAKE}")
-# A worker declared dead (or stopped) claims nothing: a hung worker woken to be killed would
-# otherwise take requests just handed back, and they would be charged its crash twice. Its row is
-# held FOR SHARE until the claim commits, so a death declared meanwhile waits and rescues what it took.
-_BEFORE_CLAIM = text(f"""
-SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id AND status NOT IN ({sql_list(ENDED_WORKER_STATUSES)})
-               FOR SHARE) AS serving,
-       EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
-           AS suspects_waiting
+_SUSPECTS_WAITING = text(f"""
+SELECT EXISTS (SELECT 1 FROM batch_requests WHERE status = '{_QUEUED}' AND model = :model AND {_SUSPECT})
 """)
 
 # Skips a batch whose row someone holds: a cancel or an expiry about to end it, or another claim
@@ -151,10 +152,7 @@ def claim(conn: Connection, worker_id: str, model: str, limit: int, engine_idle:
         return []
     params = {"worker_id": worker_id, "model": model, "last_attempt": max_attempts}
     rows = []
-    serving, suspects_waiting = conn.execute(_BEFORE_CLAIM, params).one()
-    if not serving:
-        return []
-    if suspects_waiting:
+    if conn.execute(_SUSPECTS_WAITING, params).scalar():
         if not engine_idle:
             return []
         rows = conn.execute(_CLAIM_SUSPECT, {**params, "limit": 1}).all()
