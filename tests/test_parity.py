@@ -39,16 +39,23 @@ def corpus() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir):
-    """vLLM's answer to every corpus line: custom_id -> (status, body)."""
+def reference_server(data_dir):
+    """`vllm serve` with the slot's options, loading while the batch's worker loads too."""
     server = VllmServer(data_dir, "parity", free_port(), served_name=MODEL)
     server.command += SERVE_ARGUMENTS
     try:
-        server.start().wait_ready()
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            return {line["custom_id"]: _answer(client.post(line["url"], json=line["body"])) for line in corpus()}
+        yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_server, batch_answers):
+    """vLLM's answer to every corpus line: custom_id -> (status, body). Asked once the batch has
+    run, so that neither side shares the cores with the other's requests."""
+    reference_server.wait_ready()
+    with httpx.Client(base_url=reference_server.url, timeout=120) as client:
+        return {line["custom_id"]: _answer(client.post(line["url"], json=line["body"])) for line in corpus()}
 
 
 def _answer(response: httpx.Response) -> tuple[int, dict]:
@@ -56,7 +63,7 @@ def _answer(response: httpx.Response) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def batch_answers(database, data_dir, db, api):
+def batch_answers(database, data_dir, db, api, reference_server):
     """The batch's answer to every corpus line: custom_id -> (status, body)."""
     # One line at a time, as the reference server is asked: on CPU, which requests share a step
     # changes float sums enough to flip a greedy token of the random-weight demo model on long
