@@ -1,15 +1,18 @@
 """A fault-injecting HTTP proxy in front of a real server:
-`python tests/fault_server.py PORT TARGET [FAULTS]`.
+`python tests/fault_server.py PORT TARGET [FAULTS]`, or `fault_server(TARGET, *FAULTS)` in a test.
 
 FAULTS is the cycle POSTs go through, comma-separated: `forward`, `500`, `429` or `close` (the
 connection closed with no answer). By default, of every five POSTs one is answered 500, one 429
 and one closed; the others, and every GET (health checks, the model list), are forwarded to
-TARGET. It listens on 127.0.0.1 only.
+TARGET, except GET /metrics, answered 404: the proxy stands for a server that keeps its load to
+itself. It listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +28,9 @@ class FaultyProxy(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self.path.startswith("/metrics"):
+            self._answer(httpx.Response(404, json={"detail": "Not Found"}))
+            return
         self._answer(httpx.get(self.target + self.path, headers=self._forwarded_headers(), timeout=30))
 
     def do_POST(self) -> None:
@@ -58,6 +64,28 @@ class FaultyProxy(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # quiet
         pass
+
+
+@contextlib.contextmanager
+def fault_server(target: str, *faults: str):
+    """This proxy in front of `target`, in a process of its own; yields its URL."""
+    from .conftest import free_port, wait_for
+
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, __file__, str(port), target, *faults])
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 30, message="fault server up")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def main() -> None:

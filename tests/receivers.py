@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -76,6 +77,12 @@ class Receiver:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # dozens of connections at once, none refused
     daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A sender that gave up on a hostile answer closes its connection: that is the point, not
+        an error to print."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class HostileReceivers:

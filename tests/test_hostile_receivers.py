@@ -105,6 +105,9 @@ def test_a_project_with_dozens_of_hostile_receivers_holds_up_no_other_project(st
         kind = HostileReceivers.KINDS[n % len(HostileReceivers.KINDS)]
         attacker.webhooks.create(url=hostile.url(kind, str(n)), event_types=["batch.failed"], name=f"{kind}-{n}")
     endpoint = victim.webhooks.create(url=receiver.url, event_types=["batch.failed"], name="healthy")
+    # A first delivery loads what any sending needs (the HTTP client, the TLS authorities).
+    warm_up = failed_batch(victim)
+    wait_for(lambda: receiver.for_batch(warm_up), 30, interval=0.1, message="a first delivery")
     with PeakMemory(watchdog.process.pid) as memory:
         for _ in range(3):  # 72 deliveries to hostile receivers, most of them taking the whole deadline
             failed_batch(attacker)
@@ -117,8 +120,7 @@ def test_a_project_with_dozens_of_hostile_receivers_holds_up_no_other_project(st
             wait_for(lambda: conn.execute(sa.text(
                 "SELECT bool_and(d.attempts > 0) FROM webhook_deliveries d JOIN webhook_endpoints ep "
                 "ON ep.id = d.endpoint_id WHERE ep.project = 'attacker'")).scalar(), 60, message="every one tried")
-    [event] = receiver.events(victim, endpoint.signing_secret)
-    assert event.data.id == batch_id
+    assert [event.data.id for event in receiver.events(victim, endpoint.signing_secret)] == [warm_up, batch_id]
     assert arrived < 30, f"the bystander waited {arrived:.1f} s behind the hostile receivers"
     assert memory.growth < MEMORY_BOUND, f"the watchdog grew by {memory.growth >> 20} MiB"
     assert all(hostile.requests.get(kind) for kind in HostileReceivers.KINDS)

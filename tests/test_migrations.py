@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -291,3 +292,28 @@ def test_request_bodies_keep_the_order_they_were_written_in_after_the_upgrade(da
         assert properties == {"1": ["day", "city", "country_code"], "2": ["city", "country_code", "day"]}
         assert list(bodies["2"]) == ["messages", "model", "tools"]
         command.downgrade(alembic_config(url), "0017")
+
+
+def test_backends_of_the_previous_head_report_a_fixed_allowance(database):
+    from core.batch_app.domain import overview, registry
+
+    with database_at(database, "0018") as (url, scratch):
+        worker = str(uuid.uuid4())
+        with scratch.begin() as conn:
+            conn.execute(sa.text("INSERT INTO workers (id, slot, host, pid, model, status) "
+                                 "VALUES (:id, 'pool-m', 'h', 1, 'm', 'idle')"), {"id": worker})
+            conn.execute(sa.text("INSERT INTO backends (worker_id, url, model, state) "
+                                 "VALUES (:id, 'http://a:8000', 'm', 'healthy')"), {"id": worker})
+        migrate(url)
+        with scratch.begin() as conn:
+            (before,) = overview.backends(conn)
+            assert (before.url, before.allowance, before.allowance_reason) == ("http://a:8000", None, "")
+            assert overview.describe_allowance(before) == "fixed"
+            state = SimpleNamespace(url="http://a:8000", state="healthy", in_flight=3, completed=7, errors={},
+                                    last_error="", checked_at=None, allowance=5,
+                                    allowance_reason="interactive_within_target: interactive traffic 0.2 s ago")
+            registry.report_backends(conn, worker, "m", [state])
+            (after,) = overview.backends(conn)
+        assert (after.in_flight, after.allowance) == (3, 5)
+        assert overview.describe_allowance(after) == "5 (interactive_within_target: interactive traffic 0.2 s ago)"
+        command.downgrade(alembic_config(url), "0018")

@@ -4,12 +4,9 @@ a pool made from BACKENDS alone."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -19,7 +16,6 @@ from core.batch_app.domain import overview
 
 from .conftest import (
     API_KEY,
-    REPO,
     Watchdog,
     batchctl,
     free_port,
@@ -29,6 +25,7 @@ from .conftest import (
     wait_for,
     wait_for_batch,
 )
+from .fault_server import fault_server
 from .jsonl import request_line, submit
 from .vllm_servers import VllmServer
 
@@ -182,19 +179,6 @@ def test_with_every_server_down_the_batch_waits_queued_and_completes_when_one_is
         assert_each_once(client, done, 150)
 
 
-@contextlib.contextmanager
-def fault_server(target: str, *faults: str):
-    """tests/fault_server.py in front of `target`; yields its URL."""
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_server.py"), str(port), target, *faults])
-    try:
-        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 30, message="fault server up")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proxy.terminate()
-        proxy.wait(10)
-
-
 def test_injected_faults_are_retried_until_every_request_succeeds(database, data_dir, db, client, servers):
     with fault_server(servers[0].url) as faulty:
         with running_watchdog(database, data_dir, "watchdog-pool-faults", [pool_slot([faulty, servers[1].url])],
@@ -345,10 +329,3 @@ def test_backends_alone_make_one_pool_worker_per_model_they_serve(database, data
         assert set(backends(db, "pool-pool-demo")) == {s.url for s in servers}
     finally:
         assert watchdog.stop() == 0
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -87,6 +87,17 @@ class WorkerSlot(BaseModel):
     request_timeout: float = Field(600.0, gt=0)  # seconds a backend may hold a request without answering
     health_interval: float = Field(10.0, gt=0)
     max_attempts: int = Field(4, ge=1)  # backends one request is tried on before it goes back to the queue
+    # The backends also serve people: each one's batch allowance follows its own load
+    # (engines/batch_allowance.py) between min_batch_in_flight and max_in_flight_per_backend.
+    interactive_traffic: bool = False
+    interactive_ttft_target: float = Field(0.25, gt=0)  # seconds to an interactive request's first token (p90)
+    interactive_quiet_seconds: float = Field(5.0, ge=0)  # with none seen this long, the allowance doubles
+    min_batch_in_flight: int = Field(1, ge=1)  # per backend, so that a batch always progresses
+    metrics_interval: float = Field(0.25, gt=0)  # seconds between readings of a backend's /metrics
+    latency_slack: float = Field(2.0, gt=1)  # without /metrics: answers this much slower a token than the fastest
+    # Sent as each batch request's `priority` (vLLM: larger is served later; the server must run
+    # with --scheduling-policy priority, or it refuses the request).
+    batch_priority: int | None = None
     serve: ServerSpec | None = None
 
     @field_validator("backends", mode="before")
@@ -108,8 +119,13 @@ class WorkerSlot(BaseModel):
 
     def pool_options(self) -> dict:
         """The pool's part of the entry, which the `openai-http` engine reads back as a slot."""
-        return self.model_dump(include={"backends", "api_key", "strategy", "max_in_flight_per_backend",
-                                        "request_timeout", "health_interval", "max_attempts"})
+        return self.model_dump(include={"backends", "api_key", *POOL_OPTIONS})
+
+
+# The pool's options of a slot, which POOL_OPTIONS sets for the pools made from BACKENDS or server slots.
+POOL_OPTIONS = ("strategy", "max_in_flight_per_backend", "request_timeout", "health_interval", "max_attempts",
+                "interactive_traffic", "interactive_ttft_target", "interactive_quiet_seconds", "min_batch_in_flight",
+                "metrics_interval", "latency_slack", "batch_priority")
 
 
 def pool_slot_name(model: str) -> str:
@@ -244,6 +260,9 @@ class Settings(BaseSettings):
     # Existing OpenAI-compatible servers, comma-separated base URLs, and the key they expect.
     backends: str = ""
     backend_api_key: str = ""
+    # JSON object of pool options for the pools made from BACKENDS or server slots, e.g.
+    # {"interactive_traffic": true, "batch_priority": 10}.
+    pool_options: str = ""
 
     @field_validator("host_name", mode="before")
     @classmethod
@@ -266,13 +285,21 @@ class Settings(BaseSettings):
             if slot.serve is not None:
                 servers.setdefault(slot.serve.name, []).append(slot.serve)
         pools = [WorkerSlot(slot=pool_slot_name(name), model=name, engine=POOL_ENGINE,
-                            backends=[{"url": spec.url, "managed": True} for spec in specs])
+                            backends=[{"url": spec.url, "managed": True} for spec in specs], **self.pool_option_values())
                  for name, specs in servers.items()]
         names = [slot.slot for slot in slots + pools]
         if twice := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"slot {', '.join(twice)} is named more than once (pool workers of server slots "
                              f"are named pool-<served name>)")
         return slots + pools
+
+    def pool_option_values(self) -> dict:
+        """POOL_OPTIONS as keyword arguments of a WorkerSlot; unknown names are an error."""
+        options = json.loads(self.pool_options) if self.pool_options.strip() else {}
+        if not isinstance(options, dict) or (unknown := sorted(set(options) - set(POOL_OPTIONS))):
+            raise ValueError(f"POOL_OPTIONS must be a JSON object of {', '.join(POOL_OPTIONS)}"
+                             + (f"; unknown: {', '.join(unknown)}" if isinstance(options, dict) else ""))
+        return options
 
     def worker_slot(self, name: str) -> WorkerSlot:
         """The configured slot of that name; a worker reads its own configuration here."""

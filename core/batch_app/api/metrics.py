@@ -83,6 +83,12 @@ def _backend_metrics(live, answers, errors):
     for row in live:
         up.add_metric([row.slot, row.url], 1.0 if row.state == "healthy" else 0.0)
     yield up
+    # The reason's kind (a handful of words, engines/batch_allowance.py), not its detail.
+    yield _labelled(GaugeMetricFamily(
+        "batch_backend_allowance", "Batch requests the backend may hold while it serves interactive traffic too.",
+        labels=["slot", "backend", "reason"]),
+        [((row.slot, row.url, row.allowance_reason.split(":")[0]), row.allowance) for row in live
+         if row.allowance is not None])
     yield _labelled(CounterMetricFamily("batch_backend_requests", "Requests the backend answered.",
                                         labels=["backend"]), [((row.url,), row.n) for row in answers])
     yield _labelled(CounterMetricFamily("batch_backend_errors", "Failed tries on the backend by error type.",

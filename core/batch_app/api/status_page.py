@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ..database import Database
 from ..domain import overview
 from ..domain.batches import list_batches
-from ..domain.overview import describe_age
+from ..domain.overview import describe_age, describe_allowance
 from ..domain.query import run
 from .deps import authenticate
 from .errors import APIError, error_response
@@ -118,9 +118,9 @@ def _backends_table(backends: list) -> str:
         return ""
     rows = [f'<tr><td>{escape(b.slot)}</td><td>{escape(b.url)}</td><td>{escape(b.model)}</td>'
             f'<td class="{"idle" if b.state == "healthy" else "dead"}">{escape(b.state)}</td><td>{b.in_flight}</td>'
-            f'<td>{b.completed}</td><td>{sum(b.errors.values())}</td><td>{escape(b.last_error)}</td></tr>'
+            f'<td>{escape(describe_allowance(b))}</td><td>{b.completed}</td><td>{sum(b.errors.values())}</td><td>{escape(b.last_error)}</td></tr>'
             for b in backends]
-    return "<h2>Backends</h2>" + _table(["worker", "backend", "model", "state", "in flight", "answered",
+    return "<h2>Backends</h2>" + _table(["worker", "backend", "model", "state", "in flight", "batch allowance", "answered",
                                          "failed tries", "last error"], rows, "")
 
 

@@ -11,7 +11,7 @@ from ..config import Settings
 from ..database import Database, embedded_pgdata, embedded_running, open_configured
 from ..domain import overview, retention, webhooks
 from ..domain.keys import create_key, list_keys, revoke_key
-from ..domain.overview import describe_age
+from ..domain.overview import describe_age, describe_allowance
 from ..domain.registry import is_server_slot, request_command, reset_restarts, slot_has_run
 from ..domain.statuses import SlotCommand, SlotKind, WorkerStatus
 from .errors import CommandError
@@ -57,13 +57,13 @@ def backends_table(db: Database) -> None:
         console.print("no pool worker reports backends (set BACKENDS, or a WORKERS entry with engine openai-http)")
         return
     table = Table(Column("worker", no_wrap=True), Column("backend", no_wrap=True), "model", "state", "in flight",
-                  "answered", "failed tries", "last error", "checked")
+                  "batch allowance", "answered", "failed tries", "last error", "checked")
     for row in rows:
         style = "green" if row.state == "healthy" else "bold red"
         failed = ", ".join(f"{kind} {n}" for kind, n in sorted(row.errors.items())) or "0"
         checked = f"{describe_age(row.checked_age)} ago" if row.checked_age is not None else "not yet"
         table.add_row(row.slot, row.url, row.model, f"[{style}]{row.state}[/{style}]", str(row.in_flight),
-                      str(row.completed), failed, row.last_error or "", checked)
+                      describe_allowance(row), str(row.completed), failed, row.last_error or "", checked)
     console.print(table)
 
 

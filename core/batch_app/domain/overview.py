@@ -40,6 +40,12 @@ def describe_age(seconds: float) -> str:
     return f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
 
 
+def describe_allowance(row) -> str:
+    """'12 (interactive_within_target: interactive traffic 0.5 s ago)' for a backend of a pool that
+    shares its servers with interactive traffic; 'fixed' for one that does not."""
+    return "fixed" if row.allowance is None else f"{row.allowance} ({row.allowance_reason})"
+
+
 def workers(conn: Connection) -> list:
     return conn.execute(_WORKERS).all()
 
@@ -66,7 +72,7 @@ def restart_history(conn: Connection, limit: int = 20) -> list:
 # The backends of live pool workers (a pool worker reports them with its heartbeat).
 _BACKENDS = text(f"""
 SELECT w.slot, w.host, b.model, b.url, b.state, b.in_flight, b.completed, b.errors, b.last_error,
-       extract(epoch FROM now() - b.checked_at) AS checked_age
+       extract(epoch FROM now() - b.checked_at) AS checked_age, b.allowance, b.allowance_reason
 FROM workers w JOIN backends b ON b.worker_id = w.id
 WHERE w.status NOT IN ({sql_list(ENDED_WORKER_STATUSES)})
 ORDER BY w.host, w.slot, b.url

@@ -70,14 +70,18 @@ def heartbeat(conn: Connection, *, worker_id: str, status: WorkerStatus, in_flig
 
 # A pool worker's backends, upserted with each heartbeat.
 _REPORT_BACKENDS = text("""
-INSERT INTO backends AS b (worker_id, url, model, state, in_flight, completed, errors, last_error, checked_at)
-SELECT :worker_id, r.url, :model, r.state, r.in_flight, r.completed, r.errors, r.last_error, to_timestamp(r.checked_at)
+INSERT INTO backends AS b (worker_id, url, model, state, in_flight, completed, errors, last_error, checked_at,
+                           allowance, allowance_reason)
+SELECT :worker_id, r.url, :model, r.state, r.in_flight, r.completed, r.errors, r.last_error, to_timestamp(r.checked_at),
+       r.allowance, r.allowance_reason
 FROM json_to_recordset(CAST(:backends AS json))
-     AS r(url text, state text, in_flight int, completed bigint, errors jsonb, last_error text, checked_at float8)
+     AS r(url text, state text, in_flight int, completed bigint, errors jsonb, last_error text, checked_at float8,
+          allowance int, allowance_reason text)
 ORDER BY r.url
 ON CONFLICT (worker_id, url) DO UPDATE
 SET state = excluded.state, in_flight = excluded.in_flight, completed = excluded.completed,
-    errors = excluded.errors, last_error = excluded.last_error, checked_at = excluded.checked_at
+    errors = excluded.errors, last_error = excluded.last_error, checked_at = excluded.checked_at,
+    allowance = excluded.allowance, allowance_reason = excluded.allowance_reason
 """)
 
 
@@ -86,7 +90,8 @@ def report_backends(conn: Connection, worker_id: str, model: str, states: list) 
     and /metrics."""
     conn.execute(_REPORT_BACKENDS, {"worker_id": worker_id, "model": model, "backends": json.dumps([
         {"url": s.url, "state": s.state, "in_flight": s.in_flight, "completed": s.completed,
-         "errors": dict(s.errors), "last_error": s.last_error, "checked_at": s.checked_at} for s in states])})
+         "errors": dict(s.errors), "last_error": s.last_error, "checked_at": s.checked_at,
+         "allowance": s.allowance, "allowance_reason": s.allowance_reason} for s in states])})
 
 
 # --- A server's beat, written by the watchdog's probe of it. ---

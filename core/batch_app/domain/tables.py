@@ -259,6 +259,10 @@ backends = Table(
     Column("errors", JSONB, nullable=False, server_default="{}"),  # failed tries by error type
     Column("last_error", Text, nullable=False, server_default=""),
     _optional_time("checked_at"),
+    # Batch requests it may hold while it serves interactive traffic too (NULL: the pool's fixed
+    # max_in_flight_per_backend), and why (engines/batch_allowance.py).
+    Column("allowance", Integer),
+    Column("allowance_reason", Text, nullable=False, server_default=""),
 )
 
 # What the watchdog restarted, when and why: the hourly cap survives a watchdog restart.

@@ -19,6 +19,10 @@ each request as it is and returning the backend's own answer.
   went away under it (`max_attempts` of them) may be what kills them: it ends `poison_request`.
 - Size: an answer longer than BACKEND_MAX_REPLY_BYTES is read no further and is that request's
   error (`response_too_large`), never held whole.
+- Shared servers (`interactive_traffic`): each backend's room is its batch allowance, set from
+  its /metrics (or without them, from the pool's own answers' latency) by batch_allowance.py;
+  what it holds past a cut is taken back and tried again, uncharged. `batch_priority` is sent
+  as each request's `priority`.
 - Progress (the watchdog's stall check) moves with every answer and every passed health check
   of a backend holding requests, so it stops only when the whole pool is stuck.
 
@@ -51,6 +55,7 @@ from ..config import WorkerSlot, get_settings
 from ..domain.batch_format import RESPONSES
 from ..server_keys import server_key
 from .base import RETRY_STATUS, EngineProgress, EngineRequest, EngineResult, EngineSpec, error_result
+from .batch_allowance import BatchAllowance, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +77,19 @@ class BackendState:
     errors: Counter = field(default_factory=Counter)  # by error type
     last_error: str = ""
     checked_at: float | None = None  # time.time() of the last health check
+    allowance: int | None = None  # batch requests it may hold, on servers shared with interactive traffic
+    allowance_reason: str = ""
 
 
 @dataclass
 class _Backend:
     config: BackendConfig
     status: BackendState
-    attempts: set[asyncio.Task] = field(default_factory=set)  # requests it holds now
+    attempts: dict[asyncio.Task, None] = field(default_factory=dict)  # requests it holds now, oldest first
     taken: set[asyncio.Task] = field(default_factory=set)  # of those, cancelled to be tried elsewhere
+    yielded: set[asyncio.Task] = field(default_factory=set)  # of those, taken back past its allowance
+    allowance: BatchAllowance | None = None
+    held_peak: int = 0  # the most it held since the last reading of its load
     failed_checks: int = 0  # health checks failed in a row
     session: aiohttp.ClientSession | None = None  # its own connection pool, unbounded: `_pick` bounds it
     headers: dict[str, str] = field(default_factory=dict)  # its key
@@ -101,6 +111,10 @@ class _Answer:
 
 class _TooLarge(Exception):
     """A backend's answer ran past BACKEND_MAX_REPLY_BYTES (it was read no further)."""
+
+
+class _Yielded(Exception):
+    """A request taken back from a backend whose batch allowance fell: tried again, uncharged."""
 
 
 class _Failure(Exception):
@@ -129,6 +143,13 @@ class OpenAIHttpEngine:
         self.progress = EngineProgress()
         self._backends = [_Backend(config, BackendState(config.url), headers=self._headers(config, settings.data_dir))
                           for config in self.slot.backends]
+        if self.slot.interactive_traffic:
+            for backend in self._backends:
+                backend.allowance = BatchAllowance(
+                    ceiling=self.slot.max_in_flight_per_backend, floor=self.slot.min_batch_in_flight,
+                    ttft_target=self.slot.interactive_ttft_target, quiet_seconds=self.slot.interactive_quiet_seconds,
+                    latency_slack=self.slot.latency_slack)
+                backend.status.allowance, backend.status.allowance_reason = backend.allowance.value, backend.allowance.reason
         self._turns = itertools.count()
         self._results: queue.SimpleQueue[EngineResult] = queue.SimpleQueue()
         self._running: dict[str, concurrent.futures.Future] = {}
@@ -199,10 +220,13 @@ class OpenAIHttpEngine:
             backend.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._room = asyncio.Condition()
         await asyncio.gather(*(self._check(backend) for backend in self._backends))
-        self._health_task = asyncio.create_task(self._check_periodically())
+        self._tasks = [asyncio.create_task(self._check_periodically())]
+        self._tasks += [asyncio.create_task(self._steer_periodically(backend))
+                        for backend in self._backends if backend.allowance is not None]
 
     async def _stop(self) -> None:
-        self._health_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         for backend in self._backends:
             await backend.session.close()
 
@@ -238,6 +262,9 @@ class OpenAIHttpEngine:
             try:
                 self._results.put(await self._send(backend, request))
                 return
+            except _Yielded:
+                tries -= 1  # not a failure of anyone's: it waits for room again
+                continue
             except _Failure as failure:
                 self._failed(backend, failure, request, tries)
                 failed_on.add(backend.url)
@@ -274,10 +301,11 @@ class OpenAIHttpEngine:
             while True:
                 healthy = [b for b in self._backends if b.status.state == HEALTHY]
                 untried = [b for b in healthy if b.url not in avoid]
-                free = [b for b in untried or healthy if b.status.in_flight < self.slot.max_in_flight_per_backend]
+                free = [b for b in untried or healthy if b.status.in_flight < self._room_of(b)]
                 if free:
                     backend = self._choose(free)
                     backend.status.in_flight += 1
+                    backend.held_peak = max(backend.held_peak, backend.status.in_flight)
                     return backend
                 if healthy:
                     await self._room.wait()
@@ -294,13 +322,19 @@ class OpenAIHttpEngine:
             return free[next(self._turns) % len(free)]
         return min(free, key=lambda b: (b.status.in_flight, next(self._turns) % len(self._backends)))
 
+    def _room_of(self, backend: _Backend) -> int:
+        return backend.allowance.value if backend.allowance is not None else self.slot.max_in_flight_per_backend
+
     async def _send(self, backend: _Backend, request: EngineRequest) -> EngineResult:
         body = {**request.body, "model": self._backend_model}
+        if self.slot.batch_priority is not None:
+            body["priority"] = self.slot.batch_priority  # behind interactive requests (priority 0)
         if request.endpoint == RESPONSES:
             body.setdefault("store", False)  # vLLM stores a response unless told not to; no batch reads it back
         attempt = asyncio.ensure_future(self._fetch(backend, "POST", request.endpoint, self.slot.request_timeout,
                                                     json=body))
-        backend.attempts.add(attempt)
+        backend.attempts[attempt] = None
+        sent_at = time.monotonic()
         try:
             response = await attempt
         except _TooLarge:
@@ -308,13 +342,16 @@ class OpenAIHttpEngine:
                                              "(BACKEND_MAX_REPLY_BYTES); ask for less (max_tokens, n, logprobs).",
                                 status_code=502, error_type="server_error", code="response_too_large")
         except asyncio.CancelledError:
+            if attempt in backend.yielded:
+                raise _Yielded() from None
             if attempt not in backend.taken:
                 raise  # aborted by the worker (cancelled batch, shutdown): the connection closes
             raise _Failure(backend.status.state, "Hung", "taken from the backend, which failed its health check "
                                                          "while holding this request", lost=True) from None
         finally:
-            backend.attempts.discard(attempt)
+            backend.attempts.pop(attempt, None)
             backend.taken.discard(attempt)
+            backend.yielded.discard(attempt)
             backend.status.in_flight -= 1
             async with self._room:
                 self._room.notify_all()
@@ -323,7 +360,10 @@ class OpenAIHttpEngine:
             raise _Failure(f"http_{response.status}", f"HTTP {response.status}", response.excerpt() or "(empty body)",
                            server_error=response.status >= 500)
         backend.status.completed += 1
-        return self._result(request.key, response)
+        result = self._result(request.key, response)
+        if backend.allowance is not None and response.status == 200:
+            backend.allowance.answered(time.monotonic() - sent_at, result.completion_tokens)
+        return result
 
     async def _fetch(self, backend: _Backend, method: str, path: str, timeout: float, **options) -> _Answer:
         """One HTTP exchange with a backend; a failure to get an answer is a `_Failure` saying why."""
@@ -372,6 +412,47 @@ class OpenAIHttpEngine:
         return EngineResult(key, 200, body, prompt_tokens=_count(usage.get("prompt_tokens", usage.get("input_tokens"))),
                             completion_tokens=_count(usage.get("completion_tokens", usage.get("output_tokens"))))
 
+    async def _steer_periodically(self, backend: _Backend) -> None:
+        while True:
+            await asyncio.sleep(self.slot.metrics_interval)
+            try:
+                await self._steer(backend)
+            except Exception as exc:  # nothing may end the steering: the allowance would freeze
+                log.error("reading the load of backend %s failed: %s: %s", backend.url, type(exc).__name__, exc,
+                          exc_info=exc)
+
+    async def _steer(self, backend: _Backend) -> None:
+        """Set the backend's batch allowance from its /metrics (or, without them, from the pool's
+        own answers), and take back at once what it holds past a cut."""
+        reading = None
+        with contextlib.suppress(_Failure, _TooLarge):
+            answer = await self._fetch(backend, "GET", "/metrics", HEALTH_TIMEOUT)
+            reading = read_metrics(answer.content.decode("utf-8", "replace")) if answer.status == 200 else None
+        allowance, before = backend.allowance, backend.allowance.value
+        # A server's counts are those of its last step, before it finished what that step ended
+        # (whose answers may have reached the pool already): what the pool held at most since
+        # the last reading is what the server may still count as its.
+        held, backend.held_peak = max(backend.held_peak, backend.status.in_flight), backend.status.in_flight
+        if reading is not None:
+            allowance.after_reading(reading, ours_in_flight=held, now=time.monotonic())
+        else:
+            allowance.after_latencies(time.monotonic())
+        backend.status.allowance, backend.status.allowance_reason = allowance.value, allowance.reason
+        if allowance.value == before:
+            return
+        if allowance.value < before:
+            log.info("backend %s: batch allowance %d -> %d (%s)", backend.url, before, allowance.value, allowance.reason)
+            # The oldest are kept: they have done the most work.
+            held = [task for task in backend.attempts if task not in backend.taken and task not in backend.yielded]
+            for attempt in held[allowance.value:]:
+                backend.yielded.add(attempt)
+                attempt.cancel()
+        self._capacity = self._healthy_room()
+        await self._wake_pickers()
+
+    def _healthy_room(self) -> int:
+        return sum(self._room_of(b) for b in self._backends if b.status.state == HEALTHY)
+
     def _failed(self, backend: _Backend, failure: _Failure, request: EngineRequest, tries: int) -> None:
         status = backend.status
         status.errors[failure.error_type] += 1
@@ -414,7 +495,7 @@ class OpenAIHttpEngine:
         if backend.attempts and backend.failed_checks >= 2:
             if state == "timeout":
                 state = "hung"
-            backend.taken |= backend.attempts
+            backend.taken |= set(backend.attempts)
             for attempt in list(backend.attempts):  # tried elsewhere at once (see _send)
                 attempt.cancel()
         self._set_state(backend, state, detail)
@@ -427,8 +508,7 @@ class OpenAIHttpEngine:
             else:
                 log.warning("backend %s is %s: %s", backend.url, state, detail)
             status.state = state
-            self._capacity = sum(self.slot.max_in_flight_per_backend for b in self._backends
-                                 if b.status.state == HEALTHY)
+            self._capacity = self._healthy_room()
             asyncio.ensure_future(self._wake_pickers())
         if detail:
             status.last_error = detail

@@ -75,7 +75,7 @@ def pool_settings(settings: Settings) -> Settings:
         delay = min(delay * 2, 30.0)
     models, silent = found
     slots = [WorkerSlot(slot=pool_slot_name(model), model=model, engine=POOL_ENGINE,
-                        backends=serving + silent, api_key=settings.backend_api_key)
+                        backends=serving + silent, api_key=settings.backend_api_key, **settings.pool_option_values())
              for model, serving in sorted(models.items())]
     for slot in slots:
         log.info("backends %s serve %s: pool worker %s", ", ".join(b.url for b in slot.backends), slot.model, slot.slot)

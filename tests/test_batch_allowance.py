@@ -1,0 +1,108 @@
+"""The batch allowance's rules on readings made by hand (the same rules on real vLLM servers are
+in test_shared_servers.py): what cuts it, what grows it, and its floor and ceiling."""
+
+from __future__ import annotations
+
+from core.batch_app.engines.batch_allowance import BatchAllowance, ServerReading, read_metrics, ttft_quantile
+
+BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
+
+
+def reading(running=0, waiting=0, kv=0.1, ttfts=()) -> ServerReading:
+    return ServerReading(running=running, waiting=waiting, kv_usage=kv,
+                         ttft_buckets={bound: sum(1 for t in ttfts if t <= bound) for bound in BOUNDS})
+
+
+def allowance(**options) -> BatchAllowance:
+    return BatchAllowance(**{"ceiling": 32, "floor": 2, "ttft_target": 0.1, "quiet_seconds": 5.0,
+                             "latency_slack": 2.0, **options})
+
+
+def test_a_vllm_exposition_is_read_summed_over_engines():
+    text = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 7.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 10.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 5.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 4.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 6.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 6.0
+"""
+    found = read_metrics(text)
+    assert (found.running, found.waiting, found.kv_usage) == (5, 1, 0.25)
+    assert found.ttft_buckets == {0.1: 4, float("inf"): 6}
+    assert read_metrics("# a server without vLLM's metrics\nprocess_cpu_seconds_total 1.0\n") is None
+
+
+def test_the_ttft_quantile_is_of_the_requests_between_two_readings():
+    before = reading(ttfts=[0.3] * 100)  # slow ones long ago do not count
+    assert ttft_quantile(before, reading(ttfts=[0.3] * 100 + [0.02] * 9 + [0.4])) == 0.05
+    assert ttft_quantile(before, reading(ttfts=[0.3] * 100 + [0.02] * 8 + [0.4] * 2)) == 0.5
+    assert ttft_quantile(before, before) is None
+
+
+def test_with_no_interactive_traffic_it_doubles_to_its_ceiling():
+    control = allowance()
+    values = [control.after_reading(reading(running=n), ours_in_flight=n, now=t)
+              for t, n in enumerate([0, 2, 4, 8, 16, 32, 32])]
+    assert values == [4, 8, 16, 32, 32, 32, 32]
+    assert control.reason.startswith("no_interactive:")
+
+
+def test_interactive_requests_beside_a_queue_halve_it_at_once_then_it_grows_back_by_one():
+    control = allowance()
+    for t in range(4):
+        control.after_reading(reading(running=control.value), ours_in_flight=control.value, now=t)
+    assert control.value == 32
+    # Two interactive requests arrive; one waits.
+    assert control.after_reading(reading(running=32, waiting=2), ours_in_flight=32, now=4) == 16
+    assert control.reason.startswith("interactive_queued:")
+    # They run within target, nothing waits: one more a reading.
+    assert control.after_reading(reading(running=18, ttfts=[0.02]), ours_in_flight=16, now=5) == 17
+    assert control.reason.startswith("interactive_within_target:")
+    # Gone, but seen 0.5 s ago: still by one; doubled once none was seen for 5 s.
+    assert control.after_reading(reading(running=17), ours_in_flight=17, now=5.5) == 18
+    assert control.after_reading(reading(running=18), ours_in_flight=18, now=11) == 32
+
+
+def test_interactive_ttft_past_the_target_halves_it_down_to_its_floor():
+    control = allowance(ceiling=8)
+    for t in range(2):
+        control.after_reading(reading(), ours_in_flight=0, now=t)
+    assert control.value == 8
+    values = [control.after_reading(reading(running=9, ttfts=[0.3] * (i + 1)), ours_in_flight=8,
+                                    now=2 + i) for i in range(4)]
+    assert values == [4, 2, 2, 2] and control.reason.startswith("ttft_over_target:")
+
+
+def test_kv_cache_pressure_halves_it_with_no_interactive_traffic():
+    control = allowance()
+    control.after_reading(reading(), ours_in_flight=0, now=0)
+    assert control.after_reading(reading(running=4, kv=0.95), ours_in_flight=4, now=1) == 2
+    assert control.reason == "cache_pressure: KV cache 95% used"
+
+
+def test_the_pools_own_requests_are_not_taken_for_interactive_ones():
+    control = allowance()
+    # The server holds fewer of the pool's requests than the pool does (some on their way there,
+    # some answered on their way back): no interactive traffic.
+    for t, (running, waiting) in enumerate([(2, 0), (4, 2), (8, 0)]):
+        control.after_reading(reading(running=running, waiting=waiting), ours_in_flight=8, now=t)
+    assert control.reason.startswith("no_interactive:") and control.value == 16
+    control.after_reading(reading(running=8, waiting=1), ours_in_flight=8, now=4)
+    assert control.reason.startswith("interactive_queued:") and control.value == 8
+
+
+def test_without_metrics_answers_slower_than_the_fastest_halve_it():
+    control = allowance(floor=1)
+    for _ in range(5):
+        control.answered(0.32, 32)  # 10 ms a token
+    assert control.after_latencies(now=0) == 2 and control.reason.startswith("latency_within_target:")
+    for _ in range(5):
+        control.answered(0.8, 32)  # 25 ms a token
+    assert control.after_latencies(now=1) == 1 and control.reason.startswith("latency_over_target:")
+    assert control.after_latencies(now=2) == 1  # no answer: held

@@ -1,0 +1,143 @@
+"""A pool whose vLLM servers also serve people (`interactive_traffic`), with a real vLLM server
+run with priority scheduling and a real interactive client: a burst of interactive requests cuts
+the batch allowance within seconds, what the server held past the cut is taken back and run
+again uncharged, the allowance grows back once the burst is over, and the batch loses and repeats
+nothing. A server that keeps its /metrics to itself (the fault proxy) is steered by latency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from core.batch_app.domain import overview
+
+from .conftest import API_KEY, batchctl, free_port, live_worker, running_watchdog, wait_for, wait_for_batch
+from .fault_server import fault_server
+from .jsonl import request_line, submit
+from .vllm_servers import VllmServer
+
+pytestmark = pytest.mark.vllm
+
+SERVED = "shared-llama"
+CEILING = 16
+SEQUENCES = 8
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    """A vLLM server that serves interactive requests before batch ones (larger `priority`: later),
+    running at most SEQUENCES requests at once: the pool's CEILING fills it, so an interactive
+    request waits in its queue unless the pool gives room back."""
+    shared = VllmServer(data_dir, "shared-0", free_port(), served_name="shared-demo")
+    shared.command += ["--scheduling-policy", "priority", "--max-num-seqs", str(SEQUENCES)]
+    try:
+        yield shared.start().wait_ready()
+    finally:
+        shared.stop()
+
+
+def shared_slot(urls: list[str], **options) -> dict:
+    return {"slot": "pool-0", "engine": "openai-http", "model": "shared-demo", "served_name": SERVED,
+            "backends": urls, "health_interval": 1, "max_in_flight_per_backend": CEILING,
+            "interactive_traffic": True, "interactive_quiet_seconds": 3, "interactive_ttft_target": 0.5,
+            "batch_priority": 10, **options}
+
+
+def backend(db, url: str):
+    with db.connect() as conn:
+        return next((row for row in overview.backends(conn) if row.url == url), None)
+
+
+def output_ids(client, batch) -> list[str]:
+    ids = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            ids += [json.loads(line)["custom_id"] for line in client.files.content(file_id).text.splitlines()]
+    return ids
+
+
+async def interactive_burst(url: str, count: int, seconds: float) -> int:
+    """`count` streaming chat requests at a time, again and again for `seconds`, as people would
+    send them; how many were answered."""
+    answered = 0
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> None:
+            nonlocal answered
+            body = {"model": "shared-demo", "max_tokens": 48, "stream": True,
+                    "messages": [{"role": "user", "content": f"Person {i}: tell me about ships."}]}
+            async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+                async for _ in response.content:
+                    pass
+            answered += 1
+
+        deadline = asyncio.get_running_loop().time() + seconds
+        turn = 0
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.gather(*(one(turn * count + i) for i in range(count)))
+            turn += 1
+    return answered
+
+
+def test_a_burst_cuts_the_allowance_at_once_and_it_grows_back_losing_nothing(database, data_dir, db, client, api,
+                                                                            server):
+    with running_watchdog(database, data_dir, "watchdog-shared", [shared_slot([server.url])],
+                          HEARTBEAT_INTERVAL="1") as watchdog:
+        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        batch = submit(client, [request_line(f"r{i}", SERVED, max_tokens=32) for i in range(1500)])
+        full = wait_for(lambda: (row := backend(db, server.url)) and row.allowance == CEILING and row, 60,
+                        interval=0.2, message="the allowance at its ceiling with no interactive traffic")
+        assert full.allowance_reason.startswith("no_interactive:")
+        aborted = server.aborted()
+
+        answered = asyncio.run(interactive_burst(server.url, 4, 6))
+        assert answered >= 4
+        cut = backend(db, server.url)
+        log = (watchdog.log_dir / "worker-pool-0.log").read_text(errors="replace")
+        cuts = re.findall(rf"backend {re.escape(server.url)}: batch allowance (\d+) -> (\d+) \((\w+):", log)
+        assert cuts and int(cuts[0][0]) == CEILING and {kind for *_, kind in cuts} <= {
+            "interactive_queued", "ttft_over_target", "cache_pressure"}, cuts
+        assert cut.allowance < CEILING and cut.allowance_reason.split(":")[0] in {
+            "interactive_queued", "ttft_over_target", "interactive_within_target"}, cut
+        # What the server held past the cut was taken back from it (the server aborted them).
+        wait_for(lambda: server.aborted() > aborted, 10, message="batch requests taken back from the server")
+
+        listed = batchctl(watchdog.env, "backends")
+        assert listed.returncode == 0 and "batch allowance" in listed.stdout and "interactive" in listed.stdout
+        page = httpx.get(f"{api.base_url}/", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
+        assert "batch allowance" in page
+        metrics = httpx.get(f"{api.base_url}/metrics", timeout=10).text
+        assert re.search(rf'batch_backend_allowance{{backend="{re.escape(server.url)}",reason="\w+",slot="pool-0"}} '
+                         r"\d+\.0", metrics), metrics
+
+        back = wait_for(lambda: (row := backend(db, server.url)) and row.allowance == CEILING and row, 30,
+                        interval=0.2, message="the allowance back at its ceiling after the burst")
+        assert back.allowance_reason.startswith("no_interactive:")
+        done = wait_for_batch(client, batch.id, 600)
+    assert done.status == "completed" and done.request_counts.completed == 1500
+    ids = output_ids(client, done)
+    assert sorted(ids) == sorted(f"r{i}" for i in range(1500))
+    with db.connect() as conn:  # taken back is not run again through the queue, nor charged
+        runs = conn.execute(sa.text("SELECT max(attempt), max(crashes) FROM batch_requests WHERE batch_id = :b"),
+                            {"b": batch.id}).one()
+    assert tuple(runs) == (1, 0)
+
+
+def test_a_server_without_metrics_is_steered_by_the_latency_of_its_answers(database, data_dir, db, client, server):
+    with fault_server(server.url, "forward") as proxy:
+        with running_watchdog(database, data_dir, "watchdog-shared-latency", [shared_slot([proxy])],
+                              HEARTBEAT_INTERVAL="1"):
+            wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+            batch = submit(client, [request_line(f"r{i}", SERVED, max_tokens=16) for i in range(200)])
+            steered = wait_for(lambda: (row := backend(db, proxy)) and row.allowance_reason.startswith("latency_")
+                               and row, 60, interval=0.2, message="the allowance steered by latency")
+            assert "(no /metrics)" in steered.allowance_reason and 1 <= steered.allowance <= CEILING
+            done = wait_for_batch(client, batch.id, 300)
+    assert done.status == "completed" and done.request_counts.completed == 200
+    assert sorted(output_ids(client, done)) == sorted(f"r{i}" for i in range(200))
