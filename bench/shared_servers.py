@@ -17,7 +17,8 @@ worker over the same servers. Phases:
 
 Each phase starts the pool worker with its settings, submits the batch, lets it run
 --warm-up seconds, then measures for --seconds: the interactive requests sent in that time,
-and the batch's requests completed in it (its counts read at both ends); then cancels the batch.
+and the batch's requests completed in it (its counts read at both ends); then cancels the batch
+and waits until both servers run nothing, and --settle seconds more.
 Rounds run the phases in alternating order. Printed: interactive TTFT p50/p99 and total
 latency p99 of each phase over (a)'s, and each batch rate over (d)'s. Targets: (c) TTFT p99 at
 most 1.5x (a)'s, and (c)'s batch rate above every fixed cap's whose p99 is within 1.5x too.
@@ -36,11 +37,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.scratch import scratch_database  # noqa: E402
+from core.batch_app.engines.batch_allowance import read_metrics  # noqa: E402
 from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 from tests.vllm_servers import VllmServer  # noqa: E402
 
@@ -146,6 +149,18 @@ class Stack:
                          interval=0.5, message="the batch cancelled")
             if watchdog is not None:
                 watchdog.stop()
+            self.settle()
+
+    def settle(self) -> None:
+        """Until both servers run nothing (a cancelled batch's requests are aborted as their
+        connections close), then a few seconds for PostgreSQL's own work after a batch."""
+        def idle(url: str) -> bool:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            reading = read_metrics(text)
+            return reading is not None and reading.running + reading.waiting == 0
+
+        wait_for(lambda: all(idle(url) for url in self.backends), 120, interval=0.5, message="the servers idle")
+        time.sleep(self.args.settle)
 
     def stop(self) -> None:
         self.api.stop()
@@ -163,6 +178,7 @@ def main() -> int:
     parser.add_argument("--caps", default="1,2,4,8,16,32", help="fixed max_in_flight_per_backend of (e); 64 is (b)")
     parser.add_argument("--ttft-target", type=float, default=0.1, help="interactive_ttft_target of (c), seconds")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds of quiet after each phase")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     caps = [int(cap) for cap in args.caps.split(",")]

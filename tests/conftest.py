@@ -389,3 +389,14 @@ def log_lines(path: Path) -> list[str]:
     bad = [line for line in lines if not LOG_LINE.match(line)]
     assert not bad, f"{path}: {len(bad)} lines without timestamp and process, e.g. {bad[:3]}"
     return lines
+
+
+def pytest_collection_modifyitems(config, items):
+    """TEST_MODULE_ORDER=reverse runs the modules last to first (each module's tests in their own
+    order), to show that no module depends on what ran before it."""
+    if os.environ.get("TEST_MODULE_ORDER") != "reverse":
+        return
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    items[:] = [item for module in reversed(modules) for item in modules[module]]
