@@ -29,6 +29,6 @@ if [ ! -f tests/node/node_modules/openai/package.json ]; then
 fi
 # The linter first (pyflakes, import order, bugbear; configured in pyproject.toml): a finding fails the run.
 .venv/bin/ruff check --quiet .
-# One test at a time; `scripts/test.sh -n logical --dist loadfile` runs a process per CPU, a
-# module's tests in each (pytest-xdist; see docs/benchmarks.md, "Test suite").
-exec .venv/bin/python -m pytest "$@"
+# A process per CPU, a module's tests in each (pytest-xdist; see docs/benchmarks.md, "Test
+# suite"); `scripts/test.sh -n 0` runs one test at a time.
+exec .venv/bin/python -m pytest -n logical --dist loadfile "$@"
