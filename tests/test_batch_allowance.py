@@ -3,6 +3,11 @@ in test_shared_servers.py): what cuts it, what grows it, and its floor and ceili
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from core.batch_app.config import Settings
 from core.batch_app.engines.batch_allowance import BatchAllowance, ServerReading, read_metrics, ttft_quantile
 
 BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
@@ -106,3 +111,15 @@ def test_without_metrics_answers_slower_than_the_fastest_halve_it():
         control.answered(0.8, 32)  # 25 ms a token
     assert control.after_latencies(now=1) == 1 and control.reason.startswith("latency_over_target:")
     assert control.after_latencies(now=2) == 1  # no answer: held
+
+
+def test_pool_options_reach_the_pools_made_from_server_slots_and_an_unknown_one_is_refused():
+    servers = json.dumps([{"slot": f"llama-srv-{i}", "serve": {"model": "demo", "served_name": "llama", "port": 8100 + i}}
+                          for i in range(2)])
+    options = json.dumps({"interactive_traffic": True, "batch_priority": 10, "min_batch_in_flight": 2})
+    [*_, pool] = Settings(workers=servers, pool_options=options).worker_slots()
+    assert (pool.slot, pool.interactive_traffic, pool.batch_priority, pool.min_batch_in_flight) == ("pool-llama", True,
+                                                                                                  10, 2)
+    assert pool.pool_options()["interactive_traffic"] is True  # what the pool worker reads back
+    with pytest.raises(ValueError, match="unknown: interactive"):
+        Settings(workers=servers, pool_options='{"interactive": true}').worker_slots()
