@@ -443,8 +443,8 @@ class OpenAIHttpEngine:
         if allowance.value < before:
             log.info("backend %s: batch allowance %d -> %d (%s)", backend.url, before, allowance.value, allowance.reason)
             # The oldest are kept: they have done the most work.
-            held = [task for task in backend.attempts if task not in backend.taken and task not in backend.yielded]
-            for attempt in held[allowance.value:]:
+            oldest_first = [task for task in backend.attempts if task not in backend.taken and task not in backend.yielded]
+            for attempt in oldest_first[allowance.value:]:
                 backend.yielded.add(attempt)
                 attempt.cancel()
         self._capacity = self._healthy_room()
