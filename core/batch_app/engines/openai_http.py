@@ -149,7 +149,6 @@ class OpenAIHttpEngine:
                     ceiling=self.slot.max_in_flight_per_backend, floor=self.slot.min_batch_in_flight,
                     ttft_target=self.slot.interactive_ttft_target, quiet_seconds=self.slot.interactive_quiet_seconds,
                     latency_slack=self.slot.latency_slack)
-                backend.status.allowance, backend.status.allowance_reason = backend.allowance.value, backend.allowance.reason
         self._turns = itertools.count()
         self._results: queue.SimpleQueue[EngineResult] = queue.SimpleQueue()
         self._running: dict[str, concurrent.futures.Future] = {}
@@ -202,6 +201,10 @@ class OpenAIHttpEngine:
         return len(self._running)
 
     def backend_states(self) -> list[BackendState]:
+        for backend in self._backends:
+            if backend.allowance is not None:  # as the heartbeat reports it
+                backend.status.allowance, backend.status.allowance_reason = backend.allowance.value, \
+                    backend.allowance.reason
         return [backend.status for backend in self._backends]
 
     def close(self) -> None:
@@ -437,7 +440,6 @@ class OpenAIHttpEngine:
             allowance.after_reading(reading, ours_in_flight=held, now=time.monotonic())
         else:
             allowance.after_latencies(time.monotonic())
-        backend.status.allowance, backend.status.allowance_reason = allowance.value, allowance.reason
         if allowance.value == before:
             return
         if allowance.value < before:
