@@ -112,6 +112,12 @@ def charged(db, host: str) -> tuple[int, list]:
     return restarts, deaths
 
 
+def model_known(db, model: str) -> bool:
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM workers WHERE slot = :slot AND status = 'stopped'"),
+                            {"slot": f"elastic-{model}"}).scalar() > 0
+
+
 def output_ids(client, batch) -> list[str]:
     return [json.loads(line)["custom_id"] for line in client.files.content(batch.output_file_id).text.splitlines()]
 
@@ -202,7 +208,10 @@ def test_elastic_jobs_start_while_work_waits_serve_what_arrives_and_end_when_idl
              "--poll-interval", "1", "--", f"--output={Path(env['LOG_DIR']) / 'slurm-%j.out'}", "--time=5"],
             env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        time.sleep(3)
+        # The submitter makes the model known (its stand-in row) before a batch for it can be made; under
+        # load its start alone may take seconds. Two rounds later, with nothing waiting, no job was submitted.
+        wait_for(lambda: model_known(db, model), 60, message="the submitter to make the model known")
+        time.sleep(2.5)
         assert cluster.run("squeue", "--me", "--noheader", "--name=batch-worker-elastic").stdout.strip() == ""
         first = wait_for_batch(client, submit(client, [request_line(f"a{i}", model) for i in range(10)]).id, 90)
         assert first.status == "completed"
