@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -391,12 +392,27 @@ def log_lines(path: Path) -> list[str]:
     return lines
 
 
+# Each module's seconds in a whole run (setup, tests and teardown), from `scripts/module_seconds.py`.
+MODULE_SECONDS = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
+UNMEASURED_MODULE_SECONDS = 60  # a new module: neither among the longest nor left to the end
+
+
+def pytest_configure(config):
+    # pytest-xdist would hand modules out by their number of tests; they go in the order below.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """TEST_MODULE_ORDER=reverse runs the modules last to first (each module's tests in their own
-    order), to show that no module depends on what ran before it."""
-    if os.environ.get("TEST_MODULE_ORDER") != "reverse":
-        return
+    """The modules longest first, so that processes handed the next module whenever they finish one
+    end together rather than one of them running a long module alone at the end.
+    TEST_MODULE_ORDER=reverse runs them in reverse file order instead (each module's tests in their
+    own order), to show that no module depends on what ran before it."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    items[:] = [item for module in reversed(modules) for item in modules[module]]
+    if os.environ.get("TEST_MODULE_ORDER") == "reverse":
+        order = list(reversed(modules))
+    else:
+        order = sorted(modules, key=lambda module: -MODULE_SECONDS.get(module, UNMEASURED_MODULE_SECONDS))
+    items[:] = [item for module in order for item in modules[module]]
