@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -392,27 +391,25 @@ def log_lines(path: Path) -> list[str]:
     return lines
 
 
-# Each module's seconds in a whole run (setup, tests and teardown), from `scripts/module_seconds.py`.
-MODULE_SECONDS = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
-UNMEASURED_MODULE_SECONDS = 60  # a new module: neither among the longest nor left to the end
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The vLLM modules in one process, the rest in the others (tests/module_lanes.py)."""
+    if config.getvalue("dist") == "loadfile":
+        from .module_lanes import VllmLaneScheduling
 
-
-def pytest_configure(config):
-    # pytest-xdist would hand modules out by their number of tests; they go in the order below.
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
+        return VllmLaneScheduling(config, log)
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    """The modules longest first, so that processes handed the next module whenever they finish one
-    end together rather than one of them running a long module alone at the end.
-    TEST_MODULE_ORDER=reverse runs them in reverse file order instead (each module's tests in their
-    own order), to show that no module depends on what ran before it."""
+    """The modules longest first (a process takes the next module of its lane as it finishes one),
+    or with TEST_MODULE_ORDER=reverse in reverse file order (each module's tests in their own
+    order), to show that no module depends on what ran before it."""
+    from .module_lanes import longest_first
+
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    if os.environ.get("TEST_MODULE_ORDER") == "reverse":
-        order = list(reversed(modules))
-    else:
-        order = sorted(modules, key=lambda module: -MODULE_SECONDS.get(module, UNMEASURED_MODULE_SECONDS))
+    reverse = os.environ.get("TEST_MODULE_ORDER") == "reverse"
+    order = list(reversed(modules)) if reverse else longest_first(list(modules))
     items[:] = [item for module in order for item in modules[module]]

@@ -130,32 +130,35 @@ def running_batch(client, db, count: int, max_tokens: int = 64):
 def test_sigkill_mid_batch_loses_and_duplicates_nothing(vllm_stack, client, db):
     for slot in ("chat-0", "chat-1"):
         wait_for(lambda: live_worker(db, slot), 600, interval=1, message=f"{slot} serving")
-    batch = running_batch(client, db, 1500)
+    batch = running_batch(client, db, 400)
     victim = live_worker(db, "chat-0")
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     replacement = wait_for(lambda: (w := live_worker(db, "chat-0")) and w.pid != victim.pid and w, 600,
                            interval=0.2, message="replacement worker")
-    with db.connect() as conn:
-        first_result = wait_for(lambda: conn.execute(sa.text(
-            "SELECT 1 FROM batch_requests WHERE worker_id = :w AND status = 'succeeded' LIMIT 1"),
-            {"w": replacement.id}).first() or (conn.commit() and None), 600, message="a result from the new worker")
     print(f"\nkill -> replacement serving: {time.monotonic() - killed_at:.1f} s")
     done = wait_for_batch(client, batch.id, 600)
-    assert done.status == "completed" and done.request_counts.completed == 1500
-    assert_each_once(client, done, {f"r{i}" for i in range(1500)})
-    assert first_result
+    assert done.status == "completed" and done.request_counts.completed == 400
+    assert_each_once(client, done, {f"r{i}" for i in range(400)})
     assert rerun(db, batch.id)  # the victim held requests, and they ran again (once: above)
+    # The replacement takes its share of the next batch: more lines than one worker holds at once.
+    after = wait_for_batch(client, submit(client, [request_line(f"n{i}", CHAT_MODEL, max_tokens=16)
+                                                   for i in range(200)]).id, 300)
+    assert after.status == "completed" and after.request_counts.completed == 200
+    with db.connect() as conn:
+        served = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND worker_id = :w"),
+                              {"b": after.id, "w": replacement.id}).scalar()
+    assert served > 0
 
 
 def test_sigterm_drains_a_worker_and_loses_nothing(vllm_stack, client, db):
     wait_for(lambda: live_worker(db, "chat-1"), 600, interval=1, message="chat-1 serving")
-    batch = running_batch(client, db, 1000)
+    batch = running_batch(client, db, 300)
     worker = live_worker(db, "chat-1")
     os.kill(worker.pid, signal.SIGTERM)
     done = wait_for_batch(client, batch.id, 600)
-    assert done.status == "completed" and done.request_counts.completed == 1000
-    assert_each_once(client, done, {f"r{i}" for i in range(1000)})
+    assert done.status == "completed" and done.request_counts.completed == 300
+    assert_each_once(client, done, {f"r{i}" for i in range(300)})
     with db.connect() as conn:
         row = conn.execute(sa.text("SELECT status, stopped_at FROM workers WHERE id = :w"), {"w": worker.id}).first()
         running = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE worker_id = :w AND status = 'running'"),

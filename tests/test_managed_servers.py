@@ -69,8 +69,8 @@ def held(db, port: int) -> int:
 
 
 def batch_held_on(db, client, port: int):
-    """A 400-request batch, once the server on `port` holds some of it and 20 have finished."""
-    batch = submit(client, chat_lines(400, max_tokens=48))
+    """A 200-request batch, once the server on `port` holds some of it and 20 have finished."""
+    batch = submit(client, chat_lines(200, max_tokens=32))
     wait_for(lambda: held(db, port) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
              120, interval=0.2, message=f"the server on {port} holding requests")
     return batch
@@ -175,7 +175,7 @@ def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, clie
     psutil.Process(victim.pid).send_signal(signal.SIGKILL)
     done = wait_for_batch(client, batch.id, 300)
     assert done.status == "completed"
-    assert_each_once(client, done, 400)
+    assert_each_once(client, done, 200)
     assert all(not member.is_running() or member.status() == psutil.STATUS_ZOMBIE for member in group)
     assert not group_members(victim.pid)
     [restart] = wait_for(lambda: restarts(db, "srv-0"), 30, message="the restart recorded")
@@ -201,7 +201,7 @@ def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed,
         member.send_signal(signal.SIGSTOP)
     done = wait_for_batch(client, batch.id, 300)
     assert done.status == "completed"
-    assert_each_once(client, done, 400)
+    assert_each_once(client, done, 200)
     # A stopped server resumed by the kill's SIGCONT may answer what it held, and the batch end,
     # before the restart is recorded.
     [restart] = wait_for(lambda: restarts(db, "srv-1"), 30, message="the restart recorded")
@@ -228,7 +228,9 @@ def test_an_operator_restart_loses_and_repeats_nothing(managed, db, client):
                    message="srv-0 started again")
     assert new.pid != old.pid and not group_members(old.pid)
     assert len(restarts(db, "srv-0")) == charged  # not counted against the cap
-    assert "restarted at an operator's request" in (watchdog.log_dir / "watchdog.log").read_text()
+    # Stopped gracefully, or killed when still answering what it held after SHUTDOWN_GRACE: uncharged either way.
+    assert re.search(r"server srv-0 (restarted at an operator's request \(process [^)]*\)|did not stop within \d+ s of an "
+                     r"operator's restart); starting it again \(not counted", (watchdog.log_dir / "watchdog.log").read_text())
     refused = batchctl(watchdog.env, "server", "restart", POOL)
     assert refused.returncode != 0 and "no server slot" in refused.stderr
 

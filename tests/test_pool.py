@@ -104,7 +104,7 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
     with running_watchdog(database, data_dir, "watchdog-pool-kill", [pool_slot([s.url for s in servers])],
                           **FAST) as watchdog:
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
-        batch = submit(client, chat_lines(300, max_tokens=48))
+        batch = submit(client, chat_lines(200, max_tokens=32))
         wait_for(lambda: backends(db).get(victim.url) and backends(db)[victim.url].in_flight > 0
                  and client.batches.retrieve(batch.id).request_counts.completed > 20, 120,
                  interval=0.2, message="the victim holding requests")
@@ -118,8 +118,8 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
         assert "<h2>Backends</h2>" in page and victim.url in page and "connection_refused" in page
         victim.start()  # loads while the survivor carries the batch, and may take part once back
         done = wait_for_batch(client, batch.id, 300)
-        assert done.status == "completed" and done.request_counts.completed == 300
-        assert_each_once(client, done, 300)
+        assert done.status == "completed" and done.request_counts.completed == 200
+        assert_each_once(client, done, 200)
         failures = [line for line in worker_log(watchdog).splitlines() if f"backend {victim.url} failed request" in line]
         assert failures and all(re.search(r"(ClientConnectorError|ServerDisconnectedError|ClientOSError|ClientPayloadError): \S", line)
                                 for line in failures), failures[:3]
@@ -128,8 +128,8 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
         victim.wait_ready()
         wait_for(lambda: backends(db)[victim.url].state == "healthy", 60, message="re-admitted")
         answered = backends(db)[victim.url].completed
-        again = wait_for_batch(client, submit(client, chat_lines(80)).id, 300)
-        assert again.status == "completed" and again.request_counts.completed == 80
+        again = wait_for_batch(client, submit(client, chat_lines(40)).id, 300)
+        assert again.status == "completed" and again.request_counts.completed == 40
         wait_for(lambda: backends(db)[victim.url].completed > answered, 10, message="the victim serving again")
         assert "is healthy again: re-admitted" in worker_log(watchdog)
 
@@ -215,9 +215,9 @@ def test_a_backend_that_fails_fast_is_not_tried_again_for_the_same_request(datab
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
         # Few in flight a server, so the healthy one is full nearly always while the failing one,
         # re-admitted, has room: a retry must wait for the healthy one, not go back to the other.
-        done = wait_for_batch(client, submit(client, chat_lines(200, max_tokens=32)).id, 300)
-        assert done.status == "completed" and done.request_counts.completed == 200
-        assert all(line["response"]["status_code"] == 200 for line in assert_each_once(client, done, 200))
+        done = wait_for_batch(client, submit(client, chat_lines(100, max_tokens=32)).id, 300)
+        assert done.status == "completed" and done.request_counts.completed == 100
+        assert all(line["response"]["status_code"] == 200 for line in assert_each_once(client, done, 100))
         failed = re.findall(rf"backend {re.escape(failing)} failed request \d+ \(custom_id (r\d+)\)", worker_log(watchdog))
         assert failed and len(failed) == len(set(failed)), sorted(failed)
 
