@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from xdist.scheduler import LoadScopeScheduling
+from xdist.scheduler import LoadFileScheduling
 
 # Each module's seconds in a whole run (setup, tests and teardown).
 MODULE_SECONDS = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
@@ -28,15 +28,12 @@ def longest_first(modules: list[str]) -> list[str]:
     return sorted(modules, key=lambda module: -MODULE_SECONDS.get(module, UNMEASURED_MODULE_SECONDS))
 
 
-class VllmLaneScheduling(LoadScopeScheduling):
+class VllmLaneScheduling(LoadFileScheduling):
     """Whole modules, handed out in collection order within each process's lane."""
 
     def __init__(self, config, log=None) -> None:
         super().__init__(config, log)
         config.option.loadscopereorder = False  # the collection's order, not the modules' numbers of tests
-
-    def _split_scope(self, nodeid: str) -> str:
-        return nodeid.split("::", 1)[0]
 
     def _assign_work_unit(self, node) -> None:
         vllm_lane = self.nodes.index(node) == 0
