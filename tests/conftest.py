@@ -354,6 +354,42 @@ def vllm_stack(database, data_dir, db, api):
         watchdog.stop()
 
 
+SHARED_SEQUENCES = 8
+
+
+@pytest.fixture(scope="session")
+def demo_servers(data_dir):
+    """Two real vLLM OpenAI servers on the demo model, serving it as `pool-demo`, for the modules
+    that send batches to servers (each server costs half a minute of both cores to load). The
+    second is set up as a server that also serves people: interactive requests before batch ones
+    (`--scheduling-policy priority`), at most SHARED_SEQUENCES requests running at once. A test
+    that kills or stops one leaves it running again."""
+    from .vllm_servers import VllmServer
+
+    pair = [VllmServer(data_dir, f"demo-{i}", free_port()) for i in range(2)]
+    pair[1].command += ["--scheduling-policy", "priority", "--max-num-seqs", str(SHARED_SEQUENCES)]
+    try:
+        for server in pair:
+            server.start()
+        for server in pair:
+            server.wait_ready()
+        yield pair
+    finally:
+        for server in pair:
+            server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_cache(tmp_path_factory):
+    """One vLLM cache for every process of the run (each test process's and what they start, as
+    the processes of one deployment share DATA_DIR/cache): vLLM inspects a model's class in a
+    subprocess of its own, an import of vLLM (some 20 s of CPU), unless its cache has it."""
+    root = tmp_path_factory.getbasetemp().parent / "vllm-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CACHE_ROOT", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def vllm_env(data_dir):
     """vLLM's environment, in place before vllm is first imported in this process."""
@@ -361,7 +397,8 @@ def vllm_env(data_dir):
 
     with pytest.MonkeyPatch.context() as patch:
         for name, value in vllm_environment(data_dir / "cache").items():
-            patch.setenv(name, value)
+            if name not in os.environ:  # as the product: what is set already (the run's cache) wins
+                patch.setenv(name, value)
         yield
 
 

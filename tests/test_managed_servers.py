@@ -1,6 +1,7 @@
-"""Server slots: the real watchdog runs two real vLLM OpenAI servers on the demo model and the pool
-worker that feeds them. A server SIGKILLed, stopped, restarted by an operator, one that cannot
-start beside a slow one, and the watchdog's own SIGTERM."""
+"""Server slots: the real watchdog runs two real vLLM OpenAI servers on the demo model (one of them
+slow: a few sequences at a time) beside one that cannot start, and the pool worker that feeds
+them. Each server answers only its own key; one SIGKILLed, stopped, restarted by an operator, the
+one that cannot start capped, and the watchdog's own SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import signal
 import time
 
+import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
@@ -16,6 +18,7 @@ import sqlalchemy as sa
 from core.batch_app.config import ServerSpec, Settings
 from core.batch_app.domain import overview
 from core.batch_app.domain.registry import server_load
+from core.batch_app.server_keys import server_key
 from core.batch_app.vllm_server import vllm_arguments
 from core.batch_app.watchdog.process_control import group_members
 
@@ -29,10 +32,12 @@ SERVED = "managed-llama"
 POOL = f"pool-{SERVED}"
 VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
 # Servers load in seconds with the engine in their own process; HEARTBEAT_TIMEOUT is longer than
-# STALL_TIMEOUT so that a stopped server is caught by the progress probe.
+# STALL_TIMEOUT so that a stopped server is caught by the progress probe. Two restarts an hour a
+# slot: the one that cannot start reaches it; srv-0 and srv-1 are charged one each (kill, stall).
 FAST = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": "30", "STALL_TIMEOUT": "8", "STARTUP_TIMEOUT": "300",
-        "RESTART_BACKOFF_MIN": "0.5", "RESTART_BACKOFF_MAX": "1", "SHUTDOWN_GRACE": "10",
+        "RESTART_BACKOFF_MIN": "0.5", "RESTART_BACKOFF_MAX": "1", "SHUTDOWN_GRACE": "10", "MAX_RESTARTS_PER_HOUR": "2",
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+SLOW_SEQUENCES = 4  # srv-1 runs this many requests at once and queues the rest of the pool's 64
 
 
 def server_slot(name: str, port: int, model: str = "demo", args: list[str] = (), gpus: str = "") -> dict:
@@ -105,14 +110,17 @@ def sentry():
 
 @pytest.fixture(scope="module")
 def managed(database, data_dir, db, api, sentry):
-    """A watchdog running servers srv-0 and srv-1 (and so the pool worker pool-managed-llama)."""
-    ports = [free_port(), free_port()]
-    slots = [server_slot("srv-0", ports[0]), server_slot("srv-1", ports[1], gpus="0")]
+    """A watchdog running servers srv-0, srv-1 (slow) and broken-srv-0 (its model is not there), and
+    so the pool worker pool-managed-llama with all three as its backends."""
+    ports = [free_port(), free_port(), free_port()]
+    slots = [server_slot("srv-0", ports[0]),
+             server_slot("srv-1", ports[1], gpus="0", args=["--max-num-seqs", str(SLOW_SEQUENCES)]),
+             server_slot("broken-srv-0", ports[2], model="/nonexistent/model")]
     watchdog = start_watchdog(database, data_dir, "watchdog-managed", slots, SENTRY_DSN=sentry.dsn, **FAST)
     try:
         for name in ("srv-0", "srv-1", POOL):
             wait_for(lambda: slot_row(db, name), 300, interval=1, message=f"{name} up")
-        yield watchdog, ports
+        yield watchdog, ports[:2]
     finally:
         if watchdog.process.poll() is None:
             watchdog.stop()
@@ -164,6 +172,38 @@ def test_a_batch_runs_across_both_servers(managed, db, client):
     assert log and all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 server:srv-0\[\d+\] ", line) for line in log[-20:])
     # vLLM's own loggers (not our wrapper's first line, which names vLLM too), stamped as ours.
     assert any(re.search(r" server:srv-0\[\d+\] INFO vllm\.entrypoints\.\S+: ", line) for line in log)
+
+
+def test_a_server_answers_only_its_key_which_no_log_or_command_line_shows(managed, data_dir, db):
+    watchdog, ports = managed
+    key = server_key(data_dir, ports[0])
+    models = f"http://127.0.0.1:{ports[0]}/v1/models"
+    assert status_of(models) == 401 and status_of(models, "sk-guess") == 401 and status_of(models, key) == 200
+    # The watchdog's probe and the pool worker (whose batches the test above ran) send it.
+    assert slot_row(db, "srv-0").probe.startswith("healthy")
+    logs = "".join(path.read_text(errors="replace") for path in watchdog.log_dir.glob("*.log"))
+    assert key not in logs and key not in " ".join(psutil.Process(slot_row(db, "srv-0").pid).cmdline())
+
+
+def status_of(url: str, key: str | None = None) -> int:
+    return httpx.get(url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5).status_code
+
+
+def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_batches(managed, db, client, sentry):
+    watchdog, ports = managed
+    done = wait_for_batch(client, submit(client, chat_lines(40, max_tokens=32)).id, 300)
+    assert done.status == "completed"
+    assert_each_once(client, done, 40)
+    [error] = wait_for(lambda: [e for e in sentry.messages("error") if e.get("tags", {}).get("slot") == "broken-srv-0"],
+                       120, message="the error event at the cap")
+    assert "reached 2 restarts" in error["message"]
+    time.sleep(2)  # nothing more happens once the cap is reached
+    assert len(restarts(db, "broken-srv-0")) == 2 and len(sentry.messages("error")) == 1
+    assert "server broken-srv-0 cannot start: model /nonexistent/model: no such file or directory" in \
+        (watchdog.log_dir / "server-broken-srv-0.log").read_text()
+    # srv-1 runs a few requests at a time and holds the rest of what the pool sends it in its
+    # queue: slow, but answering, so the progress probe leaves it alone.
+    assert answered(db, ports[1]) > 0 and restarts(db, "srv-1") == []
 
 
 def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, client, sentry):
@@ -250,30 +290,3 @@ def test_sigterm_to_the_watchdog_stops_the_servers_and_leaves_no_vllm_process(ma
             "SELECT DISTINCT ON (slot) slot, status FROM workers WHERE slot IN ('srv-0', 'srv-1', :pool) "
             "ORDER BY slot, started_at DESC"), {"pool": POOL}).all())
     assert statuses == {"srv-0": "stopped", "srv-1": "stopped", POOL: "stopped"}
-
-
-def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_the_batch(database, data_dir, db, client):
-    receiver = SentryReceiver()
-    slow, broken = free_port(), free_port()
-    slots = [server_slot("slow-0", slow, args=["--max-num-seqs", "1"]),
-             server_slot("broken-srv-0", broken, model="/nonexistent/model")]
-    watchdog = start_watchdog(database, data_dir, "watchdog-managed-cap", slots, SENTRY_DSN=receiver.dsn,
-                              **{**FAST, "MAX_RESTARTS_PER_HOUR": "2", "STALL_TIMEOUT": "5"})
-    try:
-        for name in ("slow-0", POOL):
-            wait_for(lambda: slot_row(db, name), 300, interval=1, message=f"{name} up")
-        done = wait_for_batch(client, submit(client, chat_lines(20, max_tokens=32)).id, 600)
-        assert done.status == "completed"
-        assert_each_once(client, done, 20)
-        wait_for(lambda: receiver.messages("error"), 300, message="the error event at the cap")
-        time.sleep(2)  # nothing more happens once the cap is reached
-        assert len(restarts(db, "broken-srv-0")) == 2
-        [error] = receiver.messages("error")
-        assert "reached 2 restarts" in error["message"] and error["tags"]["slot"] == "broken-srv-0"
-        assert "server broken-srv-0 cannot start: model /nonexistent/model: no such file or directory" in \
-            (watchdog.log_dir / "server-broken-srv-0.log").read_text()
-        assert restarts(db, "slow-0") == []  # slow but answering: never restarted
-        assert answered(db, slow) >= 20
-    finally:
-        assert watchdog.stop() == 0
-        receiver.close()

@@ -35,16 +35,10 @@ SERVED = "pool-llama"  # what users call it; the servers serve it as "pool-demo"
 FAST = {"HEARTBEAT_INTERVAL": "1"}
 
 
-@pytest.fixture(scope="module")
-def servers(data_dir):
-    pair = [VllmServer(data_dir, f"pool-{i}", free_port()).start() for i in range(2)]
-    try:
-        for server in pair:
-            server.wait_ready()
-        yield pair
-    finally:
-        for server in pair:
-            server.stop()
+@pytest.fixture
+def servers(demo_servers):
+    """The session's two demo servers (the second runs fewer requests at once: a pool of unequal servers)."""
+    return demo_servers
 
 
 def pool_slot(urls: list[str], **options) -> dict:

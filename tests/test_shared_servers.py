@@ -17,33 +17,26 @@ import sqlalchemy as sa
 
 from core.batch_app.domain import overview
 
-from .conftest import API_KEY, batchctl, free_port, live_worker, running_watchdog, wait_for, wait_for_batch
+from .conftest import API_KEY, SHARED_SEQUENCES, batchctl, live_worker, running_watchdog, wait_for, wait_for_batch
 from .fault_server import fault_server
 from .jsonl import request_line, submit
-from .vllm_servers import VllmServer
 
 pytestmark = pytest.mark.vllm
 
 SERVED = "shared-llama"
-CEILING = 16
-SEQUENCES = 8
+CEILING = 2 * SHARED_SEQUENCES
 
 
-@pytest.fixture(scope="module")
-def server(data_dir):
-    """A vLLM server that serves interactive requests before batch ones (larger `priority`: later),
-    running at most SEQUENCES requests at once: the pool's CEILING fills it, so an interactive
-    request waits in its queue unless the pool gives room back."""
-    shared = VllmServer(data_dir, "shared-0", free_port(), served_name="shared-demo")
-    shared.command += ["--scheduling-policy", "priority", "--max-num-seqs", str(SEQUENCES)]
-    try:
-        yield shared.start().wait_ready()
-    finally:
-        shared.stop()
+@pytest.fixture
+def server(demo_servers):
+    """The demo server that serves interactive requests before batch ones (larger `priority`:
+    later), running at most SHARED_SEQUENCES requests at once: the pool's CEILING fills it, so an
+    interactive request waits in its queue unless the pool gives room back."""
+    return demo_servers[1]
 
 
 def shared_slot(urls: list[str], **options) -> dict:
-    return {"slot": "pool-0", "engine": "openai-http", "model": "shared-demo", "served_name": SERVED,
+    return {"slot": "pool-0", "engine": "openai-http", "model": "pool-demo", "served_name": SERVED,
             "backends": urls, "health_interval": 1, "max_in_flight_per_backend": CEILING,
             "interactive_traffic": True, "interactive_quiet_seconds": 3, "interactive_ttft_target": 0.5,
             "batch_priority": 10, **options}
@@ -69,7 +62,7 @@ async def interactive_burst(url: str, count: int, seconds: float) -> int:
     async with aiohttp.ClientSession() as session:
         async def one(i: int) -> None:
             nonlocal answered
-            body = {"model": "shared-demo", "max_tokens": 48, "stream": True,
+            body = {"model": "pool-demo", "max_tokens": 48, "stream": True,
                     "messages": [{"role": "user", "content": f"Person {i}: tell me about ships."}]}
             async with session.post(f"{url}/v1/chat/completions", json=body) as response:
                 assert response.status == 200

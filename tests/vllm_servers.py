@@ -29,8 +29,8 @@ class VllmServer:
                         "--enable-log-requests"]  # its log then says which requests were aborted
         # The embedder's own context (256) is its limit; the demo model gets the tests' usual 512.
         self.command += ["--runner", "pooling"] if choice.runner == "pooling" else ["--max-model-len", "512"]
-        self.env = {**os.environ, **vllm_environment(data_dir / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
-                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        self.env = {**vllm_environment(data_dir / "cache"), **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # what is set already (the run's cache) wins
         self.log_path = data_dir / "logs" / f"vllm-server-{name}.log"
         self.process: subprocess.Popen | None = None
 

@@ -20,8 +20,10 @@ def init_sentry(dsn: str, process_name: str, *, error_logs_as_events: bool = Tru
     from sentry_sdk.integrations.logging import LoggingIntegration
 
     logging_integration = LoggingIntegration(event_level=logging.ERROR if error_logs_as_events else None)
+    # Only the logging integration: the auto-enabled ones import every library they know of
+    # (the openai SDK, huggingface_hub, ...) to patch it, seconds of CPU at each process start.
     sentry_sdk.init(dsn=dsn, release=f"vllm-batch-server@{__version__}", server_name=socket.gethostname(),
-                    traces_sample_rate=0.0, integrations=[logging_integration])
+                    traces_sample_rate=0.0, integrations=[logging_integration], auto_enabling_integrations=False)
     from sentry_sdk.integrations.logging import ignore_logger
 
     sentry_sdk.set_tag("process", process_name)

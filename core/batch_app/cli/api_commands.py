@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from openai import OpenAI
-from openai.types import Batch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
@@ -16,6 +15,10 @@ from rich.text import Text
 
 from ..domain.batch_format import ENDPOINTS, FINAL_STATUSES, MAX_WAIT
 from .errors import CommandError
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types import Batch
 
 console = Console()
 

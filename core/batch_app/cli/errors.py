@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import openai
 import sqlalchemy.exc
+
+if TYPE_CHECKING:
+    import openai
 
 
 class CommandError(Exception):
@@ -16,11 +19,13 @@ class CommandError(Exception):
 def describe(exc: BaseException, api_url: str) -> str:
     if isinstance(exc, CommandError):
         return str(exc)
-    if isinstance(exc, openai.APIConnectionError):
+    # Only the user's commands load the SDK (an operator's would take seconds longer), and only they raise its errors.
+    sdk = sys.modules.get("openai")
+    if sdk is not None and isinstance(exc, sdk.APIConnectionError):
         return f"cannot reach the API at {api_url}: is the server running? (scripts/start-all.sh)"
-    if isinstance(exc, openai.AuthenticationError):
+    if sdk is not None and isinstance(exc, sdk.AuthenticationError):
         return f"the API refused the key: {_api_message(exc)} (set BATCHCTL_API_KEY or pass --api-key)"
-    if isinstance(exc, openai.APIStatusError):
+    if sdk is not None and isinstance(exc, sdk.APIStatusError):
         return f"the API answered {exc.status_code}: {_api_message(exc)}"
     if isinstance(exc, sqlalchemy.exc.OperationalError):
         return f"cannot reach the database: {str(exc.orig or exc).strip().splitlines()[0]}"

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from openai import OpenAI
 
 from ..config import get_settings
 from ..domain.statuses import BatchStatus
@@ -17,6 +16,9 @@ from ..slurm.elastic import ElasticOptions
 from . import api_commands, operator_commands, slurm
 from .diagnose import report
 from .errors import CommandError, run_reporting_errors
+
+if TYPE_CHECKING:
+    from openai import OpenAI
 
 app = typer.Typer(name="batchctl", help="Submit and follow batches, and look after the server that runs them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -56,6 +58,8 @@ def main(
 
 
 def _client() -> OpenAI:
+    from openai import OpenAI  # imported by the user's commands only: it costs an operator command seconds
+
     # The SDK insists on a key; an open server (OPEN_ACCESS) accepts any.
     return OpenAI(base_url=options.api_url, api_key=options.api_key or "none", max_retries=2, timeout=300)
 
