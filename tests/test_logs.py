@@ -54,8 +54,9 @@ def test_a_refused_request_is_logged_and_every_request_with_api_access_log_all(d
 def test_logs_rotate_by_size(database, data_dir):
     api = start_api(database, data_dir, "logs-rotation", LOG_MAX_BYTES="20000", LOG_BACKUPS="2", API_ACCESS_LOG="all")
     try:
-        for _ in range(400):  # one access line of ~150 bytes each: about three files' worth
-            httpx.get(f"{api.base_url}/health", timeout=10)
+        with httpx.Client(base_url=api.base_url, timeout=10) as http:
+            for _ in range(400):  # one access line of ~150 bytes each: about three files' worth
+                http.get("/health")
     finally:
         api.stop()
     log_dir = data_dir / "logs" / "logs-rotation"

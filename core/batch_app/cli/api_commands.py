@@ -150,6 +150,8 @@ def show(batch: Batch) -> None:
 
 def retry(client: OpenAI, batch_id: str) -> Batch:
     """POST /v1/batches/{id}/retry (ours, not in the SDK's resources)."""
+    from openai.types import Batch
+
     return client.post(f"/batches/{batch_id}/retry", cast_to=Batch)
 
 
