@@ -334,26 +334,6 @@ def live_worker(db, slot: str, statuses=("idle", "busy")):
             "ORDER BY started_at DESC LIMIT 1"), {"slot": slot, "statuses": list(statuses)}).first()
 
 
-# A small window per chat worker, so that both take part in batches of a few hundred requests.
-VLLM_SLOTS = [{"slot": "chat-0", "model": "demo", "max_in_flight": 64},
-              {"slot": "chat-1", "model": "demo", "max_in_flight": 64},
-              {"slot": "embed-0", "model": "all-MiniLM-L6-v2"}]
-
-
-@pytest.fixture(scope="session")
-def vllm_stack(database, data_dir, db, api):
-    """The real product on the test database: a watchdog running two vLLM chat workers on the demo
-    model and one embedding worker; started once per session, shared by the end-to-end tests."""
-    watchdog = start_watchdog(database, data_dir, "watchdog-vllm", VLLM_SLOTS, HEARTBEAT_INTERVAL="1",
-                              RESTART_BACKOFF_MIN="0.5", SHUTDOWN_GRACE="20")
-    try:
-        for slot in VLLM_SLOTS:
-            wait_for(lambda: live_worker(db, slot["slot"]), 600, interval=1, message=f"{slot['slot']} loaded")
-        yield watchdog
-    finally:
-        watchdog.stop()
-
-
 SHARED_SEQUENCES = 8
 
 

@@ -16,12 +16,32 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from .conftest import live_worker, log_lines, rerun, wait_for, wait_for_batch
+from .conftest import live_worker, log_lines, rerun, start_watchdog, wait_for, wait_for_batch
 from .jsonl import CLOSED_SCHEMA, request_line, submit
 
 pytestmark = pytest.mark.vllm
 
 CHAT_MODEL, EMBED_MODEL = "demo-tiny-llama", "all-MiniLM-L6-v2"
+
+
+# A small window per chat worker, so that both take part in batches of a few hundred requests.
+VLLM_SLOTS = [{"slot": "chat-0", "model": "demo", "max_in_flight": 64},
+              {"slot": "chat-1", "model": "demo", "max_in_flight": 64},
+              {"slot": "embed-0", "model": "all-MiniLM-L6-v2"}]
+
+
+@pytest.fixture(scope="module")
+def vllm_stack(database, data_dir, db, api):
+    """The real product on the test database: a watchdog running two vLLM chat workers on the demo
+    model and one embedding worker, shared by this module's tests."""
+    watchdog = start_watchdog(database, data_dir, "watchdog-vllm", VLLM_SLOTS, HEARTBEAT_INTERVAL="1",
+                              RESTART_BACKOFF_MIN="0.5", SHUTDOWN_GRACE="20")
+    try:
+        for slot in VLLM_SLOTS:
+            wait_for(lambda: live_worker(db, slot["slot"]), 600, interval=1, message=f"{slot['slot']} loaded")
+        yield watchdog
+    finally:
+        watchdog.stop()
 
 
 def read_lines(client, file_id) -> list[dict]:

@@ -134,15 +134,15 @@ def test_a_stopped_server_is_hung_its_requests_finish_elsewhere_and_it_comes_bac
     with running_watchdog(database, data_dir, "watchdog-pool-hang", [pool_slot([s.url for s in servers])],
                           **FAST):
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
-        batch = submit(client, chat_lines(200, max_tokens=48))
+        batch = submit(client, chat_lines(120, max_tokens=32))
         wait_for(lambda: backends(db).get(frozen.url) and backends(db)[frozen.url].in_flight > 0, 120,
                  interval=0.2, message="the server holding requests")
         frozen.signal(signal.SIGSTOP)
         try:
             wait_for(lambda: backends(db)[frozen.url].state == "hung", 30, message="hung")
             done = wait_for_batch(client, batch.id, 300)
-            assert done.status == "completed" and done.request_counts.completed == 200
-            assert_each_once(client, done, 200)
+            assert done.status == "completed" and done.request_counts.completed == 120
+            assert_each_once(client, done, 120)
         finally:
             frozen.signal(signal.SIGCONT)
         wait_for(lambda: backends(db)[frozen.url].state == "healthy", 60, message="back")
