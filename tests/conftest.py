@@ -326,6 +326,13 @@ def rerun(db, batch_id: str) -> dict[str, int]:
             "AND status = 'succeeded'"), {"b": batch_id}).all())
 
 
+def restarts(db, slot: str) -> list:
+    """The restarts charged to a slot, oldest first: (reason, exit_code) rows, an operator's resets left out."""
+    with db.connect() as conn:
+        return conn.execute(sa.text("SELECT reason, exit_code FROM worker_restarts WHERE slot = :s AND reason <> 'reset' "
+                                    "ORDER BY id"), {"s": slot}).all()
+
+
 def live_worker(db, slot: str, statuses=("idle", "busy")):
     """The current process row of a slot once it serves (id, pid, status), else None."""
     with db.connect() as conn:

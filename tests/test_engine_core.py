@@ -10,16 +10,10 @@ import signal
 
 import psutil
 import pytest
-import sqlalchemy as sa
 
-from .conftest import gone, running_watchdog, wait_for
+from .conftest import gone, restarts, running_watchdog, wait_for
 
 pytestmark = pytest.mark.vllm
-
-
-def restarts(db, slot: str) -> list:
-    with db.connect() as conn:
-        return conn.execute(sa.text("SELECT reason FROM worker_restarts WHERE slot = :s ORDER BY id"), {"s": slot}).all()
 
 
 def test_a_killed_worker_leaves_no_engine_core_behind(database, data_dir, db):

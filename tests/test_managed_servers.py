@@ -22,7 +22,7 @@ from core.batch_app.server_keys import server_key
 from core.batch_app.vllm_server import vllm_arguments
 from core.batch_app.watchdog.process_control import group_members
 
-from .conftest import batchctl, free_port, start_watchdog, wait_for, wait_for_batch
+from .conftest import batchctl, free_port, restarts, start_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
 
@@ -51,12 +51,6 @@ def slot_row(db, slot: str, statuses=("idle", "busy")):
             "SELECT id, pid, status, kind, probe, requests_done FROM workers WHERE slot = :slot "
             "AND status = ANY(:statuses) ORDER BY started_at DESC LIMIT 1"),
             {"slot": slot, "statuses": list(statuses)}).first()
-
-
-def restarts(db, slot: str) -> list:
-    with db.connect() as conn:
-        return conn.execute(sa.text("SELECT reason, exit_code FROM worker_restarts WHERE slot = :s AND reason <> 'reset' "
-                                    "ORDER BY restarted_at"), {"s": slot}).all()
 
 
 def load(db, port: int) -> tuple[int, int]:

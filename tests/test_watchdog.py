@@ -26,6 +26,7 @@ from .conftest import (
     gone,
     live_worker,
     rerun,
+    restarts,
     running_watchdog,
     start_watchdog,
     wait_for,
@@ -43,12 +44,6 @@ def sentry():
     receiver = SentryReceiver()
     yield receiver
     receiver.close()
-
-
-def restarts(db, slot: str) -> list:
-    with db.connect() as conn:
-        return conn.execute(sa.text("SELECT reason, exit_code FROM worker_restarts WHERE slot = :s AND reason <> 'reset' "
-                                    "ORDER BY id"), {"s": slot}).all()
 
 
 def assert_each_custom_id_once(client, batch, expected: set[str]) -> None:

@@ -21,12 +21,13 @@ def describe(exc: BaseException, api_url: str) -> str:
         return str(exc)
     # Only the user's commands load the SDK (an operator's would take seconds longer), and only they raise its errors.
     sdk = sys.modules.get("openai")
-    if sdk is not None and isinstance(exc, sdk.APIConnectionError):
-        return f"cannot reach the API at {api_url}: is the server running? (scripts/start-all.sh)"
-    if sdk is not None and isinstance(exc, sdk.AuthenticationError):
-        return f"the API refused the key: {_api_message(exc)} (set BATCHCTL_API_KEY or pass --api-key)"
-    if sdk is not None and isinstance(exc, sdk.APIStatusError):
-        return f"the API answered {exc.status_code}: {_api_message(exc)}"
+    if sdk is not None:
+        if isinstance(exc, sdk.APIConnectionError):
+            return f"cannot reach the API at {api_url}: is the server running? (scripts/start-all.sh)"
+        if isinstance(exc, sdk.AuthenticationError):
+            return f"the API refused the key: {_api_message(exc)} (set BATCHCTL_API_KEY or pass --api-key)"
+        if isinstance(exc, sdk.APIStatusError):
+            return f"the API answered {exc.status_code}: {_api_message(exc)}"
     if isinstance(exc, sqlalchemy.exc.OperationalError):
         return f"cannot reach the database: {str(exc.orig or exc).strip().splitlines()[0]}"
     if isinstance(exc, sqlalchemy.exc.ProgrammingError):
