@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class SentryReceiver:
     def __init__(self):
         self.events: list[dict] = []
+        self.log_items = 0  # Sentry Logs: our processes send none, their log lines stay in their files
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,8 +34,11 @@ class SentryReceiver:
     def _parse(self, envelope: bytes) -> None:
         lines = envelope.split(b"\n")
         for header, payload in zip(lines[1::2], lines[2::2], strict=False):
-            if json.loads(header).get("type") == "event":
+            kind = json.loads(header).get("type")
+            if kind == "event":
                 self.events.append(json.loads(payload))
+            elif kind == "log":
+                self.log_items += 1
 
     def messages(self, level: str) -> list[dict]:
         return [event for event in self.events if event.get("level") == level]

@@ -152,6 +152,7 @@ def test_failing_start_is_restarted_up_to_the_cap_then_alerts_once(database, dat
         assert len(sentry.messages("error")) == 1
         assert len(sentry.messages("warning")) == 2
         assert "reached 2 restarts" in sentry.messages("error")[0]["message"]
+        assert sentry.log_items == 0
         log = (data_dir / "logs" / "watchdog-cap" / f"worker-{slot}.log").read_text()
         assert "model load failed: FileNotFoundError: model /nonexistent/model: no such file or directory" in log
 

@@ -19,15 +19,16 @@ def init_sentry(dsn: str, process_name: str, *, error_logs_as_events: bool = Tru
     import sentry_sdk
     from sentry_sdk.integrations.logging import LoggingIntegration
 
-    logging_integration = LoggingIntegration(event_level=logging.ERROR if error_logs_as_events else None)
+    # Events only: the log lines themselves stay in the processes' log files, not in Sentry Logs.
+    logging_integration = LoggingIntegration(level=None, event_level=logging.ERROR if error_logs_as_events else None)
     # Only the logging integration: the auto-enabled ones import every library they know of
     # (the openai SDK, huggingface_hub, ...) to patch it, seconds of CPU at each process start.
     sentry_sdk.init(dsn=dsn, release=f"vllm-batch-server@{__version__}", server_name=socket.gethostname(),
                     traces_sample_rate=0.0, integrations=[logging_integration], auto_enabling_integrations=False)
-    from sentry_sdk.integrations.logging import ignore_logger
+    from sentry_sdk.integrations.logging import ignore_logger_for_events
 
     sentry_sdk.set_tag("process", process_name)
-    ignore_logger(__name__)  # alert() sends its own event; its log line must not make a second one
+    ignore_logger_for_events(__name__)  # alert() sends its own event; its log line must not make a second one
     _enabled = True
 
 
