@@ -342,28 +342,67 @@ def live_worker(db, slot: str, statuses=("idle", "busy")):
 
 
 SHARED_SEQUENCES = 8
+# The first demo server's tool-call options, as `vllm serve` arguments and as the engine_options
+# of a worker slot that answers as it does (tests/test_parity.py).
+TOOL_ARGUMENTS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
+TOOL_OPTIONS = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
+
+
+class DemoServers:
+    """Two real vLLM OpenAI servers on the demo model, serving it as `pool-demo`, for the modules
+    that send requests to servers (each server costs half a minute of both cores to load). The
+    first parses tool calls (TOOL_ARGUMENTS). The second is set up as a server that also serves
+    people: interactive requests before batch ones (`--scheduling-policy priority`), at most
+    SHARED_SEQUENCES requests running at once. A test that kills or stops one leaves it running
+    again."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from .vllm_servers import VllmServer
+
+        self.pair = [VllmServer(data_dir, f"demo-{i}", free_port()) for i in range(2)]
+        self.pair[0].command += TOOL_ARGUMENTS
+        self.pair[0].env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache empties its prefix cache
+        self.pair[1].command += ["--scheduling-policy", "priority", "--max-num-seqs", str(SHARED_SEQUENCES)]
+        self.running = False
+
+    def start(self) -> list:
+        if not self.running:
+            self.running = True
+            for server in self.pair:
+                server.start()
+            for server in self.pair:
+                server.wait_ready()
+        return self.pair
+
+    def stop(self) -> None:
+        self.running = False
+        for server in self.pair:
+            server.stop()
+
+
+DEMO_SERVERS = pytest.StashKey[DemoServers]()
 
 
 @pytest.fixture(scope="session")
-def demo_servers(data_dir):
-    """Two real vLLM OpenAI servers on the demo model, serving it as `pool-demo`, for the modules
-    that send batches to servers (each server costs half a minute of both cores to load). The
-    second is set up as a server that also serves people: interactive requests before batch ones
-    (`--scheduling-policy priority`), at most SHARED_SEQUENCES requests running at once. A test
-    that kills or stops one leaves it running again."""
-    from .vllm_servers import VllmServer
-
-    pair = [VllmServer(data_dir, f"demo-{i}", free_port()) for i in range(2)]
-    pair[1].command += ["--scheduling-policy", "priority", "--max-num-seqs", str(SHARED_SEQUENCES)]
+def demo_server_pair(request, data_dir):
+    pair = request.config.stash[DEMO_SERVERS] = DemoServers(data_dir)
     try:
-        for server in pair:
-            server.start()
-        for server in pair:
-            server.wait_ready()
         yield pair
     finally:
-        for server in pair:
-            server.stop()
+        pair.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_servers(demo_server_pair):
+    """The session's demo servers, started if they are not running."""
+    return demo_server_pair.start()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The demo servers stop once the next test does not use them (their modules run one after the
+    other, tests/module_lanes.py): idle, each still keeps some 7 % of a core busy."""
+    if nextitem is not None and "demo_servers" in item.fixturenames and "demo_servers" not in nextitem.fixturenames:
+        item.config.stash[DEMO_SERVERS].stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,8 +24,19 @@ VLLM_MODULES = frozenset(f"tests/{name}.py" for name in (
     "test_shared_servers", "test_vllm_engine"))
 
 
+# Modules that share the session's demo servers run one after the other, so that the servers stop
+# when the last of them is done (conftest.pytest_runtest_teardown).
+RUN_TOGETHER = (("tests/test_pool.py", "tests/test_shared_servers.py", "tests/test_parity.py"),)
+
+
 def longest_first(modules: list[str]) -> list[str]:
-    return sorted(modules, key=lambda module: -MODULE_SECONDS.get(module, UNMEASURED_MODULE_SECONDS))
+    """Longest first, each group of RUN_TOGETHER counted as one module (its modules' seconds summed)."""
+    units = [[module for module in group if module in modules] for group in RUN_TOGETHER]
+    units = [unit for unit in units if unit]
+    grouped = {module for unit in units for module in unit}
+    units += [[module] for module in modules if module not in grouped]
+    units.sort(key=lambda unit: -sum(MODULE_SECONDS.get(module, UNMEASURED_MODULE_SECONDS) for module in unit))
+    return [module for unit in units for module in unit]
 
 
 class VllmLaneScheduling(LoadFileScheduling):

@@ -1,11 +1,11 @@
 """The batch answers every line of tests/parity_corpus.jsonl as vLLM's own OpenAI server does.
 
-Each line is sent to a real `vllm serve` on the demo model, started with the options the worker
-slot has (a tool-call parser, automatic tool choice), and run as one batch through the API by a
-real worker of the in-process engine. The answers are compared field by field: status class,
-text, tool calls (names, and arguments as parsed JSON), finish reasons, logprobs to 1e-3 and
-token counts. Lines are greedy or seeded, so both sides are deterministic. The corpus grows by
-adding lines to its file.
+Each line is sent to a real vLLM OpenAI server on the demo model (the session's first demo
+server), running with the options the worker slot has (a tool-call parser, automatic tool
+choice), and run as one batch through the API by a real worker of the in-process engine. The
+answers are compared field by field: status class, text, tool calls (names, and arguments as
+parsed JSON), finish reasons, logprobs to 1e-3 and token counts. Lines are greedy or seeded, so
+both sides are deterministic. The corpus grows by adding lines to its file.
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port, live_worker, running_watchdog, wait_for, wait_for_batch
+from .conftest import TOOL_OPTIONS, live_worker, running_watchdog, wait_for, wait_for_batch
 from .jsonl import submit
 from .openai_schema import assert_valid
-from .vllm_servers import VllmServer
 
 pytestmark = pytest.mark.vllm
 
 CORPUS = Path(__file__).parent / "parity_corpus.jsonl"
 MODEL = "parity-demo"
-# `vllm serve`'s options, and the same ones in the worker slot's engine_options.
-SERVE_OPTIONS = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
-SERVE_ARGUMENTS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
 SCHEMAS = {"/v1/chat/completions": "CreateChatCompletionResponse", "/v1/completions": "CreateCompletionResponse"}
 
 
@@ -39,23 +35,17 @@ def corpus() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_server(data_dir):
-    """`vllm serve` with the slot's options, loading while the batch's worker loads too."""
-    server = VllmServer(data_dir, "parity", free_port(), served_name=MODEL)
-    server.command += SERVE_ARGUMENTS
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(reference_server, batch_answers):
-    """vLLM's answer to every corpus line: custom_id -> (status, body). Asked once the batch has
-    run, so that neither side shares the cores with the other's requests."""
-    reference_server.wait_ready()
-    with httpx.Client(base_url=reference_server.url, timeout=120) as client:
-        return {line["custom_id"]: _answer(client.post(line["url"], json=line["body"])) for line in corpus()}
+def reference(demo_servers, batch_answers):
+    """vLLM's answer to every corpus line: custom_id -> (status, body), from the session's demo
+    server that runs with the slot's tool-call options. Asked once the batch has run, so that
+    neither side shares the cores with the other's requests."""
+    server = demo_servers[0]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        # As a fresh server: what earlier modules asked of it would otherwise be reused from its
+        # prefix cache, computed beside other requests (on CPU that changes float sums).
+        assert client.post("/reset_prefix_cache").json() == {"success": True}
+        return {line["custom_id"]: _answer(client.post(line["url"], json={**line["body"], "model": server.served_name}))
+                for line in corpus()}
 
 
 def _answer(response: httpx.Response) -> tuple[int, dict]:
@@ -63,13 +53,13 @@ def _answer(response: httpx.Response) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def batch_answers(database, data_dir, db, api, reference_server):
+def batch_answers(database, data_dir, db, api):
     """The batch's answer to every corpus line: custom_id -> (status, body)."""
     # One line at a time, as the reference server is asked: on CPU, which requests share a step
     # changes float sums enough to flip a greedy token of the random-weight demo model on long
     # (tool) prompts, in vLLM's server as much as here. That the engine keeps many lines in
     # flight, on both paths, is shown by tests/test_vllm_engine.py and bench/throughput.py.
-    slot = {"slot": "parity-0", "model": "demo", "served_name": MODEL, "engine_options": SERVE_OPTIONS,
+    slot = {"slot": "parity-0", "model": "demo", "served_name": MODEL, "engine_options": TOOL_OPTIONS,
             "max_in_flight": 1}
     with running_watchdog(database, data_dir, "watchdog-parity", [slot], SHUTDOWN_GRACE="20"):
         wait_for(lambda: live_worker(db, "parity-0"), 600, interval=1, message="parity worker loaded")

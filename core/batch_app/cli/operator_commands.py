@@ -56,8 +56,10 @@ def backends_table(db: Database) -> None:
     if not rows:
         console.print("no pool worker reports backends (set BACKENDS, or a WORKERS entry with engine openai-http)")
         return
+    # An error's text can be a page long: bounded, it does not squeeze the other columns' headers.
     table = Table(Column("worker", no_wrap=True), Column("backend", no_wrap=True), "model", "state", "in flight",
-                  "batch allowance", "answered", "failed tries", "last error", "checked")
+                  "batch allowance", "answered", Column("failed tries", max_width=40),
+                  Column("last error", max_width=80), "checked")
     for row in rows:
         style = "green" if row.state == "healthy" else "bold red"
         failed = ", ".join(f"{kind} {n}" for kind, n in sorted(row.errors.items())) or "0"
