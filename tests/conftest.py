@@ -381,6 +381,7 @@ class DemoServers:
 
 
 DEMO_SERVERS = pytest.StashKey[DemoServers]()
+DEMO_SERVER_MODULES = pytest.StashKey[set]()
 
 
 @pytest.fixture(scope="session")
@@ -399,10 +400,16 @@ def demo_servers(demo_server_pair):
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """The demo servers stop once the next test does not use them (their modules run one after the
+    """The demo servers stop when the next module does not use them (their modules run one after the
     other, tests/module_lanes.py): idle, each still keeps some 7 % of a core busy."""
-    if nextitem is not None and "demo_servers" in item.fixturenames and "demo_servers" not in nextitem.fixturenames:
-        item.config.stash[DEMO_SERVERS].stop()
+    if nextitem is None or nextitem.module is item.module:
+        return
+    users = item.config.stash.get(DEMO_SERVER_MODULES, None)
+    if users is None:
+        users = item.config.stash[DEMO_SERVER_MODULES] = {
+            test.module for test in item.session.items if "demo_servers" in test.fixturenames}
+    if item.module in users and nextitem.module not in users and (pair := item.config.stash.get(DEMO_SERVERS, None)):
+        pair.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
