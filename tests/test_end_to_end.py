@@ -16,7 +16,7 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from .conftest import live_worker, log_lines, rerun, start_watchdog, wait_for, wait_for_batch
+from .conftest import live_worker, log_lines, rerun, restarts, start_watchdog, wait_for, wait_for_batch
 from .jsonl import CLOSED_SCHEMA, request_line, submit
 
 pytestmark = pytest.mark.vllm
@@ -185,6 +185,24 @@ def test_sigterm_drains_a_worker_and_loses_nothing(vllm_stack, client, db):
         running = conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE worker_id = :w AND status = 'running'"),
                                {"w": worker.id}).scalar()
     assert row.stopped_at is not None and running == 0
+
+
+def test_a_worker_stopped_while_vllm_loads_its_model_stops_at_once_uncharged(vllm_stack, db):
+    """It holds nothing yet, so it does not finish a load (minutes for a large model) before it stops."""
+    current = wait_for(lambda: live_worker(db, "chat-1", statuses=("loading", "idle", "busy")), 60,
+                       message="a chat-1 process")
+    charged = len(restarts(db, "chat-1"))
+    os.kill(current.pid, signal.SIGTERM)  # stopped (at once, or drained) and started again, uncharged
+    loading = wait_for(lambda: (w := live_worker(db, "chat-1", statuses=("loading",))) and w.id != current.id and w,
+                       120, interval=0.1, message="chat-1 started again and loading")
+    os.kill(loading.pid, signal.SIGTERM)
+    wait_for(lambda: worker_row(db, loading.id).status == "stopped", 15, message="stopped while loading")
+    log = (vllm_stack.log_dir / "worker-chat-1.log").read_text(errors="replace")
+    own = [line for line in log.splitlines() if f"worker:chat-1[{loading.pid}]" in line]
+    assert any("received SIGTERM while loading the model: stopping at once" in line for line in own), own[-5:]
+    assert any("stopped before serving" in line for line in own) and not any(f"model {CHAT_MODEL} loaded in" in line for line in own)
+    wait_for(lambda: live_worker(db, "chat-1"), 600, interval=1, message="chat-1 serving again")
+    assert len(restarts(db, "chat-1")) == charged
 
 
 def worker_row(db, worker_id):

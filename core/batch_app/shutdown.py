@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Exit code of a worker that learns it was declared dead: its work has been handed to others, and
 # the watchdog starts it again without counting a crash.
@@ -20,3 +22,28 @@ def stop_on_signals(stopping: threading.Event, logger: logging.Logger, consequen
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+
+
+class StoppedWhileLoading(BaseException):
+    """SIGTERM or SIGINT while a worker loads its model. It holds nothing yet, so it stops at once
+    rather than after a load that may take minutes (a BaseException, which no `except Exception`
+    of the loading code swallows)."""
+
+
+@contextmanager
+def stopped_at_once_by_signals(stopping: threading.Event, logger: logging.Logger, doing: str) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT set `stopping` and raise StoppedWhileLoading in it;
+    so does entering it with `stopping` set already (by a signal just before)."""
+    def _handler(signum, _frame):
+        logger.info("received %s while %s: stopping at once (nothing is held yet)", signal.Signals(signum).name, doing)
+        stopping.set()
+        raise StoppedWhileLoading
+
+    previous = {signum: signal.signal(signum, _handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if stopping.is_set():
+            raise StoppedWhileLoading
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

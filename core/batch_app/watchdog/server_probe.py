@@ -47,9 +47,12 @@ class ServerProbe:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Ends the thread within a beat (a daemon: nobody waits for it)."""
+    def stop(self, wait: float = 0.0) -> None:
+        """Ends the thread within a beat (a daemon: nobody need wait for it); `wait` seconds at most
+        for it to end, so that no beat of it lands after what is written next."""
         self._stopping.set()
+        if wait:
+            self._thread.join(wait)
 
     def failing_for(self, now: float) -> float:
         """Seconds its checks have failed since the last pass (0 while they pass)."""

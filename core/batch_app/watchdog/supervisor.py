@@ -53,7 +53,7 @@ from ..shutdown import stop_on_signals
 from .host_beat import HostBeat
 from .process_control import death_cause, describe_exit, is_worker_group, kill_group, oom_kills
 from .retention import Retention
-from .server_probe import ServerProbe
+from .server_probe import HEALTH_TIMEOUT, ServerProbe
 from .webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,8 @@ class Supervisor:
             ended = "still alive" if slot.process.returncode is None else describe_exit(slot.process.returncode)
             log.info("%s %s stopped (%s)", slot.kind, slot.config.slot, ended)
             if slot.probe is not None:
-                slot.probe.stop()
+                # A beat of the probe written after the stop would show the server idle again.
+                slot.probe.stop(wait=HEALTH_TIMEOUT + self.settings.heartbeat_interval)
                 self._record_stopped(slot)
             slot.process, slot.probe = None, None
 

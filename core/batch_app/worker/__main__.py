@@ -22,6 +22,7 @@ from ..engines.base import EngineSpec
 from ..logs import configure_logging, worker_log_stem
 from ..models import resolve_model
 from ..outage import outage
+from ..shutdown import StoppedWhileLoading, stopped_at_once_by_signals
 from .runner import Runner, RunnerOptions
 
 log = logging.getLogger("core.batch_app.worker")
@@ -66,15 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             registry.register_worker(conn, worker_id=worker_id, slot=slot.slot, host=settings.host_name,
                                      pid=os.getpid(), model=spec.served_name, gpu_ids=slot.gpus)
 
+    runner = Runner(db, settings, worker_id, spec.served_name, RunnerOptions(shutdown_grace=settings.shutdown_grace))
+    runner.install_signal_handlers()
     outage.retry(register, "registering this worker")
     log.info("worker %s (slot %s, pid %d) loading %s from %s with engine %s",
              worker_id, slot.slot, os.getpid(), spec.served_name, spec.model_path, spec.kind)
-    runner = Runner(db, settings, worker_id, spec.served_name, RunnerOptions(shutdown_grace=settings.shutdown_grace))
-    runner.install_signal_handlers()
     runner.start()
     started = time.monotonic()
     try:
-        engine = load_engine(spec, settings.data_dir / "cache")
+        with stopped_at_once_by_signals(runner.stopping, log, "loading the model"):
+            engine = load_engine(spec, settings.data_dir / "cache")
+    except StoppedWhileLoading:
+        runner.stop_before_serving()
+        return 0
     except Exception as exc:
         log.error("model load failed: %s: %s", type(exc).__name__, exc)
         runner.heartbeat.stop()

@@ -273,6 +273,13 @@ class Runner:
         self.heartbeat.beat()
         log.info("stopped cleanly")
 
+    def stop_before_serving(self) -> None:
+        """Asked to stop while the model loaded: nothing claimed, nothing to drain."""
+        self.status = WorkerStatus.STOPPED
+        self.heartbeat.stop()
+        self.heartbeat.beat()
+        log.info("stopped before serving")
+
     def _set_status(self, status: WorkerStatus) -> None:
         # Busy/idle flips wait for the next beat; leaving `loading` is reported at once.
         if status != self.status:
