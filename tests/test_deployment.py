@@ -70,11 +70,13 @@ def test_start_all_then_stop_all_leaves_nothing_behind_twice(tmp_path):
            "API_KEY": "", "DATABASE_URL": "", "HEARTBEAT_INTERVAL": "1",
            "WORKERS": json.dumps([{"slot": "echo-0", "model": "/models/echo", "served_name": "echo",
                                    "engine": "tests.engines:EchoEngine"}])}
-    for _ in range(2):
+    for starts in (1, 2):
         subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
                        timeout=900)
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["database"] == "connected"
-        wait_for(lambda: "loaded" in (tmp_path / "logs/worker-echo-0.log").read_text(), 60, message="worker up")
+        worker_log = tmp_path / "logs/worker-echo-0.log"  # made by the worker, which the watchdog starts
+        wait_for(lambda: worker_log.exists() and worker_log.read_text().count(" loaded in ") == starts, 60,
+                 message=f"worker up, start {starts}")
         started = stack_processes(data_dir)
         roles = [" ".join(p.info["cmdline"] or []) for p in started]
         for module in ("core.batch_app.api_server", "core.batch_app.watchdog", "core.batch_app.worker", "postgres"):
