@@ -401,7 +401,7 @@ def demo_servers(demo_server_pair):
 
 def pytest_runtest_teardown(item, nextitem):
     """The demo servers stop when the next module does not use them (their modules run one after the
-    other, tests/module_lanes.py): idle, each still keeps some 7 % of a core busy."""
+    other, tests/module_lanes.py): idle, each one's engine core still keeps about 6 % of a core busy."""
     if nextitem is None or nextitem.module is item.module:
         return
     users = item.config.stash.get(DEMO_SERVER_MODULES, None)

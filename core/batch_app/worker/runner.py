@@ -268,17 +268,18 @@ class Runner:
         self.housekeeper.stop()
         self.writer.close()
         self.work_signal.close()
-        self.status = WorkerStatus.STOPPED
-        self.heartbeat.stop()
-        self.heartbeat.beat()
-        log.info("stopped cleanly")
+        self._record_stopped("stopped cleanly")
 
     def stop_before_serving(self) -> None:
         """Asked to stop while the model loaded: nothing claimed, nothing to drain."""
+        self._record_stopped("stopped before serving")
+
+    def _record_stopped(self, how: str) -> None:
+        """The last beat, which says the worker stopped."""
         self.status = WorkerStatus.STOPPED
         self.heartbeat.stop()
         self.heartbeat.beat()
-        log.info("stopped before serving")
+        log.info(how)
 
     def _set_status(self, status: WorkerStatus) -> None:
         # Busy/idle flips wait for the next beat; leaving `loading` is reported at once.
