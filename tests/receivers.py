@@ -7,6 +7,7 @@ import gzip
 import json
 import sys
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # 200 MiB of zeros in 10 MiB gzip members, about 200 KiB as sent: whoever decompresses it holds it all.
@@ -92,12 +93,14 @@ class HostileReceivers:
     - /silent: reads the request and never answers;
     - /forge: 500 with Rich markup and a terminal escape as the body;
     - /unavailable: 503.
-    `requests` counts the requests by path."""
+    `requests` counts the requests by kind, `paths` by path with its query."""
 
     KINDS = ("bomb-ok", "bomb-error", "dribble", "silent")
 
     def __init__(self):
-        self.requests: dict[str, int] = {}
+        self.requests: Counter[str] = Counter()
+        self.paths: Counter[str] = Counter()
+        self._counting = threading.Lock()  # the handlers' threads count at once
         self.closing = threading.Event()
         hostile = self
 
@@ -107,7 +110,9 @@ class HostileReceivers:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 kind = self.path.split("?")[0].strip("/")
-                hostile.requests[kind] = hostile.requests.get(kind, 0) + 1
+                with hostile._counting:
+                    hostile.requests[kind] += 1
+                    hostile.paths[self.path] += 1
                 try:
                     getattr(self, "answer_" + kind.replace("-", "_"))()
                 except (BrokenPipeError, ConnectionResetError):
@@ -152,8 +157,11 @@ class HostileReceivers:
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def path(self, kind: str, tag: str = "") -> str:
+        return f"/{kind}" + (f"?n={tag}" if tag else "")
+
     def url(self, kind: str, tag: str = "") -> str:
-        return f"{self.base_url}/{kind}" + (f"?n={tag}" if tag else "")
+        return self.base_url + self.path(kind, tag)
 
     def close(self) -> None:
         self.closing.set()
