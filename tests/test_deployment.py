@@ -70,20 +70,23 @@ def test_start_all_then_stop_all_leaves_nothing_behind_twice(tmp_path):
            "API_KEY": "", "DATABASE_URL": "", "HEARTBEAT_INTERVAL": "1",
            "WORKERS": json.dumps([{"slot": "echo-0", "model": "/models/echo", "served_name": "echo",
                                    "engine": "tests.engines:EchoEngine"}])}
+    stop_all = [str(REPO / "scripts/stop-all.sh")]
     for starts in (1, 2):
-        subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
-                       timeout=900)
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["database"] == "connected"
-        worker_log = tmp_path / "logs/worker-echo-0.log"  # made by the worker, which the watchdog starts
-        wait_for(lambda: worker_log.exists() and worker_log.read_text().count(" loaded in ") == starts, 60,
-                 message=f"worker up, start {starts}")
-        started = stack_processes(data_dir)
-        roles = [" ".join(p.info["cmdline"] or []) for p in started]
-        for module in ("core.batch_app.api_server", "core.batch_app.watchdog", "core.batch_app.worker", "postgres"):
-            assert any(module in role for role in roles), (module, roles)  # each found, so each is checked below
-
-        subprocess.run([str(REPO / "scripts/stop-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
-                       timeout=300)
+        try:
+            subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
+                           timeout=900)
+            assert httpx.get(f"http://127.0.0.1:{port}/health").json()["database"] == "connected"
+            worker_log = tmp_path / "logs/worker-echo-0.log"  # made by the worker, which the watchdog starts
+            wait_for(lambda: worker_log.exists() and worker_log.read_text().count(" loaded in ") == starts, 60,
+                     message=f"worker up, start {starts}")
+            started = stack_processes(data_dir)
+            roles = [" ".join(p.info["cmdline"] or []) for p in started]
+            for module in ("core.batch_app.api_server", "core.batch_app.watchdog", "core.batch_app.worker", "postgres"):
+                assert any(module in role for role in roles), (module, roles)  # each found, so each is checked below
+        except BaseException:  # nothing of a failed round left running beside the tests after it
+            subprocess.run(stop_all, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+            raise
+        subprocess.run(stop_all, env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
         psutil.wait_procs(started, timeout=10)
         assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         with socket.socket() as sock:
