@@ -29,6 +29,7 @@ if [ ! -f tests/node/node_modules/openai/package.json ]; then
 fi
 # The linter first (pyflakes, import order, bugbear; configured in pyproject.toml): a finding fails the run.
 .venv/bin/ruff check --quiet .
-# A process per CPU, a module's tests in each (pytest-xdist; see docs/benchmarks.md, "Test
-# suite"); `scripts/test.sh -n 0` runs one test at a time.
-exec .venv/bin/python -m pytest -n logical --dist loadfile "$@"
+# A process per CPU and one more, a module's tests in each (pytest-xdist; most modules mostly wait
+# on processes and timers; see docs/benchmarks.md, "Test suite"); `scripts/test.sh -n 0` runs
+# one test at a time.
+exec .venv/bin/python -m pytest -n "$(( $(nproc) + 1 ))" --dist loadfile "$@"

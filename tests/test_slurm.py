@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -56,6 +57,30 @@ def slurm_api(database, data_dir):
 @pytest.fixture
 def client(slurm_api):
     return slurm_api.client()
+
+
+class WarnedJob(NamedTuple):
+    env: dict[str, str]
+    model: str
+    job_id: str
+    worker: Any
+    batch: Any
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warned_job(cluster, database, data_dir, db, slurm_api):
+    """A job with a 2-minute limit and 45 s of warning, serving a long batch, started before the
+    module's first test: SLURM may send the warning up to a minute before it is due, so it comes 15
+    to 75 s after the start, and the module's other tests run while it is awaited."""
+    model = f"slurm-{uuid.uuid4().hex[:6]}"
+    env = job_env(cluster, database, data_dir, model, ECHO_STEP_SECONDS="1",
+                  WORKERS=json.dumps([{**echo_slot(model), "max_in_flight": 32}]))
+    job_id = sbatch(cluster, env, "--time=2", "--signal=B:TERM@45")
+    worker = wait_for(lambda: serving_worker(db, job_id), 40, message="the warned job's worker to serve")
+    client = slurm_api.client()
+    batch = submit(client, [request_line(f"r{i}", model) for i in range(400)])  # 4 answers a second: it outlasts the job
+    yield WarnedJob(env, model, job_id, worker, batch)
+    client.batches.cancel(batch.id)
 
 
 def job_env(cluster: SlurmCluster, database: str, data_dir: Path, model: str, **overrides: str) -> dict[str, str]:
@@ -175,28 +200,6 @@ def test_a_cancelled_job_drains_and_its_batch_completes_once_on_another_job_char
     wait_for(lambda: ended(cluster, second), 60, message="the second job to end")
 
 
-def test_a_job_warned_before_its_time_limit_drains_and_exits_0_before_it_is_killed(
-        cluster, database, data_dir, db, client):
-    model = f"slurm-{uuid.uuid4().hex[:6]}"
-    env = job_env(cluster, database, data_dir, model, ECHO_STEP_SECONDS="1",
-                  WORKERS=json.dumps([{**echo_slot(model), "max_in_flight": 32}]))
-    # SLURM may send the warning up to a minute before it is due: with a 2-minute limit and 45 s of
-    # warning it comes 15 to 75 s after the start, while the 400 requests (4 a second) still run.
-    job_id = sbatch(cluster, env, "--time=2", "--signal=B:TERM@45")
-    worker = wait_for(lambda: serving_worker(db, job_id), 15, message="the job's worker to serve")
-    batch = submit(client, [request_line(f"r{i}", model) for i in range(400)])
-    fields = wait_for(lambda: ended(cluster, job_id), 150, interval=1, message="the job to end")
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0")  # not TIMEOUT: it ended in time
-    assert "received SIGTERM" in job_log(env, cluster, job_id, "watchdog.log")
-    rows = rows_of(db, batch.id)
-    assert {row.status for row in rows} == {"succeeded", "queued"}  # it served, then stopped in time
-    assert {(row.attempt, row.crashes) for row in rows if row.status == "queued"} == {(0, 0)}  # handed back uncharged
-    # 32 in flight at 4 a second outlast its 3 s grace: what it still held went back to the queue.
-    assert "released" in job_log(env, cluster, job_id, f"worker-{model}.log")
-    assert charged(db, worker.host) == (0, [])
-    client.batches.cancel(batch.id)
-
-
 def test_elastic_jobs_start_while_work_waits_serve_what_arrives_and_end_when_idle(
         cluster, database, data_dir, db, client, tmp_path):
     model = f"slurm-{uuid.uuid4().hex[:6]}"
@@ -242,3 +245,16 @@ def test_workers_of_the_previous_head_are_no_job_s(database):
             assert conn.execute(sa.text("SELECT scheduler_job, scheduler_node FROM workers")).all() == [("", "")]
         command.downgrade(alembic_config(url), "0016")
         engine.dispose()
+
+
+def test_a_job_warned_before_its_time_limit_drains_and_exits_0_before_it_is_killed(cluster, db, warned_job):
+    env, model, job_id, worker, batch = warned_job
+    fields = wait_for(lambda: ended(cluster, job_id), 150, interval=1, message="the warned job to end")
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0")  # not TIMEOUT: it ended in time
+    assert "received SIGTERM" in job_log(env, cluster, job_id, "watchdog.log")
+    rows = rows_of(db, batch.id)
+    assert {row.status for row in rows} == {"succeeded", "queued"}  # it served, then stopped in time
+    assert {(row.attempt, row.crashes) for row in rows if row.status == "queued"} == {(0, 0)}  # handed back uncharged
+    # 32 in flight at 4 a second outlast its 3 s grace: what it still held went back to the queue.
+    assert "released" in job_log(env, cluster, job_id, f"worker-{model}.log")
+    assert charged(db, worker.host) == (0, [])
