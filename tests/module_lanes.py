@@ -4,9 +4,9 @@ Modules that load vLLM keep a core computing for most of their time; the others 
 processes, sockets and timers. Two of the first at once share the two cores and each takes about
 twice as long, while two of the second leave the cores idle. So the first process runs the vLLM
 modules and the others the rest, each lane longest module first (module_seconds.json, measured by
-scripts/module_seconds.py), and a process whose lane is empty takes the longest module left in the
-other lane that is not of a RUN_TOGETHER group (the shortest if only those are left): the last to
-end is then one of the shorter ones."""
+scripts/module_seconds.py), and a process whose lane is empty takes the shortest module left in
+the other lane (the longest would run beside the first process's vLLM modules, and each of two
+vLLM modules at once takes about twice as long)."""
 
 from __future__ import annotations
 
@@ -40,13 +40,6 @@ def longest_first(modules: list[str]) -> list[str]:
     return [module for unit in units for module in unit]
 
 
-def taken_from_the_other_lane(modules: list[str]) -> str:
-    """The longest of `modules` (listed longest first) outside RUN_TOGETHER, else the shortest: a
-    group's module taken by a second process would start the group's servers a second time."""
-    grouped = {module for group in RUN_TOGETHER for module in group}
-    return next((module for module in modules if module not in grouped), modules[-1])
-
-
 class VllmLaneScheduling(LoadFileScheduling):
     """Whole modules, handed out in collection order within each process's lane."""
 
@@ -57,6 +50,6 @@ class VllmLaneScheduling(LoadFileScheduling):
     def _assign_work_unit(self, node) -> None:
         vllm_lane = self.nodes.index(node) == 0
         own = [module for module in self.workqueue if (module in VLLM_MODULES) == vllm_lane]
-        module = own[0] if own else taken_from_the_other_lane(list(self.workqueue))
+        module = own[0] if own else next(reversed(self.workqueue))
         self.workqueue.move_to_end(module, last=False)  # the unit the base class hands out next
         super()._assign_work_unit(node)
