@@ -3,12 +3,10 @@
 Modules that load vLLM keep a core computing for most of their time; the others mostly wait on
 processes, sockets and timers. Two of the first at once share the two cores and each takes about
 twice as long, while two of the second leave the cores idle. So the first process runs the vLLM
-modules, the second first runs the two that share the in-process demo engine (SECOND_PROCESS_FIRST:
-with the first process's alone they made the longest lane) and then, like the others, the rest;
-each lane longest module first (module_seconds.json, measured by scripts/module_seconds.py). A
-process whose lane is empty takes the shortest module left in another lane (the longest would run
-beside the first process's vLLM modules, and each of two vLLM modules at once takes about twice as
-long)."""
+modules and the others the rest, each lane longest module first (module_seconds.json, measured by
+scripts/module_seconds.py), and a process whose lane is empty takes the shortest module left in
+the other lane (the longest would run beside the first process's vLLM modules, and each of two
+vLLM modules at once takes about twice as long)."""
 
 from __future__ import annotations
 
@@ -27,22 +25,9 @@ VLLM_MODULES = frozenset(f"tests/{name}.py" for name in (
     "test_shared_servers", "test_vllm_engine"))
 
 
-# The modules that use the demo engine of the test process (conftest.demo_engine, loaded once a
-# process): the second process runs them before any other.
-SECOND_PROCESS_FIRST = ("tests/test_end_to_end.py", "tests/test_vllm_engine.py")
-
 # Modules that share the session's demo servers run one after the other, so that the servers stop
 # when the last of them is done (conftest.pytest_runtest_teardown).
 RUN_TOGETHER = (("tests/test_pool.py", "tests/test_shared_servers.py", "tests/test_parity.py"),)
-
-
-VLLM_LANE, SECOND_LANE, LIGHT_LANE = range(3)
-
-
-def lane_of(module: str) -> int:
-    if module in SECOND_PROCESS_FIRST:
-        return SECOND_LANE
-    return VLLM_LANE if module in VLLM_MODULES else LIGHT_LANE
 
 
 def longest_first(modules: list[str]) -> list[str]:
@@ -63,9 +48,8 @@ class VllmLaneScheduling(LoadFileScheduling):
         config.option.loadscopereorder = False  # the collection's order, not the modules' numbers of tests
 
     def _assign_work_unit(self, node) -> None:
-        process, left = self.nodes.index(node), list(self.workqueue)
-        lanes = (VLLM_LANE,) if process == 0 else (SECOND_LANE, LIGHT_LANE) if process == 1 else (LIGHT_LANE,)
-        own = [module for lane in lanes for module in left if lane_of(module) == lane]
-        module = own[0] if own else left[-1]
+        vllm_lane = self.nodes.index(node) == 0
+        own = [module for module in self.workqueue if (module in VLLM_MODULES) == vllm_lane]
+        module = own[0] if own else next(reversed(self.workqueue))
         self.workqueue.move_to_end(module, last=False)  # the unit the base class hands out next
         super()._assign_work_unit(node)
