@@ -165,7 +165,7 @@ def test_test_answers_within_the_deadline_and_blocks_no_other_request(database, 
         with PeakMemory(api.process.pid) as memory, ThreadPoolExecutor(72) as pool:
             slow = [pool.submit(test, kind) for kind in ("dribble", "silent") * 30]
             # With a thread of the API's 40 each, no more than 40 would reach their receivers.
-            wait_for(lambda: held() == len(slow), HELD / 2, interval=0.05, message="all 60 tests at their receivers")
+            wait_for(lambda: held() >= len(slow), HELD / 2, interval=0.05, message="all 60 tests at their receivers")
             listed = http.get("/v1/webhook_endpoints")  # a route on the API's thread pool
             files = http.get("/v1/files")
             ended_first = [future for future in slow if future.done()]
