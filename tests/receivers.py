@@ -86,6 +86,11 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def kind_of(path: str) -> str:
+    """The kind of hostile answer a path asks for: its first part, without the query."""
+    return path.split("?")[0].strip("/")
+
+
 class HostileReceivers:
     """One server whose answer depends on the path:
     - /bomb-ok, /bomb-error: 200 or 500 with `Content-Encoding: gzip` and BOMB as the body;
@@ -98,7 +103,6 @@ class HostileReceivers:
     KINDS = ("bomb-ok", "bomb-error", "dribble", "silent")
 
     def __init__(self):
-        self.requests: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()
         self._counting = threading.Lock()  # the handlers' threads count at once
         self.closing = threading.Event()
@@ -109,9 +113,8 @@ class HostileReceivers:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                kind = self.path.split("?")[0].strip("/")
+                kind = kind_of(self.path)
                 with hostile._counting:
-                    hostile.requests[kind] += 1
                     hostile.paths[self.path] += 1
                 try:
                     getattr(self, "answer_" + kind.replace("-", "_"))()
@@ -156,6 +159,14 @@ class HostileReceivers:
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def requests(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        with self._counting:
+            for path, n in self.paths.items():
+                counts[kind_of(path)] += n
+        return counts
 
     def path(self, kind: str, tag: str = "") -> str:
         return f"/{kind}" + (f"?n={tag}" if tag else "")

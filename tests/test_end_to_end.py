@@ -192,8 +192,9 @@ def test_a_worker_stopped_while_vllm_loads_its_model_stops_at_once_uncharged(vll
     current = wait_for(lambda: live_worker(db, "chat-1", statuses=("loading", "idle", "busy")), 60,
                        message="a chat-1 process")
     charged = len(restarts(db, "chat-1"))
-    loading = current if current.status == "loading" else None  # started again after the drain test, say
-    if loading is None:
+    if current.status == "loading":  # started again after the drain test, say
+        loading = current
+    else:
         os.kill(current.pid, signal.SIGTERM)  # stopped (at once, or drained) and started again, uncharged
         loading = wait_for(lambda: (w := live_worker(db, "chat-1", statuses=("loading",))) and w.id != current.id
                            and w, 120, interval=0.1, message="chat-1 started again and loading")
