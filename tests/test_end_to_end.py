@@ -102,20 +102,6 @@ def test_a_responses_batch_answers_response_objects_and_counts_usage(vllm_stack,
     assert done.usage.input_tokens > 0 and done.usage.output_tokens >= 20
 
 
-def test_greedy_output_equals_vllm_directly(vllm_stack, client, demo_engine):
-    prompts = [f"Tell me about item {i}." for i in range(8)]
-    lines = [request_line(f"g{i}", CHAT_MODEL, messages=[{"role": "user", "content": p}], temperature=0,
-                          max_tokens=24) for i, p in enumerate(prompts)]
-    done = wait_for_batch(client, submit(client, lines).id)
-    ours = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
-            for line in read_lines(client, done.output_file_id)}
-    from vllm import SamplingParams
-
-    direct = demo_engine.llm.chat([[{"role": "user", "content": p}] for p in prompts],
-                                  SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
-    assert [ours[f"g{i}"] for i in range(8)] == [output.outputs[0].text for output in direct]
-
-
 def test_a_bad_request_becomes_one_error_line(vllm_stack, client):
     lines = [request_line(f"ok{i}", CHAT_MODEL, max_tokens=4) for i in range(5)]
     lines.insert(2, request_line("too-long", CHAT_MODEL, messages=[{"role": "user", "content": "word " * 3000}]))
