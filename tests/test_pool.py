@@ -35,6 +35,15 @@ SERVED = "pool-llama"  # what users call it; the servers serve it as "pool-demo"
 FAST = {"HEARTBEAT_INTERVAL": "1"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def embedder(data_dir):
+    """A real embedding server, started as the module starts: it loads beside the session's demo
+    servers rather than after them (its test, second in the module, stops it when done)."""
+    server = VllmServer(data_dir, "embed-0", free_port(), model="all-MiniLM-L6-v2", served_name="pool-embed").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def servers(demo_servers):
     """The session's two demo servers (the second runs fewer requests at once: a pool of unequal servers)."""
@@ -90,6 +99,27 @@ def test_a_batch_runs_on_both_backends_and_answers_under_the_served_name(databas
         for server in servers:
             assert f'batch_backend_up{{backend="{server.url}",slot="pool-0"}} 1.0' in metrics
             assert re.search(rf'batch_backend_requests_total{{backend="{re.escape(server.url)}"}} [1-9]', metrics)
+
+
+def test_an_embeddings_batch_runs_on_a_pool_of_embedding_servers(database, data_dir, db, client, embedder):
+    """Two backends: a real embedding server, and the same server behind a forwarding proxy (a
+    second server would only load the model again)."""
+    try:
+        embedder.wait_ready()
+        with fault_server(embedder.url, "forward") as forwarded:
+            slot = {**pool_slot([embedder.url, forwarded]), "model": "pool-embed", "served_name": "pool-embedder"}
+            with running_watchdog(database, data_dir, "watchdog-pool-embed", [slot], **FAST):
+                wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+                lines = [request_line(f"r{i}", "pool-embedder", url="/v1/embeddings") for i in range(60)]
+                done = wait_for_batch(client, submit(client, lines, endpoint="/v1/embeddings").id, 120)
+                assert done.status == "completed" and done.request_counts.completed == 60
+                found = assert_each_once(client, done, 60)
+                assert {len(line["response"]["body"]["data"][0]["embedding"]) for line in found} == {384}
+                rows = wait_for(lambda: (rows := backends(db)) and sum(r.completed for r in rows.values()) == 60
+                                and rows, 10, message="every answer counted by the heartbeat")
+                assert set(rows) == {embedder.url, forwarded} and all(r.completed for r in rows.values())
+    finally:
+        embedder.stop()
 
 
 def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database, data_dir, db, client, api,
@@ -279,28 +309,6 @@ def test_cancelling_a_batch_cancels_its_requests_on_the_servers(database, data_d
         wait_for(lambda: sum(r.in_flight for r in backends(db).values()) == 0, 10, message="nothing held")
         # The servers saw the connections close and stopped generating those requests.
         wait_for(lambda: sum(server.aborted() for server in servers) > aborted, 20, message="aborted on the servers")
-
-
-def test_an_embeddings_batch_runs_on_a_pool_of_embedding_servers(database, data_dir, db, client):
-    """Two backends: a real embedding server, and the same server behind a forwarding proxy (a
-    second server would only load the model again)."""
-    embedder = VllmServer(data_dir, "embed-0", free_port(), model="all-MiniLM-L6-v2", served_name="pool-embed").start()
-    try:
-        embedder.wait_ready()
-        with fault_server(embedder.url, "forward") as forwarded:
-            slot = {**pool_slot([embedder.url, forwarded]), "model": "pool-embed", "served_name": "pool-embedder"}
-            with running_watchdog(database, data_dir, "watchdog-pool-embed", [slot], **FAST):
-                wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
-                lines = [request_line(f"r{i}", "pool-embedder", url="/v1/embeddings") for i in range(60)]
-                done = wait_for_batch(client, submit(client, lines, endpoint="/v1/embeddings").id, 120)
-                assert done.status == "completed" and done.request_counts.completed == 60
-                found = assert_each_once(client, done, 60)
-                assert {len(line["response"]["body"]["data"][0]["embedding"]) for line in found} == {384}
-                rows = wait_for(lambda: (rows := backends(db)) and sum(r.completed for r in rows.values()) == 60
-                                and rows, 10, message="every answer counted by the heartbeat")
-                assert set(rows) == {embedder.url, forwarded} and all(r.completed for r in rows.values())
-    finally:
-        embedder.stop()
 
 
 def test_a_bad_backend_url_is_a_clear_start_up_error(database, data_dir):
