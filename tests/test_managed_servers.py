@@ -229,6 +229,7 @@ def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, clie
     detected = next(line for line in (watchdog.log_dir / "watchdog.log").read_text().splitlines()
                     if "server srv-0" in line and "killed by SIGKILL" in line)
     print(f"crash detected {log_stamp(detected) - killed_at:.2f} s after the SIGKILL")
+    wait_for(lambda: slot_row(db, "srv-0"), 300, interval=1, message="srv-0 back")
 
 
 def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed, db, client):
@@ -249,11 +250,12 @@ def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed,
     detected = next(line for line in (watchdog.log_dir / "watchdog.log").read_text().splitlines()
                     if "server srv-1" in line and "no request completed" in line)
     print(f"stall detected {log_stamp(detected) - stopped_at:.2f} s after the SIGSTOP")
+    wait_for(lambda: slot_row(db, "srv-1"), 300, interval=1, message="srv-1 back")
 
 
 def test_an_operator_restart_loses_and_repeats_nothing(managed, db, client):
     watchdog, ports = managed
-    old = wait_for(lambda: slot_row(db, "srv-0"), 300, interval=1, message="srv-0 serving")  # after the kill above
+    old = slot_row(db, "srv-0")
     charged = len(restarts(db, "srv-0"))
     batch = submit(client, chat_lines(200))
     wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 20, 120, message="running")
@@ -275,7 +277,7 @@ def test_an_operator_restart_loses_and_repeats_nothing(managed, db, client):
 
 def test_sigterm_to_the_watchdog_stops_the_servers_and_leaves_no_vllm_process(managed, db):
     watchdog, _ = managed
-    # srv-0 (restarted above) and srv-1 (after the stall) may still be loading: stopped all the same.
+    # srv-0, restarted by the operator above, may still be loading: stopped all the same.
     pids = [wait_for(lambda name=name: slot_row(db, name, LIVE), 60, message=f"{name} started").pid
             for name in ("srv-0", "srv-1", POOL)]
     groups = {pid: group_members(pid) for pid in pids}
