@@ -73,8 +73,9 @@ def test_start_all_then_stop_all_leaves_nothing_behind_twice(tmp_path):
     stop_all = [str(REPO / "scripts/stop-all.sh")]
     for starts in (1, 2):
         try:
-            subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path, check=True, capture_output=True,
-                           timeout=900)
+            started_all = subprocess.run([str(REPO / "scripts/start-all.sh")], env=env, cwd=tmp_path,
+                                         capture_output=True, text=True, timeout=900)
+            assert started_all.returncode == 0, started_all.stdout[-3000:] + started_all.stderr[-3000:]
             assert httpx.get(f"http://127.0.0.1:{port}/health").json()["database"] == "connected"
             worker_log = tmp_path / "logs/worker-echo-0.log"  # made by the worker, which the watchdog starts
             wait_for(lambda: worker_log.exists() and worker_log.read_text().count(" loaded in ") == starts, 60,
