@@ -214,6 +214,10 @@ def test_cancel_mid_run_keeps_the_finished_part(vllm_stack, client, db):
     batch = running_batch(client, db, 2000, max_tokens=128)
     logs = [vllm_stack.log_dir / f"worker-{slot}.log" for slot in ("chat-0", "chat-1")]
     offsets = [len(path.read_text(errors="replace")) for path in logs]
+    with db.connect() as conn:
+        holders = conn.execute(sa.text(
+            "SELECT w.slot, w.pid, w.status, count(*) FROM batch_requests r JOIN workers w ON w.id = r.worker_id "
+            "WHERE r.batch_id = :b AND r.status = 'running' GROUP BY 1, 2, 3"), {"b": batch.id}).all()
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status == "cancelled"
     counts = cancelled.request_counts
@@ -224,8 +228,14 @@ def test_cancel_mid_run_keeps_the_finished_part(vllm_stack, client, db):
     assert len(read_lines(client, cancelled.output_file_id)) == counts.completed
     assert_each_once(client, cancelled, {f"r{i}" for i in range(2000)})
     # The worker processes heard of it and dropped what they held (their engines stop generating it).
-    wait_for(lambda: sum(aborted_since(path, offset) for path, offset in zip(logs, offsets, strict=True)) > 0, 60,
-             interval=0.5, message="workers aborting the cancelled requests")
+    try:
+        wait_for(lambda: sum(aborted_since(path, offset) for path, offset in zip(logs, offsets, strict=True)) > 0,
+                 60, interval=0.5, message="workers aborting the cancelled requests")
+    except AssertionError as exc:
+        since = {path.name: path.read_text(errors="replace")[offset:].splitlines()[-12:]
+                 for path, offset in zip(logs, offsets, strict=True)}
+        watchdog = (vllm_stack.log_dir / "watchdog.log").read_text(errors="replace").splitlines()[-12:]
+        raise AssertionError(f"{exc}; held at the cancel: {holders}; since: {since}; watchdog: {watchdog}") from None
 
 
 def test_expiry_with_a_short_window(vllm_stack, client):
