@@ -25,6 +25,7 @@ from core.batch_app.watchdog.process_control import group_members
 from .conftest import batchctl, free_port, restarts, start_watchdog, wait_for, wait_for_batch
 from .jsonl import request_line, submit
 from .sentry_receiver import SentryReceiver
+from .vllm_servers import requests_on
 
 pytestmark = pytest.mark.vllm
 
@@ -57,25 +58,18 @@ def slot_row(db, slot: str, statuses=SERVING):
             {"slot": slot, "statuses": list(statuses)}).first()
 
 
-def load(db, port: int) -> tuple[int, int]:
-    """(requests the live pool worker holds on the server on `port`, requests it answered)."""
-    with db.connect() as conn:
-        return server_load(conn, f"http://127.0.0.1:{port}")
-
-
 def answered(db, port: int) -> int:
-    return load(db, port)[1]
+    """Requests the pool workers had answered by the server on `port`, as their heartbeats report."""
+    with db.connect() as conn:
+        return server_load(conn, f"http://127.0.0.1:{port}")[1]
 
 
-def held(db, port: int) -> int:
-    return load(db, port)[0]
-
-
-def batch_held_on(db, client, port: int):
-    """A 200-request batch, once the server on `port` holds some of it and 20 have finished."""
+def batch_held_on(client, data_dir, port: int):
+    """A 200-request batch, once the server on `port` runs some of it (asked of the server itself)."""
     batch = submit(client, chat_lines(200, max_tokens=32))
-    wait_for(lambda: held(db, port) > 0 and client.batches.retrieve(batch.id).request_counts.completed > 20,
-             120, interval=0.2, message=f"the server on {port} holding requests")
+    key = server_key(data_dir, port)
+    wait_for(lambda: requests_on(f"http://127.0.0.1:{port}", key) > 0, 120, interval=0.05,
+             message=f"the server on {port} holding requests")
     return batch
 
 
@@ -204,10 +198,10 @@ def test_a_server_that_cannot_start_is_capped_while_a_slow_one_carries_batches(m
     assert answered(db, ports[0]) > 0 and restarts(db, "srv-0") == []
 
 
-def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, client, sentry):
+def test_a_killed_server_is_restarted_and_its_requests_retried(managed, data_dir, db, client, sentry):
     watchdog, ports = managed
-    victim = slot_row(db, "srv-0")
-    batch = batch_held_on(db, client, ports[0])
+    victim = wait_for(lambda: slot_row(db, "srv-0"), 300, interval=1, message="srv-0 serving")
+    batch = batch_held_on(client, data_dir, ports[0])
     group = group_members(victim.pid)
     killed_at = time.time()
     psutil.Process(victim.pid).send_signal(signal.SIGKILL)
@@ -232,10 +226,10 @@ def test_a_killed_server_is_restarted_and_its_requests_retried(managed, db, clie
     wait_for(lambda: slot_row(db, "srv-0"), 300, interval=1, message="srv-0 back")
 
 
-def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed, db, client):
+def test_a_stopped_server_is_caught_by_the_progress_probe_and_restarted(managed, data_dir, db, client):
     watchdog, ports = managed
-    frozen = slot_row(db, "srv-1")
-    batch = batch_held_on(db, client, ports[1])
+    frozen = wait_for(lambda: slot_row(db, "srv-1"), 300, interval=1, message="srv-1 serving")
+    batch = batch_held_on(client, data_dir, ports[1])
     stopped_at = time.time()
     for member in group_members(frozen.pid):
         member.send_signal(signal.SIGSTOP)

@@ -11,6 +11,7 @@ import signal
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 from core.batch_app.domain import overview
 
@@ -20,6 +21,7 @@ from .conftest import (
     batchctl,
     free_port,
     live_worker,
+    restarts,
     running_watchdog,
     stack_env,
     wait_for,
@@ -27,7 +29,7 @@ from .conftest import (
 )
 from .fault_server import fault_server
 from .jsonl import request_line, submit
-from .vllm_servers import VllmServer
+from .vllm_servers import VllmServer, requests_on
 
 pytestmark = pytest.mark.vllm
 
@@ -165,8 +167,7 @@ def test_a_stopped_server_is_hung_its_requests_finish_elsewhere_and_it_comes_bac
                           **FAST):
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
         batch = submit(client, chat_lines(120, max_tokens=32))
-        wait_for(lambda: backends(db).get(frozen.url) and backends(db)[frozen.url].in_flight > 0, 120,
-                 interval=0.2, message="the server holding requests")
+        wait_for(lambda: requests_on(frozen.url) > 0, 120, interval=0.05, message="the server holding requests")
         frozen.signal(signal.SIGSTOP)
         try:
             wait_for(lambda: backends(db)[frozen.url].state == "hung", 30, message="hung")
@@ -180,11 +181,15 @@ def test_a_stopped_server_is_hung_its_requests_finish_elsewhere_and_it_comes_bac
 
 def test_with_every_server_down_the_batch_waits_queued_and_completes_when_one_is_back(database, data_dir, db,
                                                                                       client, servers):
+    """Stopped servers stall the pool, not its worker: it is not charged a stall (STALL_TIMEOUT is
+    shorter than the two failed health checks after which it hands back what they held)."""
     with running_watchdog(database, data_dir, "watchdog-pool-down", [pool_slot([s.url for s in servers])],
-                          **FAST):
-        wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+                          **FAST, STALL_TIMEOUT="8"):
+        worker = wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
+        charged = len(restarts(db, "pool-0"))
         batch = submit(client, chat_lines(150, max_tokens=48))
-        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed > 10, 120, message="progress")
+        wait_for(lambda: all(requests_on(server.url) > 0 for server in servers), 120, interval=0.05,
+                 message="both servers holding requests")
         for server in servers:
             server.signal(signal.SIGSTOP)
         try:
@@ -201,6 +206,10 @@ def test_with_every_server_down_the_batch_waits_queued_and_completes_when_one_is
                 server.signal(signal.SIGCONT)
         assert done.status == "completed" and done.request_counts.completed == 150
         assert_each_once(client, done, 150)
+        assert live_worker(db, "pool-0").id == worker.id and len(restarts(db, "pool-0")) == charged
+        with db.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND crashes > 0"),
+                                {"b": batch.id}).scalar() == 0
 
 
 def test_injected_faults_are_retried_until_every_request_succeeds(database, data_dir, db, client, servers):

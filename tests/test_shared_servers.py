@@ -136,9 +136,11 @@ def test_a_burst_cuts_the_allowance_at_once_and_it_grows_back_losing_nothing(dat
         assert re.search(rf'batch_backend_allowance{{backend="{re.escape(server.url)}",reason="\w+",slot="pool-0"}} '
                          r"\d+\.0", metrics), metrics
 
-        back = wait_for(lambda: (row := backend(db, server.url)) and row.allowance == CEILING and row, 30,
-                        interval=0.2, message="the allowance back at its ceiling after the burst")
-        assert back.allowance_reason.startswith("no_interactive:")
+        # On a fast machine the allowance may be back at its ceiling while the burst lasts
+        # (interactive_within_target): what shows the burst's end is the reason.
+        wait_for(lambda: (row := backend(db, server.url)) and row.allowance == CEILING
+                 and row.allowance_reason.startswith("no_interactive:"), 30, interval=0.2,
+                 message="the allowance back at its ceiling with no interactive traffic after the burst")
         done = wait_for_batch(client, batch.id, 600)
     assert done.status == "completed" and done.request_counts.completed == BATCH_LINES
     ids = output_ids(client, done)

@@ -13,9 +13,22 @@ from pathlib import Path
 
 import httpx
 
+from core.batch_app.engines.batch_allowance import read_metrics
 from core.batch_app.engines.vllm_engine import vllm_environment
 from core.batch_app.models import resolve_model
 from core.batch_app.watchdog.process_control import kill_group
+
+
+def requests_on(url: str, key: str = "") -> int:
+    """Requests running or waiting on the vLLM server at `url`, read now from its own /metrics: the
+    pool's view reaches the database only with its worker's next heartbeat, and on a fast machine
+    a server may have answered everything by then."""
+    try:
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    reading = read_metrics(text)
+    return int(reading.running + reading.waiting) if reading is not None else 0
 
 
 class VllmServer:

@@ -23,8 +23,11 @@ each request as it is and returning the backend's own answer.
   its /metrics (or without them, from the pool's own answers' latency) by batch_allowance.py;
   what it holds past a cut is taken back and tried again, uncharged. `batch_priority` is sent
   as each request's `priority`.
-- Progress (the watchdog's stall check) moves with every answer and every passed health check
-  of a backend holding requests, so it stops only when the whole pool is stuck.
+- Progress (the watchdog's stall check) moves with every answer and every health check of a
+  backend holding requests, passed or failed: servers that are down or stopped are judged by
+  those checks (and, when managed, by their own slots), and what they hold is taken back, so
+  the pool worker and its requests are not charged for them. It stops only when the pool's own
+  loop does.
 
 All of it runs on an asyncio loop on a thread of its own, with an aiohttp session per backend
 (httpx cost ten times the CPU per request at hundreds in flight: docs/benchmarks.md); the
@@ -484,11 +487,11 @@ class OpenAIHttpEngine:
             log.error("health check of backend %s failed: %s: %s", backend.url, type(exc).__name__, exc, exc_info=exc)
         else:
             backend.failed_checks = 0
-            if backend.attempts:
-                self.progress.steps += 1  # it holds requests and answers: the pool is not stuck
             self._set_state(backend, HEALTHY, "")
         finally:
             backend.status.checked_at = time.time()
+            if backend.attempts:
+                self.progress.steps += 1  # the pool judged a backend holding requests: it is not stuck
 
     def _check_failed(self, backend: _Backend, state: str, detail: str) -> None:
         """Out of rotation; what it holds is tried elsewhere once two checks in a row failed (one
