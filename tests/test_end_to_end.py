@@ -133,11 +133,22 @@ def running_batch(client, db, count: int, max_tokens: int = 64):
     return batch
 
 
+def holds_while_more_waits(db, batch_id: str, worker_id) -> bool:
+    with db.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE status = 'running' AND worker_id = :w) > 0 "
+            "AND count(*) FILTER (WHERE status = 'queued') > 0 FROM batch_requests WHERE batch_id = :b"),
+            {"b": batch_id, "w": worker_id}).scalar()
+
+
 def test_sigkill_mid_batch_loses_and_duplicates_nothing(vllm_stack, client, db):
     for slot in ("chat-0", "chat-1"):
         wait_for(lambda: live_worker(db, slot), 600, interval=1, message=f"{slot} serving")
-    batch = running_batch(client, db, 400)
     victim = live_worker(db, "chat-0")
+    batch = submit(client, [request_line(f"r{i}", CHAT_MODEL, max_tokens=64) for i in range(400)])
+    # Killed while it holds some of the batch and more waits (so it keeps claiming until the kill).
+    wait_for(lambda: holds_while_more_waits(db, batch.id, victim.id), 300, interval=0.05,
+             message="chat-0 holding requests of the batch")
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     replacement = wait_for(lambda: (w := live_worker(db, "chat-0")) and w.pid != victim.pid and w, 600,

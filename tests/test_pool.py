@@ -131,9 +131,7 @@ def test_a_killed_server_is_failed_over_then_readmitted_when_it_is_back(database
                           **FAST) as watchdog:
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
         batch = submit(client, chat_lines(200, max_tokens=32))
-        wait_for(lambda: backends(db).get(victim.url) and backends(db)[victim.url].in_flight > 0
-                 and client.batches.retrieve(batch.id).request_counts.completed > 20, 120,
-                 interval=0.2, message="the victim holding requests")
+        wait_for(lambda: requests_on(victim.url) > 0, 120, interval=0.05, message="the victim holding requests")
         victim.kill()
         wait_for(lambda: backends(db)[victim.url].state == "connection_refused", 30, message="refused")
         listed = batchctl(watchdog.env, "backends")

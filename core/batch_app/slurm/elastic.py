@@ -80,6 +80,11 @@ class ElasticSubmitter:
         ours = commands.jobs(JOB_NAME)
         with self.db.connect() as conn:
             serving = demand.jobs_with_workers(conn, [job.job_id for job in ours])
+            # Asked again after: a job's worker that registered since the first look (loading,
+            # which counts as serving) is then seen by both, not taken for a job with nothing.
+            waiting = demand.waiting_models(conn, self.models, self.settings.heartbeat_timeout)
+        if not waiting:
+            return None
         if any(job.job_id not in serving for job in ours):
             return None  # pending, or its workers have not registered yet: they may be the ones that serve
         if len(ours) >= self.options.max_jobs:
