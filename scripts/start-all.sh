@@ -49,11 +49,15 @@ start() {  # name, then the python -m arguments
   echo "$name started (pid $!, log $LOG_DIR/$name.log)"
 }
 
+# Whether a process started just now still runs: kill -0 alone, as for an instant after the fork
+# its command line is still the shell's or nohup's, not ours (pid_alive would call it gone).
+started_alive() { kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
 [ "$role" = worker ] || start api_server core.batch_app.api_server
 [ "$role" = api ] || start watchdog core.batch_app.watchdog
 if [ "$role" = worker ]; then
   sleep 2
-  pid_alive "$RUN_DIR/watchdog.pid" || { echo "watchdog exited; last lines of its log:"; tail -20 "$LOG_DIR/watchdog.log"; exit 1; }
+  started_alive watchdog || { echo "watchdog exited; last lines of its log:"; tail -20 "$LOG_DIR/watchdog.log"; exit 1; }
   echo "watchdog running as host ${HOST_NAME:-$(hostname)}: its workers load in the background (batchctl workers)"
   exit 0
 fi
@@ -65,7 +69,7 @@ for _ in $(seq 1 120); do
     else echo "API ready at http://$API_HOST:$API_PORT (workers load in the background: see $LOG_DIR)"; fi
     exit 0
   fi
-  pid_alive "$RUN_DIR/api_server.pid" || { echo "API server exited; last lines of its log:"; tail -20 "$LOG_DIR/api_server.log"; exit 1; }
+  started_alive api_server || { echo "API server exited; last lines of its log:"; tail -20 "$LOG_DIR/api_server.log"; exit 1; }
   sleep 0.5
 done
 echo "API did not answer $url within 60 s; see $LOG_DIR/api_server.log"; exit 1
