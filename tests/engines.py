@@ -67,6 +67,19 @@ class InstantEngine(EchoEngine):
         self.step_seconds, self.per_step = 0.0, None
 
 
+class SignalBreaksLoadEngine(EchoEngine):
+    """Loads for up to a minute and turns whatever interrupts it into a failure of its own, as a
+    library's half-initialised module may when the stop signal's exception lands in an import."""
+
+    def __init__(self, spec: EngineSpec):
+        print("slow load begins", flush=True)
+        try:
+            time.sleep(60)
+        except BaseException as exc:
+            raise RecursionError("maximum recursion depth exceeded") from exc
+        super().__init__(spec)
+
+
 class HangingEngine(EchoEngine):
     """Blocks forever in its first step that holds a request: the heartbeat thread keeps beating."""
 

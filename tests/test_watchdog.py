@@ -206,6 +206,24 @@ def test_sigterm_drains_and_leaves_no_process_and_a_new_watchdog_cleans_leftover
         assert replacement.pid != orphan.pid
 
 
+def test_a_load_the_stop_signal_breaks_is_a_stop_not_a_charged_failure(database, data_dir, db):
+    slot = "broken-load-0"
+    with running_watchdog(database, data_dir, "watchdog-broken-load", [echo_slot(slot, "SignalBreaksLoadEngine")],
+                          **FAST_LIVENESS) as watchdog:
+        loading = wait_for(lambda: live_worker(db, slot, statuses=("loading",)), 60, message="loading")
+        log_path = watchdog.log_dir / f"worker-{slot}.log"
+        wait_for(lambda: "slow load begins" in log_path.read_text(), 30, interval=0.1, message="the load begun")
+        os.kill(loading.pid, signal.SIGTERM)
+        wait_for(lambda: gone(loading.pid), 15, message="stopped")
+        with db.connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM workers WHERE id = :id"),
+                                {"id": loading.id}).scalar() == "stopped"
+        log = log_path.read_text()
+        assert "the load ended by the stop signal failed with RecursionError" in log
+        assert "model load failed" not in log
+        assert restarts(db, slot) == []
+
+
 def test_a_slot_at_its_cap_stays_stopped_across_watchdog_restarts(database, data_dir, db):
     slot = "capped-0"
     with db.begin() as conn:
