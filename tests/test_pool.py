@@ -204,7 +204,9 @@ def test_with_every_server_down_the_batch_waits_queued_and_completes_when_one_is
                 server.signal(signal.SIGCONT)
         assert done.status == "completed" and done.request_counts.completed == 150
         assert_each_once(client, done, 150)
-        assert live_worker(db, "pool-0").id == worker.id and len(restarts(db, "pool-0")) == charged
+        # The same process (its status may still read no_backend for a beat after the batch).
+        assert live_worker(db, "pool-0", statuses=("idle", "busy", "no_backend")).id == worker.id
+        assert len(restarts(db, "pool-0")) == charged
         with db.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM batch_requests WHERE batch_id = :b AND crashes > 0"),
                                 {"b": batch.id}).scalar() == 0
