@@ -33,7 +33,9 @@ class StoppedWhileLoading(BaseException):
 @contextmanager
 def stopped_at_once_by_signals(stopping: threading.Event, logger: logging.Logger, doing: str) -> Iterator[None]:
     """While the block runs, SIGTERM and SIGINT set `stopping` and raise StoppedWhileLoading in it;
-    so does entering it with `stopping` set already (by a signal just before)."""
+    so does entering it with `stopping` set already (by a signal just before), and so does any
+    error the block ends with once a signal came: raised inside an import, the signal's exception
+    can leave a library's module half-initialised, which then fails in its own way."""
     def _handler(signum, _frame):
         logger.info("received %s while %s: stopping at once (nothing is held yet)", signal.Signals(signum).name, doing)
         stopping.set()
@@ -44,6 +46,11 @@ def stopped_at_once_by_signals(stopping: threading.Event, logger: logging.Logger
         if stopping.is_set():
             raise StoppedWhileLoading
         yield
+    except Exception as exc:
+        if not stopping.is_set():
+            raise
+        logger.info("the load ended by the stop signal failed with %s: %s", type(exc).__name__, exc)
+        raise StoppedWhileLoading from exc
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -81,8 +81,8 @@ def vllm_environment(cache_dir: Path) -> dict[str, str]:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # GiB of KV cache; vLLM's CPU default assumes a large dedicated host.
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-        # OpenMP's threads sleep between the engine's steps rather than spin: spinning took a third
-        # to twice the CPU for the same batch alone, four times the time beside a busy process,
+        # OpenMP's threads sleep between the engine's steps rather than spin: spinning took a fifth
+        # more to twice the CPU for the same batch alone, four times the time beside a busy process,
         # and the cores from every other process on the host (bench/omp_wait_policy.py).
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env

@@ -81,12 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         runner.stop_before_serving()
         return 0
     except Exception as exc:
-        if runner.stopping.is_set():
-            # The signal's exception broke the load midway (inside an import, some library's
-            # half-initialised module can then fail in its own way): a stop, not a failed load.
-            log.info("the load ended by the stop signal failed with %s: %s", type(exc).__name__, exc)
-            runner.stop_before_serving()
-            return 0
         log.error("model load failed: %s: %s", type(exc).__name__, exc)
         runner.heartbeat.stop()
         return 1
