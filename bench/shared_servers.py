@@ -143,7 +143,7 @@ class Stack:
                     print(f"    the batch ran out during the phase: make --batch larger than {counts.total}")
             return {"ttft": [r[0] for r in results], "total": [r[1] for r in results], "rate": rate}
         finally:
-            if batch is not None:
+            if batch is not None and self.client.batches.retrieve(batch.id).status != "completed":
                 self.client.batches.cancel(batch.id)
                 wait_for(lambda: self.client.batches.retrieve(batch.id).status == "cancelled", 120,
                          interval=0.5, message="the batch cancelled")
@@ -173,7 +173,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="interactive requests a second")
     parser.add_argument("--burst", type=int, default=8, help="interactive requests sent at once halfway")
     parser.add_argument("--max-tokens", type=int, default=32, help="of an interactive request")
-    parser.add_argument("--batch", type=int, default=12000, help="requests of the batch (it must outlast a phase)")
+    parser.add_argument("--batch", type=int, default=30000, help="requests of the batch (it must outlast a phase)")
     parser.add_argument("--batch-tokens", type=int, default=32, help="max_tokens of a batch request")
     parser.add_argument("--caps", default="1,2,4,8,16,32", help="fixed max_in_flight_per_backend of (e); 64 is (b)")
     parser.add_argument("--ttft-target", type=float, default=0.1, help="interactive_ttft_target of (c), seconds")

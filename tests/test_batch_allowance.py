@@ -36,10 +36,16 @@ vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 5
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 4.0
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 6.0
 vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 6.0
+# TYPE http_requests_total counter
+http_requests_total{handler="/v1/chat/completions",method="POST",status="2xx"} 40.0
+http_requests_total{handler="/v1/completions",method="POST",status="4xx"} 2.0
+http_requests_total{handler="/v1/models",method="GET",status="2xx"} 9.0
+http_requests_created{handler="/v1/models",method="GET",status="2xx"} 1.7e9
 """
     found = read_metrics(text)
     assert (found.running, found.waiting, found.kv_usage) == (5, 1, 0.25)
     assert found.ttft_buckets == {0.1: 4, float("inf"): 6}
+    assert found.posts_answered == 42  # every client's POSTs, whatever their answer; health checks' GETs not
     assert read_metrics("# a server without vLLM's metrics\nprocess_cpu_seconds_total 1.0\n") is None
 
 
@@ -52,7 +58,7 @@ def test_the_ttft_quantile_is_of_the_requests_between_two_readings():
 
 def test_with_no_interactive_traffic_it_doubles_to_its_ceiling():
     control = allowance()
-    values = [control.after_reading(reading(running=n), ours_in_flight=n, now=t)
+    values = [control.after_reading(reading(running=n), ours_in_flight=n, ours_ended=0, now=t)
               for t, n in enumerate([0, 2, 4, 8, 16, 32, 32])]
     assert values == [4, 8, 16, 32, 32, 32, 32]
     assert control.reason.startswith("no_interactive:")
@@ -61,33 +67,33 @@ def test_with_no_interactive_traffic_it_doubles_to_its_ceiling():
 def test_interactive_requests_beside_a_queue_halve_it_at_once_then_it_grows_back_by_one():
     control = allowance()
     for t in range(4):
-        control.after_reading(reading(running=control.value), ours_in_flight=control.value, now=t)
+        control.after_reading(reading(running=control.value), ours_in_flight=control.value, ours_ended=0, now=t)
     assert control.value == 32
     # Two interactive requests arrive; one waits.
-    assert control.after_reading(reading(running=32, waiting=2), ours_in_flight=32, now=4) == 16
+    assert control.after_reading(reading(running=32, waiting=2), ours_in_flight=32, ours_ended=0, now=4) == 16
     assert control.reason.startswith("interactive_queued:")
     # They run within target, nothing waits: one more a reading.
-    assert control.after_reading(reading(running=18, ttfts=[0.02]), ours_in_flight=16, now=5) == 17
+    assert control.after_reading(reading(running=18, ttfts=[0.02]), ours_in_flight=16, ours_ended=0, now=5) == 17
     assert control.reason.startswith("interactive_within_target:")
     # Gone, but seen 0.5 s ago: still by one; doubled once none was seen for 5 s.
-    assert control.after_reading(reading(running=17), ours_in_flight=17, now=5.5) == 18
-    assert control.after_reading(reading(running=18), ours_in_flight=18, now=11) == 32
+    assert control.after_reading(reading(running=17), ours_in_flight=17, ours_ended=0, now=5.5) == 18
+    assert control.after_reading(reading(running=18), ours_in_flight=18, ours_ended=0, now=11) == 32
 
 
 def test_interactive_ttft_past_the_target_halves_it_down_to_its_floor():
     control = allowance(ceiling=8)
     for t in range(2):
-        control.after_reading(reading(), ours_in_flight=0, now=t)
+        control.after_reading(reading(), ours_in_flight=0, ours_ended=0, now=t)
     assert control.value == 8
-    values = [control.after_reading(reading(running=9, ttfts=[0.3] * (i + 1)), ours_in_flight=8,
+    values = [control.after_reading(reading(running=9, ttfts=[0.3] * (i + 1)), ours_in_flight=8, ours_ended=0,
                                     now=2 + i) for i in range(4)]
     assert values == [4, 2, 2, 2] and control.reason.startswith("ttft_over_target:")
 
 
 def test_kv_cache_pressure_halves_it_with_no_interactive_traffic():
     control = allowance()
-    control.after_reading(reading(), ours_in_flight=0, now=0)
-    assert control.after_reading(reading(running=4, kv=0.95), ours_in_flight=4, now=1) == 2
+    control.after_reading(reading(), ours_in_flight=0, ours_ended=0, now=0)
+    assert control.after_reading(reading(running=4, kv=0.95), ours_in_flight=4, ours_ended=0, now=1) == 2
     assert control.reason == "cache_pressure: KV cache 95% used"
 
 
@@ -96,10 +102,34 @@ def test_the_pools_own_requests_are_not_taken_for_interactive_ones():
     # The server holds fewer of the pool's requests than the pool does (some on their way there,
     # some answered on their way back): no interactive traffic.
     for t, (running, waiting) in enumerate([(2, 0), (4, 2), (8, 0)]):
-        control.after_reading(reading(running=running, waiting=waiting), ours_in_flight=8, now=t)
+        control.after_reading(reading(running=running, waiting=waiting), ours_in_flight=8, ours_ended=0, now=t)
     assert control.reason.startswith("no_interactive:") and control.value == 16
-    control.after_reading(reading(running=8, waiting=1), ours_in_flight=8, now=4)
+    control.after_reading(reading(running=8, waiting=1), ours_in_flight=8, ours_ended=0, now=4)
     assert control.reason.startswith("interactive_queued:") and control.value == 8
+
+
+def test_interactive_requests_that_came_and_went_between_readings_are_seen_by_the_servers_answer_count():
+    control = allowance()
+    at_ceiling = dict(running=20, waiting=0, kv_usage=0.1, ttft_buckets={})  # fewer than the pool holds: 12 on their way
+
+    def after(posts_answered: int, ours_ended: int, now: float) -> int:
+        return control.after_reading(ServerReading(**at_ceiling, posts_answered=posts_answered),
+                                     ours_in_flight=32, ours_ended=ours_ended, now=now)
+
+    # The pool's answers are counted by the server once sent and by the pool once read, so the
+    # pool's count runs ahead at times (dips of the difference): no interactive traffic.
+    for t, (server, ours) in enumerate([(100, 100), (150, 150), (196, 200), (250, 250), (280, 283), (330, 330)]):
+        after(server, ours, now=t)
+    assert control.reason.startswith("no_interactive:") and control.value == 32
+    # One request of another client answered, however short it was: a new high.
+    after(381, 380, now=6)
+    assert control.reason.startswith("interactive_within_target:") and control.value == 32
+    # Back at the old level after a dip is no new one; with none for 5 s it doubles again.
+    after(430, 432, now=7)
+    after(481, 480, now=8)
+    assert control.after_reading(ServerReading(**at_ceiling, posts_answered=531), ours_in_flight=32,
+                                 ours_ended=530, now=11.5) == 32
+    assert control.reason.startswith("no_interactive:")
 
 
 def test_without_metrics_answers_slower_than_the_fastest_halve_it():

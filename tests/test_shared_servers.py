@@ -2,7 +2,8 @@
 run with priority scheduling and a real interactive client: a burst of interactive requests cuts
 the batch allowance within seconds, what the server held past the cut is taken back and run
 again uncharged, the allowance grows back once the burst is over, and the batch loses and repeats
-nothing. A server that keeps its /metrics to itself (the fault proxy) is steered by latency."""
+nothing. Requests too short to be found running are seen by the server's count of answered
+requests. A server that keeps its /metrics to itself (the fault proxy) is steered by latency."""
 
 from __future__ import annotations
 
@@ -149,6 +150,38 @@ def test_a_burst_cuts_the_allowance_at_once_and_it_grows_back_losing_nothing(dat
         runs = conn.execute(sa.text("SELECT max(attempt), max(crashes) FROM batch_requests WHERE batch_id = :b"),
                             {"b": batch.id}).one()
     assert tuple(runs) == (1, 0)
+
+
+def test_interactive_requests_too_short_to_be_seen_running_are_seen_by_the_servers_answer_count(
+        database, data_dir, db, server):
+    """One-token requests, one at a time, against readings 2 s apart: a reading rarely finds one
+    running, but each raises the server's count of answered requests past the pool's."""
+    slot = shared_slot([server.url], metrics_interval=2)
+    with running_watchdog(database, data_dir, "watchdog-shared-short", [slot], HEARTBEAT_INTERVAL="1"):
+        wait_for(lambda: (row := backend(db, server.url)) and row.allowance == CEILING
+                 and row.allowance_reason.startswith("no_interactive:"), 60, interval=0.2,
+                 message="the allowance at its ceiling with no interactive traffic")
+        stop = threading.Event()
+
+        def person() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                while not stop.wait(0.5):
+                    answer = http.post("/v1/chat/completions", json={
+                        "model": "pool-demo", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+                    assert answer.status_code == 200
+
+        talking = threading.Thread(target=person)
+        talking.start()
+        try:
+            seen = wait_for(lambda: (row := backend(db, server.url))
+                            and row.allowance_reason.startswith("interactive_within_target:") and row, 20,
+                            interval=0.2, message="the short interactive requests seen")
+        finally:
+            stop.set()
+            talking.join()
+        assert seen.allowance == CEILING  # within the TTFT target with nothing waiting: nothing to cut
+        wait_for(lambda: backend(db, server.url).allowance_reason.startswith("no_interactive:"), 20, interval=0.2,
+                 message="no interactive traffic once the requests stopped")
 
 
 def test_a_server_without_metrics_is_steered_by_the_latency_of_its_answers(database, data_dir, db, client, server):

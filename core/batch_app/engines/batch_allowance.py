@@ -4,11 +4,14 @@ A pool whose servers carry interactive traffic (`interactive_traffic`) reads eac
 account of its load, vLLM's /metrics, every `metrics_interval`, and sets how many batch
 requests that server may hold:
 
-- Interactive traffic is what the server runs beyond the pool's own requests: requests running
-  or waiting beyond those the pool holds there. (Its count of finished requests beyond the
-  pool's answers would also catch requests that came and went between two readings, but the
-  pool's answers still on their way blur it by as many as it holds, which reads as traffic
-  that is not there.)
+- Interactive traffic is what the server runs beyond the pool's own requests, seen two ways:
+  - requests running or waiting beyond those the pool holds there. Under a full batch this sees
+    only many at once: the pool's requests on their way to the engine or back blur the count by
+    as many as the interactive ones a server holds at a time;
+  - POST requests its HTTP layer has answered (`http_requests_total`, every client's) beyond
+    those of the pool that have ended: a new high of that difference is an interactive request
+    that came and went, however short. The server counts an answer once it is sent and the pool
+    once it is read, so the pool's count runs ahead at times (a dip), never behind for long.
 - While interactive requests are on the server, the allowance is halved at once when any request
   waits in the server's queue or the interactive time to first token (TTFT, p90 of the
   server's histogram since the last reading) is past `interactive_ttft_target`, and grows by one
@@ -32,11 +35,13 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 KV_CACHE_LIMIT = 0.9
+OTHERS_WINDOW = 8  # readings a new high of others' answered requests is judged against (dips last one or two)
 FASTEST_WINDOW = 60.0  # seconds of answers the latency-only control takes its fastest from
 TTFT_QUANTILE = 0.9
 _RUNNING, _WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 _KV_USAGE, _TTFT_BUCKET = "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket"
-_READ = (_RUNNING + " ", _RUNNING + "{", _WAITING + " ", _WAITING + "{", _KV_USAGE, _TTFT_BUCKET)
+_HTTP_ANSWERED = "http_requests_total"  # the HTTP layer's count of answered requests, by handler, method, status
+_READ = (_RUNNING + " ", _RUNNING + "{", _WAITING + " ", _WAITING + "{", _KV_USAGE, _TTFT_BUCKET, _HTTP_ANSWERED + "{")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class ServerReading:
     waiting: float
     kv_usage: float | None
     ttft_buckets: dict[float, float]  # upper bound -> observations at most that (cumulative counter)
+    posts_answered: float | None = None  # POST requests its HTTP layer has answered, every client's (counter)
 
 
 def read_metrics(text: str) -> ServerReading | None:
@@ -56,9 +62,12 @@ def read_metrics(text: str) -> ServerReading | None:
     sums: dict[str, float] = {}
     buckets: dict[float, float] = {}
     kv = []
+    posts = None
     for family in text_string_to_metric_families(lines):
         for sample in family.samples:
-            if sample.name == _TTFT_BUCKET:
+            if sample.name == _HTTP_ANSWERED:
+                posts = (posts or 0.0) + (sample.value if sample.labels.get("method") == "POST" else 0.0)
+            elif sample.name == _TTFT_BUCKET:
                 bound = float(sample.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
             elif sample.name == _KV_USAGE:
@@ -68,7 +77,7 @@ def read_metrics(text: str) -> ServerReading | None:
     if _RUNNING not in sums:
         return None
     return ServerReading(running=sums[_RUNNING], waiting=sums.get(_WAITING, 0.0), kv_usage=max(kv) if kv else None,
-                         ttft_buckets=buckets)
+                         ttft_buckets=buckets, posts_answered=posts)
 
 
 def ttft_quantile(before: ServerReading, after: ServerReading, quantile: float = TTFT_QUANTILE) -> float | None:
@@ -94,6 +103,7 @@ class BatchAllowance:
         self.reason = "starting: no reading yet"
         self._previous: ServerReading | None = None
         self._interactive_at = -math.inf
+        self._others_answered: deque[float] = deque(maxlen=OTHERS_WINDOW)  # of the last readings
         self._answers: deque[tuple[float, float]] = deque()  # (time, seconds per generated token)
         self._recent: list[float] = []  # seconds per token of the answers since the last update
 
@@ -101,11 +111,12 @@ class BatchAllowance:
     def value(self) -> int:
         return int(self._value)
 
-    def after_reading(self, reading: ServerReading, *, ours_in_flight: int, now: float) -> int:
+    def after_reading(self, reading: ServerReading, *, ours_in_flight: int, ours_ended: int, now: float) -> int:
         """The allowance once the server reported `reading`, while the pool held `ours_in_flight`
-        requests there (the server holds at most those of the pool's: what is beyond is others')."""
+        requests there (the server holds at most those of the pool's: what is beyond is others')
+        and `ours_ended` of the POST requests it sent there had ended."""
         previous, self._previous = self._previous, reading
-        if reading.running + reading.waiting > ours_in_flight:
+        if reading.running + reading.waiting > ours_in_flight or self._others_came_and_went(reading, ours_ended):
             self._interactive_at = now
         ttft = ttft_quantile(previous, reading) if previous is not None else None
         interactive = now - self._interactive_at < self.quiet_seconds
@@ -121,6 +132,16 @@ class BatchAllowance:
                               f"interactive traffic {max(now - self._interactive_at, 0):.1f} s ago")
         return self._grow("no_interactive", self._value * 2,
                           f"no interactive request for {self.quiet_seconds:.0f} s")
+
+    def _others_came_and_went(self, reading: ServerReading, ours_ended: int) -> bool:
+        """Whether requests of other clients were answered since the last readings: a new high of
+        the server's answered POST requests beyond the pool's."""
+        if reading.posts_answered is None:
+            return False
+        others = reading.posts_answered - ours_ended
+        new_high = bool(self._others_answered) and others > max(self._others_answered)
+        self._others_answered.append(others)
+        return new_high
 
     def answered(self, seconds: float, tokens: int) -> None:
         """One of the pool's requests answered by this server: what the latency-only control reads."""

@@ -93,6 +93,7 @@ class _Backend:
     yielded: set[asyncio.Task] = field(default_factory=set)  # of those, taken back past its allowance
     allowance: BatchAllowance | None = None
     held_peak: int = 0  # the most it held since the last reading of its load
+    posts_ended: int = 0  # requests sent to it that have ended (answered, failed or taken back)
     failed_checks: int = 0  # health checks failed in a row
     session: aiohttp.ClientSession | None = None  # its own connection pool, unbounded: `_pick` bounds it
     headers: dict[str, str] = field(default_factory=dict)  # its key
@@ -359,6 +360,7 @@ class OpenAIHttpEngine:
             backend.taken.discard(attempt)
             backend.yielded.discard(attempt)
             backend.status.in_flight -= 1
+            backend.posts_ended += 1
             async with self._room:
                 self._room.notify_all()
         self.progress.steps += 1  # an answer, even an error: this backend is not stuck
@@ -440,7 +442,7 @@ class OpenAIHttpEngine:
         # the last reading is what the server may still count as its.
         held, backend.held_peak = max(backend.held_peak, backend.status.in_flight), backend.status.in_flight
         if reading is not None:
-            allowance.after_reading(reading, ours_in_flight=held, now=time.monotonic())
+            allowance.after_reading(reading, ours_in_flight=held, ours_ended=backend.posts_ended, now=time.monotonic())
         else:
             allowance.after_latencies(time.monotonic())
         if allowance.value == before:
