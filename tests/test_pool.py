@@ -164,10 +164,12 @@ def test_a_stopped_server_is_hung_its_requests_finish_elsewhere_and_it_comes_bac
     with running_watchdog(database, data_dir, "watchdog-pool-hang", [pool_slot([s.url for s in servers])],
                           **FAST):
         wait_for(lambda: live_worker(db, "pool-0"), 60, message="pool worker up")
-        batch = submit(client, chat_lines(120, max_tokens=32))
-        wait_for(lambda: requests_on(frozen.url) > 0, 120, interval=0.05, message="the server holding requests")
+        # Stopped before the batch, so that it holds requests at any speed: its socket still takes
+        # the pool's requests and it answers none, and its first health check fails only 5 s on
+        # (HEALTH_TIMEOUT). `hung` is said only of a server holding requests.
         frozen.signal(signal.SIGSTOP)
         try:
+            batch = submit(client, chat_lines(120, max_tokens=32))
             wait_for(lambda: backends(db)[frozen.url].state == "hung", 30, message="hung")
             done = wait_for_batch(client, batch.id, 300)
             assert done.status == "completed" and done.request_counts.completed == 120
