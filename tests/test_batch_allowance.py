@@ -116,20 +116,23 @@ def test_interactive_requests_that_came_and_went_between_readings_are_seen_by_th
         return control.after_reading(ServerReading(**at_ceiling, posts_answered=posts_answered),
                                      ours_in_flight=32, ours_ended=ours_ended, now=now)
 
-    # The pool's answers are counted by the server once sent and by the pool once read, so the
-    # pool's count runs ahead at times (dips of the difference): no interactive traffic.
-    for t, (server, ours) in enumerate([(100, 100), (150, 150), (196, 200), (250, 250), (280, 283), (330, 330)]):
+    # The server counts the pool's answers once sent, the pool once it has read them, so the
+    # difference dips (the pool ahead) and spikes (the pool behind) for a reading: no interactive
+    # traffic, the spike included.
+    for t, (server, ours) in enumerate([(100, 100), (150, 150), (196, 200), (250, 250), (280, 283), (330, 330),
+                                        (388, 380), (430, 430)]):
         after(server, ours, now=t)
     assert control.reason.startswith("no_interactive:") and control.value == 32
-    # One request of another client answered, however short it was: a new high.
-    after(381, 380, now=6)
-    assert control.reason.startswith("interactive_within_target:") and control.value == 32
-    # Back at the old level after a dip is no new one; with none for 5 s it doubles again.
-    after(430, 432, now=7)
+    # One request of another client answered, however short it was: a new high, once it holds
+    # for a second reading.
     after(481, 480, now=8)
-    assert control.after_reading(ServerReading(**at_ceiling, posts_answered=531), ours_in_flight=32,
-                                 ours_ended=530, now=11.5) == 32
     assert control.reason.startswith("no_interactive:")
+    after(531, 530, now=9)
+    assert control.reason.startswith("interactive_within_target:") and control.value == 32
+    # Back at that level after a dip is no new one; with none for 5 s it doubles again.
+    after(580, 582, now=10)
+    after(631, 630, now=11)
+    assert after(681, 680, now=14.5) == 32 and control.reason.startswith("no_interactive:")
 
 
 def test_without_metrics_answers_slower_than_the_fastest_halve_it():

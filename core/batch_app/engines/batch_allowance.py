@@ -9,9 +9,10 @@ requests that server may hold:
     only many at once: the pool's requests on their way to the engine or back blur the count by
     as many as the interactive ones a server holds at a time;
   - POST requests its HTTP layer has answered (`http_requests_total`, every client's) beyond
-    those of the pool that have ended: a new high of that difference is an interactive request
-    that came and went, however short. The server counts an answer once it is sent and the pool
-    once it is read, so the pool's count runs ahead at times (a dip), never behind for long.
+    those of the pool that have ended: a new high of that difference, held over two readings, is
+    an interactive request that came and went, however short. The server counts an answer once
+    it is sent and the pool once it has read it and its sender has woken, so the pool's count
+    runs ahead (a dip) or behind (a spike) for a moment, within one reading.
 - While interactive requests are on the server, the allowance is halved at once when any request
   waits in the server's queue or the interactive time to first token (TTFT, p90 of the
   server's histogram since the last reading) is past `interactive_ttft_target`, and grows by one
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 KV_CACHE_LIMIT = 0.9
-OTHERS_WINDOW = 8  # readings a new high of others' answered requests is judged against (dips last one or two)
+OTHERS_WINDOW = 8  # readings a new high of others' answered requests is judged against
 FASTEST_WINDOW = 60.0  # seconds of answers the latency-only control takes its fastest from
 TTFT_QUANTILE = 0.9
 _RUNNING, _WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
@@ -103,7 +104,8 @@ class BatchAllowance:
         self.reason = "starting: no reading yet"
         self._previous: ServerReading | None = None
         self._interactive_at = -math.inf
-        self._others_answered: deque[float] = deque(maxlen=OTHERS_WINDOW)  # of the last readings
+        self._others_last: float | None = None  # others' answered requests at the last reading
+        self._others_levels: deque[float] = deque(maxlen=OTHERS_WINDOW)  # the lower of each two readings in a row
         self._answers: deque[tuple[float, float]] = deque()  # (time, seconds per generated token)
         self._recent: list[float] = []  # seconds per token of the answers since the last update
 
@@ -135,12 +137,17 @@ class BatchAllowance:
 
     def _others_came_and_went(self, reading: ServerReading, ours_ended: int) -> bool:
         """Whether requests of other clients were answered since the last readings: a new high of
-        the server's answered POST requests beyond the pool's."""
+        the server's answered POST requests beyond the pool's, held over two readings (a spike of
+        one reading is the pool's count behind for a moment)."""
         if reading.posts_answered is None:
             return False
-        others = reading.posts_answered - ours_ended
-        new_high = bool(self._others_answered) and others > max(self._others_answered)
-        self._others_answered.append(others)
+        others, last = reading.posts_answered - ours_ended, self._others_last
+        self._others_last = others
+        if last is None:
+            return False
+        level = min(others, last)
+        new_high = bool(self._others_levels) and level > max(self._others_levels)
+        self._others_levels.append(level)
         return new_high
 
     def answered(self, seconds: float, tokens: int) -> None:
