@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.scratch import scratch_database  # noqa: E402
+from core.batch_app.domain.statuses import FINAL_BATCH_STATUSES  # noqa: E402
 from core.batch_app.engines.batch_allowance import read_metrics  # noqa: E402
 from tests.conftest import free_port, live_worker, start_api, start_watchdog, wait_for  # noqa: E402
 from tests.vllm_servers import VllmServer  # noqa: E402
@@ -143,7 +144,7 @@ class Stack:
                     print(f"    the batch ran out during the phase: make --batch larger than {counts.total}")
             return {"ttft": [r[0] for r in results], "total": [r[1] for r in results], "rate": rate}
         finally:
-            if batch is not None and self.client.batches.retrieve(batch.id).status != "completed":
+            if batch is not None and self.client.batches.retrieve(batch.id).status not in FINAL_BATCH_STATUSES:
                 self.client.batches.cancel(batch.id)
                 wait_for(lambda: self.client.batches.retrieve(batch.id).status == "cancelled", 120,
                          interval=0.5, message="the batch cancelled")

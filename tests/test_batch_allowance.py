@@ -135,6 +135,22 @@ def test_interactive_requests_that_came_and_went_between_readings_are_seen_by_th
     assert after(681, 680, now=14.5) == 32 and control.reason.startswith("no_interactive:")
 
 
+def test_a_reading_that_shows_interactive_requests_running_still_counts_for_those_answered():
+    control = allowance()
+    for t in range(4):
+        control.after_reading(ServerReading(running=0, waiting=0, kv_usage=0.1, ttft_buckets={}, posts_answered=0),
+                              ours_in_flight=0, ours_ended=0, now=t)
+    # Seen running at 10 (and five answered); the five answered held at 10.5: seen again then.
+    control.after_reading(ServerReading(running=1, waiting=0, kv_usage=0.1, ttft_buckets={}, posts_answered=5),
+                          ours_in_flight=0, ours_ended=0, now=10)
+    control.after_reading(ServerReading(running=0, waiting=0, kv_usage=0.1, ttft_buckets={}, posts_answered=5),
+                          ours_in_flight=0, ours_ended=0, now=10.5)
+    # A dip at 15.2: the last seen is 4.7 s ago, within the 5 quiet seconds.
+    control.after_reading(ServerReading(running=0, waiting=0, kv_usage=0.1, ttft_buckets={}, posts_answered=5),
+                          ours_in_flight=0, ours_ended=6, now=15.2)
+    assert control.reason.startswith("interactive_within_target:")
+
+
 def test_without_metrics_answers_slower_than_the_fastest_halve_it():
     control = allowance(floor=1)
     for _ in range(5):

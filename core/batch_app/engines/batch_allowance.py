@@ -118,7 +118,8 @@ class BatchAllowance:
         requests there (the server holds at most those of the pool's: what is beyond is others')
         and `ours_ended` of the POST requests it sent there had ended."""
         previous, self._previous = self._previous, reading
-        if reading.running + reading.waiting > ours_in_flight or self._others_came_and_went(reading, ours_ended):
+        others_answered = self._others_came_and_went(reading, ours_ended)  # every reading joins its history
+        if reading.running + reading.waiting > ours_in_flight or others_answered:
             self._interactive_at = now
         ttft = ttft_quantile(previous, reading) if previous is not None else None
         interactive = now - self._interactive_at < self.quiet_seconds
