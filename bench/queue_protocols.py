@@ -1,9 +1,12 @@
 """The worker's two hot queue statements, each against a baseline, on one embedded PostgreSQL:
 
-  claim: 128 requests at a time with 50,000 queued (queue.claim, which first asks whether crash
-         survivors wait), against the same schema without the batch_requests_suspects index;
-  store: 2,000 chat results in groups of 120 (queue.complete, one JSON document a group),
-         against the same update fed by per-column arrays, the responses as a text[].
+  claim:   128 requests at a time with 50,000 queued (queue.claim, which first asks whether crash
+           survivors wait), against the same schema without the batch_requests_suspects index;
+  store:   2,000 chat results in groups of 120 (queue.complete, one JSON document a group),
+           against the same update fed by per-column arrays, the responses as a text[];
+  history: then beside three finished batches as large, one request at a time (the claim
+           statement alone, run as the worker runs it: prepared after five runs), against the
+           same statement taking its picked rows joined as a table.
 
     .venv/bin/python bench/queue_protocols.py [--queued 50000] [--results 2000] [--repeats 3]
 
@@ -46,6 +49,13 @@ _ARRAY_ROWS = """FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), C
      AS u(id, attempt, status_code, response, prompt_tokens, completion_tokens)"""
 assert _JSON_ROWS in queue._COMPLETE.text, "queue.complete's statement changed: update this baseline"
 ARRAY_COMPLETE = sa.text(queue._COMPLETE.text.replace(_JSON_ROWS, _ARRAY_ROWS))
+
+# The claim as it took its picked rows before, joined as a table: prepared, its kept plan hashed
+# them against a scan of the whole table.
+_PICKED_AS_ARRAY = "FROM batches b\nWHERE r.id = ANY(ARRAY(SELECT id FROM picked))"
+_PICKED_JOINED = "FROM picked, batches b\nWHERE r.id = picked.id"
+assert _PICKED_AS_ARRAY in queue._CLAIM_ORDINARY.text, "queue's claim changed: update this baseline"
+JOINED_CLAIM = sa.text(queue._CLAIM_ORDINARY.text.replace(_PICKED_AS_ARRAY, _PICKED_JOINED))
 
 
 def array_complete(conn, worker_id: str, completions: list[Completion]) -> dict[int, str]:
@@ -108,6 +118,31 @@ def fill_queue(db, queued: int, model: str = MODEL) -> str:
     return batch_id
 
 
+def finish_history(db, batches: int, size: int) -> None:
+    """`batches` batches of `size` requests each, every request succeeded: kept history."""
+    for _ in range(batches):
+        batch_id = fill_queue(db, size)
+        with db.begin() as conn:
+            conn.execute(sa.text("UPDATE batch_requests SET status = 'succeeded', finished_at = now()"
+                                 " WHERE batch_id = :id"), {"id": batch_id})
+            conn.execute(sa.text("UPDATE batches SET status = 'completed', completed_at = now() WHERE id = :id"),
+                         {"id": batch_id})
+    with db.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM ANALYZE batch_requests"))
+
+
+def compare(name: str, runs: dict, repeats: int) -> None:
+    """Ours and the baseline in alternating order, `repeats` times; the medians printed."""
+    results = {contender: [] for contender in runs}
+    for repeat in range(repeats):
+        for contender in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+            results[contender].append(runs[contender]())
+    for contender, samples in results.items():
+        wall, cpu, pg_cpu = (statistics.median(sample[key] for sample in samples) for key in ("wall", "cpu", "pg_cpu"))
+        print(f"  {name:7s} {contender:8s} per call {1000 * wall:7.2f} ms wall; over {samples[0]['calls']}"
+              f" calls, CPU: bench {cpu:5.3f} s, PostgreSQL {pg_cpu:5.3f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queued", type=int, default=50_000)
@@ -137,15 +172,15 @@ def main() -> int:
         print(f"{args.queued} queued requests; claims of {CLAIM_SIZE}; {len(completions)} results stored in "
               f"groups of {GROUP_SIZE}; median of {args.repeats} repeats")
         for name, runs in contenders.items():
-            results = {contender: [] for contender in runs}
-            for repeat in range(args.repeats):
-                for contender in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-                    results[contender].append(runs[contender]())
-            for contender, samples in results.items():
-                wall, cpu, pg_cpu = (statistics.median(sample[key] for sample in samples)
-                                     for key in ("wall", "cpu", "pg_cpu"))
-                print(f"  {name:5s} {contender:8s} per call {1000 * wall:7.2f} ms wall; over {samples[0]['calls']}"
-                      f" calls, CPU: bench {cpu:5.3f} s, PostgreSQL {pg_cpu:5.3f} s")
+            compare(name, runs, args.repeats)
+        finish_history(db, 3, args.queued)
+        params = {"worker_id": worker_id, "model": MODEL, "last_attempt": 3, "limit": 1}
+        one_at_a_time = {"ours": [lambda c: c.execute(queue._CLAIM_ORDINARY, params).all()] * 20,
+                         "baseline": [lambda c: c.execute(JOINED_CLAIM, params).all()] * 20}
+        print(f"the same queue beside {3 * args.queued} succeeded requests of 3 batches; claims of 1, the statement"
+              " alone, its baseline taking the picked rows joined as a table")
+        compare("history", {contender: lambda work=work: measured(db, work)
+                            for contender, work in one_at_a_time.items()}, args.repeats)
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -101,6 +102,25 @@ class Interactive:
         return results
 
 
+# Who used the two cores in a phase, told apart by command line (the engines name themselves).
+PROCESS_GROUPS = {"engines": "VLLM::EngineCore", "front ends": "vllm.entrypoints", "pool worker": "batch_app.worker",
+                  "API": "batch_app.api_server", "watchdog": "batch_app.watchdog", "PostgreSQL": "postgres"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds each group of processes has used so far; this bench's own as "client"."""
+    used = dict.fromkeys([*PROCESS_GROUPS, "client"], 0.0)
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        times, command = process.info["cpu_times"], " ".join(process.info["cmdline"] or [])
+        if times is None:
+            continue
+        group = "client" if process.info["pid"] == os.getpid() else next(
+            (name for name, mark in PROCESS_GROUPS.items() if mark in command), None)
+        if group is not None:
+            used[group] += times.user + times.system
+    return used
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
@@ -129,20 +149,21 @@ class Stack:
                                                    completion_window="24h")
                 time.sleep(self.args.warm_up)
                 done_before = self.client.batches.retrieve(batch.id).request_counts.completed
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), cpu_seconds()
             if interactive is not None:
                 results = asyncio.run(interactive.run(self.args.seconds, self.args.rate, self.args.burst))
             else:
                 time.sleep(self.args.seconds)
                 results = []
             seconds = time.perf_counter() - started
+            cores = {group: (used - cpu_before[group]) / seconds for group, used in cpu_seconds().items()}
             rate = None
             if batch is not None:
                 counts = self.client.batches.retrieve(batch.id).request_counts
                 rate = (counts.completed - done_before) / seconds
                 if counts.completed == counts.total:
                     print(f"    the batch ran out during the phase: make --batch larger than {counts.total}")
-            return {"ttft": [r[0] for r in results], "total": [r[1] for r in results], "rate": rate}
+            return {"ttft": [r[0] for r in results], "total": [r[1] for r in results], "rate": rate, "cores": cores}
         finally:
             if batch is not None and self.client.batches.retrieve(batch.id).status not in FINAL_BATCH_STATUSES:
                 self.client.batches.cancel(batch.id)
@@ -180,6 +201,7 @@ def main() -> int:
     parser.add_argument("--ttft-target", type=float, default=0.1, help="interactive_ttft_target of (c), seconds")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds of quiet after each phase")
+    parser.add_argument("--phases", default="", help="only these phases, as a,c,e8 ((a) and (d) always run)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     caps = [int(cap) for cap in args.caps.split(",")]
@@ -188,6 +210,10 @@ def main() -> int:
     phases = {"a": (True, None), "b": (True, {"max_in_flight_per_backend": 64}), "c": (True, shared),
               "d": (False, {"max_in_flight_per_backend": 64})}
     phases.update({f"e{cap}": (True, {"max_in_flight_per_backend": cap}) for cap in caps})
+    if args.phases:
+        chosen = {"a", "d", *args.phases.split(",")}
+        phases = {name: phase for name, phase in phases.items() if name in chosen}
+        caps = [cap for cap in caps if f"e{cap}" in phases]
     print(f"two vLLM servers on the demo model, a core each; interactive: {args.rate:g}/s streaming chat, "
           f"max_tokens {args.max_tokens}, a burst of {args.burst} halfway; batch: {args.batch} requests, "
           f"max_tokens {args.batch_tokens}; {args.seconds:g} s measured a phase; {os.cpu_count()} CPUs")
@@ -217,7 +243,8 @@ def main() -> int:
                              f"{percentile(result['ttft'], 99) * 1000:6.0f} ms, total p99 "
                              f"{percentile(result['total'], 99) * 1000:6.0f} ms" if result["ttft"] else "")
                     rate = f"batch {result['rate']:6.1f} req/s" if result["rate"] is not None else ""
-                    print(f"  round {number} ({name}): {shown}  {rate}")
+                    print(f"  round {number} ({name}): {shown}  {rate}\n    cores used: "
+                          + ", ".join(f"{group} {cores:.2f}" for group, cores in result["cores"].items()))
             report(results, caps)
         finally:
             if stack is not None:
@@ -242,7 +269,7 @@ def report(results: dict[str, list[dict]], caps: list[int]) -> None:
           f"{alone_total * 1000:.0f} ms; (d) batch alone: {alone_rate:.1f} requests/s")
     print(f"{'phase':<22} {'TTFT p50':>9} {'TTFT p99':>9} {'total p99':>10} {'batch rate':>11}")
     within = {}
-    names = ["b", "c"] + [f"e{cap}" for cap in caps]
+    names = [name for name in ["b", "c"] if name in results] + [f"e{cap}" for cap in caps]
     labels = {"b": "(b) fixed 64", "c": "(c) interactive_traffic"} | {f"e{cap}": f"(e) fixed {cap}" for cap in caps}
     for name in names:
         p50, p99 = percentile(pooled(name, "ttft"), 50) / alone_p50, percentile(pooled(name, "ttft"), 99) / alone_p99
@@ -250,6 +277,14 @@ def report(results: dict[str, list[dict]], caps: list[int]) -> None:
         within[name] = p99 <= 1.5
         print(f"{labels[name]:<22} {p50:8.2f}x {p99:8.2f}x {total:9.2f}x {rate(name) / alone_rate:10.2f}x"
               f"{'' if within[name] else '   (p99 past 1.5x)'}")
+    print("cores used in the measured seconds (mean over rounds):")
+    print(f"{'phase':<22} " + " ".join(f"{group:>11}" for group in [*PROCESS_GROUPS, "client"]))
+    for name in ["a", "d", *names]:
+        groups = results[name][0]["cores"]
+        print(f"{labels.get(name, f'({name})'):<22} " + " ".join(
+            f"{statistics.mean(result['cores'][group] for result in results[name]):11.2f}" for group in groups))
+    if "c" not in results:
+        return
     best = max((name for name in names if name != "c" and within[name]), key=rate, default=None)
     print(f"target 1, (c) TTFT p99 <= 1.5x (a): {'met' if within['c'] else 'NOT met'}")
     if best is None:

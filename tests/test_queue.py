@@ -3,7 +3,10 @@ cancel and expire. Workers are simulated by calling the protocol functions as a 
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+import re
 import threading
 import time
 
@@ -11,11 +14,13 @@ import pytest
 import sqlalchemy as sa
 
 from core.batch_app.config import Settings
+from core.batch_app.database import migrate
+from core.batch_app import domain
 from core.batch_app.domain import finalize, housekeeping, queue, registry
 from core.batch_app.domain.queue import Completion
 from core.batch_app.domain.statuses import DeathCause
 
-from .conftest import wait_for_batch
+from .conftest import scratch_database, wait_for_batch
 from .jsonl import request_line, submit
 from .simulated_worker import answer, claim, complete, new_worker
 
@@ -366,3 +371,42 @@ def test_a_command_is_taken_once_and_only_by_the_watchdog_running_its_slot(db):
         assert [(row.slot, row.command) for row in registry.take_commands(conn, host, ["srv-a"])] == \
             [("srv-a", SlotCommand.RESTART)]
         assert registry.take_commands(conn, host, ["srv-a"]) == []
+
+
+def generic_plan(conn, statement: sa.TextClause) -> str:
+    """The plan PostgreSQL keeps for `statement` prepared, whatever its parameters: psycopg
+    prepares a statement it has run five times, and the server may then plan it once for all."""
+    names = sorted(set(re.findall(r"(?<!:):(\w+)", statement.text)), key=len, reverse=True)
+    sql = statement.text
+    for number, name in enumerate(names, start=1):
+        sql = re.sub(rf"(?<!:):{name}\b", f"${number}", sql)
+    return "\n".join(conn.exec_driver_sql("EXPLAIN (GENERIC_PLAN) " + sql.replace("%", "%%")).scalars())
+
+
+def test_no_statement_scans_the_requests_table_even_prepared_beside_a_long_history(database):
+    """A claim, a cancel, an expiry, a pruning or a host's question whether work waits that
+    scanned the whole requests table would slow down with every month of history kept: each
+    reaches the rows it reads by index, also in the one plan PostgreSQL may keep for a prepared
+    statement."""
+    modules = [importlib.import_module(f"{domain.__name__}.{module.name}") for module in pkgutil.iter_modules(domain.__path__)]
+    statements = {f"{module.__name__}.{name}": value for module in modules
+                  for name, value in vars(module).items() if isinstance(value, sa.TextClause)}
+    with scratch_database(database) as url:
+        migrate(url)
+        scratch = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with scratch.begin() as conn:  # one batch long finished, one queued
+            for batch, status, count in (("batch_old", "completed", 30000), ("batch_new", "in_progress", 2000)):
+                conn.execute(sa.text(
+                    "INSERT INTO batches (id, project, endpoint, model, input_file_id, completion_window, status,"
+                    " total, created_at) VALUES (:b, 'p', '/v1/chat/completions', 'm', 'file-x', '24h', :s, :n,"
+                    " now())"), {"b": batch, "s": status, "n": count})
+                conn.execute(sa.text(
+                    "INSERT INTO batch_requests (batch_id, project, line, custom_id, model, body, status)"
+                    " SELECT :b, 'p', g, 'r' || g, 'm', '{}', :r FROM generate_series(1, :n) g"),
+                    {"b": batch, "n": count, "r": "succeeded" if status == "completed" else "queued"})
+            conn.execute(sa.text("ANALYZE"))
+        with scratch.connect() as conn:
+            plans = {name: generic_plan(conn, statement) for name, statement in statements.items()}
+        scratch.dispose()
+    assert len(plans) > 50 and "core.batch_app.domain.queue._CLAIM_ORDINARY" in plans
+    assert {name: plan for name, plan in plans.items() if "Seq Scan on batch_requests" in plan} == {}

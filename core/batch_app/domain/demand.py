@@ -30,12 +30,15 @@ ORDER BY m.model
 _JOBS_WITH_WORKERS = text("SELECT DISTINCT scheduler_job FROM workers WHERE scheduler_job = ANY(:jobs)")
 
 # Work for a host: a worker of it loading, holding requests, or with requests queued for its model.
+# The queued request is looked up in the claimable index, in its order (an EXISTS would lose the
+# order, and the planner would scan the table for one through all the finished history before it).
 _HOST_HAS_WORK = text(f"""
 SELECT EXISTS (
     SELECT 1 FROM workers w
     WHERE w.host = :host AND w.kind = '{SlotKind.WORKER}' AND w.status NOT IN ({sql_list(ENDED_WORKER_STATUSES)})
       AND (w.status IN ('{WorkerStatus.LOADING}', '{WorkerStatus.BUSY}', '{WorkerStatus.DRAINING}') OR w.in_flight > 0
-           OR EXISTS (SELECT 1 FROM batch_requests r WHERE r.status = '{RequestStatus.QUEUED}' AND r.model = w.model)))
+           OR (SELECT r.project FROM batch_requests r WHERE r.status = '{RequestStatus.QUEUED}' AND r.model = w.model
+               ORDER BY r.project LIMIT 1) IS NOT NULL))
 """)
 
 

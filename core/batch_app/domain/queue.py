@@ -113,11 +113,14 @@ picked AS (SELECT id FROM offered ORDER BY rank, project LIMIT :limit)"""
 # the statement that takes, with no lock on the worker's row: a death declared while a claim is
 # open is never held up by it (the claimant may be stopped or cut off), and what such a claim
 # took is rescued, charged once, after it commits.
+# The picked ids are read as an array, which the planner always looks up by primary key: joined
+# as a table, the plan PostgreSQL keeps for the prepared claim (planned for any limit) hashed them
+# against a scan of the whole table, history and all.
 _TAKE = f"""
 UPDATE batch_requests r
 SET status = '{_RUNNING}', worker_id = :worker_id, attempt = r.attempt + 1, claimed_at = now()
-FROM picked, batches b
-WHERE r.id = picked.id AND b.id = r.batch_id
+FROM batches b
+WHERE r.id = ANY(ARRAY(SELECT id FROM picked)) AND b.id = r.batch_id
   AND EXISTS (SELECT 1 FROM workers w WHERE w.id = :worker_id
               AND w.status NOT IN ({sql_list(ENDED_WORKER_STATUSES)}))
 RETURNING r.id, r.batch_id, b.endpoint, r.custom_id, r.body, r.attempt, r.crashes, r.priority, r.project
@@ -466,7 +469,8 @@ RETURNING id
 
 # Cancelling takes every unfinished request at once, running ones included: the workers
 # holding them are notified and abort them, and their late results are refused.
-# The unfinished requests of a batch, locked in id order (see the lock order above).
+# The unfinished requests of a batch, locked in id order (see the lock order above); taken as an
+# array of ids, for the reason _TAKE gives.
 _UNFINISHED_OF_BATCH = f"""SELECT id FROM batch_requests WHERE batch_id = :batch_id AND status IN ({_UNFINISHED})
                  ORDER BY id FOR UPDATE"""
 
@@ -474,7 +478,7 @@ _CANCEL_REQUESTS = text(f"""
 UPDATE batch_requests SET status = '{RequestStatus.CANCELLED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_cancelled',
                                'message', 'The batch was cancelled before this request finished.')
-WHERE id IN ({_UNFINISHED_OF_BATCH})
+WHERE id = ANY(ARRAY({_UNFINISHED_OF_BATCH}))
 """)
 
 
@@ -498,7 +502,7 @@ _EXPIRE_REQUESTS = text(f"""
 UPDATE batch_requests SET status = '{RequestStatus.EXPIRED}', finished_at = now(),
     error = jsonb_build_object('code', 'batch_expired',
         'message', 'This request could not be executed before the completion window expired.')
-WHERE id IN ({_UNFINISHED_OF_BATCH})
+WHERE id = ANY(ARRAY({_UNFINISHED_OF_BATCH}))
 """)
 
 

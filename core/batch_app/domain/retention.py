@@ -33,12 +33,13 @@ WHERE requests_pruned_at IS NULL AND status IN ({sql_list(FINAL_BATCH_STATUSES)}
   AND coalesce(completed_at, failed_at, expired_at, cancelled_at) < now() - make_interval(secs => :keep)
 """
 _NEXT_FINISHED_BATCH = text(f"{_DUE_BATCHES} ORDER BY id LIMIT 1")
-# The first rows of a batch by line (batch_requests_batch_line), never a running batch's.
+# The first rows of a batch by line (batch_requests_batch_line), never a running batch's; taken
+# as an array of ids, as a claim takes its own (queue._TAKE).
 _DELETE_REQUESTS = text(f"""
-DELETE FROM batch_requests WHERE id IN (
+DELETE FROM batch_requests WHERE id = ANY(ARRAY(
     SELECT r.id FROM batch_requests r JOIN batches b ON b.id = r.batch_id
     WHERE r.batch_id = :batch_id AND b.status IN ({sql_list(FINAL_BATCH_STATUSES)})
-    ORDER BY r.line LIMIT :rows)
+    ORDER BY r.line LIMIT :rows))
 """)
 _MARK_PRUNED = text("UPDATE batches SET requests_pruned_at = now() WHERE id = :batch_id")
 
