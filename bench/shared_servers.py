@@ -13,14 +13,16 @@ worker over the same servers. Phases:
   (e) beside the batch under each fixed max_in_flight_per_backend of --caps ((b) is e64)
 
     .venv/bin/python bench/shared_servers.py [--seconds 40] [--rate 4] [--burst 8] [--rounds 2]
-                                             [--caps 1,2,4,8,16,32] [--ttft-target 0.1]
+                                             [--caps 1,2,4,8,16,32] [--ttft-target 0.1] [--phases c,e8]
 
 Each phase starts the pool worker with its settings, submits the batch, lets it run
 --warm-up seconds, then measures for --seconds: the interactive requests sent in that time,
 and the batch's requests completed in it (its counts read at both ends); then cancels the batch
 and waits until both servers run nothing, and --settle seconds more.
 Rounds run the phases in alternating order. Printed: interactive TTFT p50/p99 and total
-latency p99 of each phase over (a)'s, and each batch rate over (d)'s. Targets: (c) TTFT p99 at
+latency p99 of each phase over (a)'s, each batch rate over (d)'s, and the cores each group of
+processes used in the measured seconds (engines, the servers' front ends, pool worker, API,
+watchdog, PostgreSQL, this client). Targets: (c) TTFT p99 at
 most 1.5x (a)'s, and (c)'s batch rate above every fixed cap's whose p99 is within 1.5x too.
 All traffic goes to 127.0.0.1.
 """

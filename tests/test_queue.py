@@ -13,9 +13,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from core.batch_app import domain
 from core.batch_app.config import Settings
 from core.batch_app.database import migrate
-from core.batch_app import domain
 from core.batch_app.domain import finalize, housekeeping, queue, registry
 from core.batch_app.domain.queue import Completion
 from core.batch_app.domain.statuses import DeathCause
