@@ -45,6 +45,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cpu import cpu_seconds  # noqa: E402
 from bench.scratch import scratch_database  # noqa: E402
 from core.batch_app.domain.statuses import FINAL_BATCH_STATUSES  # noqa: E402
 from core.batch_app.engines.batch_allowance import read_metrics  # noqa: E402
@@ -109,18 +110,16 @@ PROCESS_GROUPS = {"engines": "VLLM::EngineCore", "front ends": "vllm.entrypoints
                   "API": "batch_app.api_server", "watchdog": "batch_app.watchdog", "PostgreSQL": "postgres"}
 
 
-def cpu_seconds() -> dict[str, float]:
+def cpu_seconds_by_group() -> dict[str, float]:
     """CPU seconds each group of processes has used so far; this bench's own as "client"."""
-    used = dict.fromkeys([*PROCESS_GROUPS, "client"], 0.0)
-    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
-        times, command = process.info["cpu_times"], " ".join(process.info["cmdline"] or [])
-        if times is None:
-            continue
+    groups: dict[str, list[psutil.Process]] = {name: [] for name in [*PROCESS_GROUPS, "client"]}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
         group = "client" if process.info["pid"] == os.getpid() else next(
             (name for name, mark in PROCESS_GROUPS.items() if mark in command), None)
         if group is not None:
-            used[group] += times.user + times.system
-    return used
+            groups[group].append(process)
+    return {name: cpu_seconds(processes) for name, processes in groups.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,14 +150,14 @@ class Stack:
                                                    completion_window="24h")
                 time.sleep(self.args.warm_up)
                 done_before = self.client.batches.retrieve(batch.id).request_counts.completed
-            started, cpu_before = time.perf_counter(), cpu_seconds()
+            started, cpu_before = time.perf_counter(), cpu_seconds_by_group()
             if interactive is not None:
                 results = asyncio.run(interactive.run(self.args.seconds, self.args.rate, self.args.burst))
             else:
                 time.sleep(self.args.seconds)
                 results = []
             seconds = time.perf_counter() - started
-            cores = {group: (used - cpu_before[group]) / seconds for group, used in cpu_seconds().items()}
+            cores = {group: (used - cpu_before[group]) / seconds for group, used in cpu_seconds_by_group().items()}
             rate = None
             if batch is not None:
                 counts = self.client.batches.retrieve(batch.id).request_counts
