@@ -45,7 +45,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cpu import cpu_seconds  # noqa: E402
+from bench.cpu import cpu_seconds, postgres_processes  # noqa: E402
 from bench.scratch import scratch_database  # noqa: E402
 from core.batch_app.domain.statuses import FINAL_BATCH_STATUSES  # noqa: E402
 from core.batch_app.engines.batch_allowance import read_metrics  # noqa: E402
@@ -105,14 +105,17 @@ class Interactive:
         return results
 
 
-# Who used the two cores in a phase, told apart by command line (the engines name themselves).
+# Who used the two cores in a phase, told apart by command line (the engines name themselves);
+# PostgreSQL's processes as bench/cpu.py finds them, and this bench's own as "client".
 PROCESS_GROUPS = {"engines": "VLLM::EngineCore", "front ends": "vllm.entrypoints", "pool worker": "batch_app.worker",
-                  "API": "batch_app.api_server", "watchdog": "batch_app.watchdog", "PostgreSQL": "postgres"}
+                  "API": "batch_app.api_server", "watchdog": "batch_app.watchdog"}
+GROUPS = [*PROCESS_GROUPS, "PostgreSQL", "client"]
 
 
 def cpu_seconds_by_group() -> dict[str, float]:
-    """CPU seconds each group of processes has used so far; this bench's own as "client"."""
-    groups: dict[str, list[psutil.Process]] = {name: [] for name in [*PROCESS_GROUPS, "client"]}
+    """CPU seconds each group of processes has used so far."""
+    groups: dict[str, list[psutil.Process]] = {name: [] for name in GROUPS}
+    groups["PostgreSQL"] = postgres_processes()
     for process in psutil.process_iter(["pid", "cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
         group = "client" if process.info["pid"] == os.getpid() else next(
@@ -279,7 +282,7 @@ def report(results: dict[str, list[dict]], caps: list[int]) -> None:
         print(f"{labels[name]:<22} {p50:8.2f}x {p99:8.2f}x {total:9.2f}x {rate(name) / alone_rate:10.2f}x"
               f"{'' if within[name] else '   (p99 past 1.5x)'}")
     print("cores used in the measured seconds (mean over rounds):")
-    print(f"{'phase':<22} " + " ".join(f"{group:>11}" for group in [*PROCESS_GROUPS, "client"]))
+    print(f"{'phase':<22} " + " ".join(f"{group:>11}" for group in GROUPS))
     for name in ["a", "d", *names]:
         groups = results[name][0]["cores"]
         print(f"{labels.get(name, f'({name})'):<22} " + " ".join(
